@@ -1,0 +1,1 @@
+"""Export: LoRA merge -> TensorRT-LLM checkpoint -> engines -> Triton model repository -> S3."""

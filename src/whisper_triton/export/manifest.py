@@ -1,0 +1,55 @@
+"""The engine manifest written next to built engines and read by the TensorRT-LLM engine at load.
+
+Engines run only with the TensorRT-LLM version and GPU architecture that built them; the manifest
+records both, plus the build limits that the Triton configuration must not exceed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class BuildConfig:
+    """One build configuration for the encoder and decoder engines (rendered into trtllm-build flags)."""
+
+    max_batch_size: int = 8
+    max_beam_width: int = 4
+    max_output_len: int = 448  # new tokens; Whisper's decoder context
+    max_prompt_len: int = 32  # decoder input (prompt) tokens
+    n_mels: int = 128
+    dtype: str = "float16"
+    weight_only_precision: str | None = None  # None, "int8" or "int4"
+    paged_kv_cache: bool = True
+    remove_input_padding: bool = True
+
+
+@dataclass
+class EngineManifest:
+    tensorrt_llm_version: str
+    gpu_arch: str  # compute capability as "sm_86"
+    gpu_name: str = ""
+    build: BuildConfig = field(default_factory=BuildConfig)
+    model: dict = field(default_factory=dict)  # e.g. {"name": "large-v3", "is_multilingual": true, "vocab_size": 51866}
+    files: dict = field(default_factory=dict)  # relative path -> {"size": int, "sha256": str}
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "EngineManifest":
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"No {MANIFEST_NAME} in {directory}: engines must come from the project's export, which "
+                "records the TensorRT-LLM version and GPU architecture they were built for."
+            )
+        data = json.loads(path.read_text())
+        build = BuildConfig(**data.pop("build", {}))
+        return cls(build=build, **data)
