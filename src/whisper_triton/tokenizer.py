@@ -19,6 +19,7 @@ from .errors import invalid_parameter
 MAX_PROMPT_TOKENS = 223  # half of Whisper's 448-token context, as openai-whisper limits prompts
 _SPECIAL_RE = re.compile(r"<\|[^|<>]*\|>")
 TASKS = ("transcribe", "translate")
+_LANGUAGE_LIKE = re.compile(r"^[a-z]{2,3}$")  # an unknown code is reported as a bad language
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ class WhisperTokenizer:
                 timestamps = False
             elif name in TASKS:
                 task = name
-            elif name in self.language_ids:
+            elif name in self.language_ids or _LANGUAGE_LIKE.match(name):
                 language = name
             else:
                 raise invalid_parameter(
@@ -196,8 +197,8 @@ class WhisperTokenizer:
                 "<|startoftranscript|> and hold only special tokens (previous text goes after <|startofprev|>)."
             )
         return PromptSpec(
-            language=self.validate_language(language, "TEXT_PREFIX"),
-            task=self.validate_task(task, "TEXT_PREFIX"),
+            language=self.validate_language(language),
+            task=self.validate_task(task),
             timestamps=timestamps,
             previous_text=previous_text.strip() if previous_text else None,
         )

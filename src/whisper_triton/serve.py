@@ -1,0 +1,143 @@
+"""`serve`: the container entrypoint. Starts tritonserver on 127.0.0.1, waits for the model, then
+serves the SageMaker contract; ends both on SIGTERM, and exits non-zero if Triton dies."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from .settings import Settings, load_settings
+from .triton_server import TritonPorts, TritonServer, TritonStartError
+
+logger = logging.getLogger("whisper_triton.serve")
+
+MODELS = ["whisper"]
+
+
+def default_model_repository() -> Path:
+    # the repository sits at the project root, next to src/ (editable installs and the GPU image)
+    return Path(__file__).resolve().parents[2] / "model_repo_whisper_trtllm"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="serve",
+        description="Start Triton with the Whisper model repository and the SageMaker HTTP contract "
+        "(GET /ping, POST /invocations). Every option also has a WHISPER_TRITON_* environment variable.",
+    )
+    # SageMaker runs `docker run IMAGE serve`, which hands the word "serve" to the entrypoint
+    parser.add_argument("command", nargs="?", choices=["serve"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help="Whisper model directory (default: the embedded tiny.en)")
+    parser.add_argument("--engine", choices=["ctranslate2", "tensorrtllm"])
+    parser.add_argument("--port", type=int, help="HTTP port of the SageMaker contract (default 8080)")
+    return parser.parse_args(argv)
+
+
+def apply_cli_overrides(args: argparse.Namespace) -> Settings:
+    overrides = {"model_dir": args.model_dir, "engine": args.engine, "port": args.port}
+    settings = load_settings(**overrides)
+    # the Triton model reads the same settings from its environment
+    for name, value in overrides.items():
+        if value not in (None, ""):
+            os.environ[f"WHISPER_TRITON_{name.upper()}"] = str(value)
+    return settings
+
+
+class Supervisor:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.exit_code = 0
+        self.stopping = threading.Event()
+        self.triton: TritonServer | None = None
+        self.http = None
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            self._start_triton()
+            if not self.stopping.is_set():
+                self._serve_http()
+        except TritonStartError as exc:
+            logger.error("%s", exc)
+            self.exit_code = 1
+        finally:
+            self._stop_triton()
+        return self.exit_code
+
+    def _on_signal(self, signum, frame) -> None:
+        logger.info("received %s: shutting down", signal.Signals(signum).name)
+        self.stopping.set()
+        if self.http is not None:
+            self.http.should_exit = True
+        elif self.triton is not None:
+            raise KeyboardInterrupt  # interrupts the readiness wait
+
+    def _start_triton(self) -> None:
+        settings = self.settings
+        repository = Path(settings.model_repository) if settings.model_repository else default_model_repository()
+        if not (repository / "whisper" / "config.pbtxt").is_file():
+            raise TritonStartError(
+                f"{repository} is not a Whisper model repository (no whisper/config.pbtxt). Set "
+                "WHISPER_TRITON_MODEL_REPOSITORY to the repository directory."
+            )
+        workdir = Path(tempfile.mkdtemp(prefix="whisper-triton-"))
+        ports = TritonPorts(settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port)
+        self.triton = TritonServer(repository.resolve(), workdir, ports, settings.triton_home, settings.triton_log_verbose)
+        self.triton.start()
+        try:
+            self.triton.wait_ready(MODELS, settings.triton_startup_timeout_s)
+        except KeyboardInterrupt:
+            logger.info("stopped before Triton was ready")
+
+    def _serve_http(self) -> None:
+        import uvicorn
+
+        from .sagemaker_proxy import create_app
+
+        app = create_app(self.settings)
+        config = uvicorn.Config(app, host=self.settings.bind_host, port=self.settings.port,
+                                log_level="info", access_log=False, timeout_graceful_shutdown=10)
+        self.http = uvicorn.Server(config)
+        watcher = threading.Thread(target=self._watch_triton, name="triton-watch", daemon=True)
+        watcher.start()
+        logger.info("SageMaker contract on http://%s:%d (GET /ping, POST /invocations)",
+                    self.settings.bind_host, self.settings.port)
+        self.http.run()
+        if self.http.started is False and not self.stopping.is_set() and self.exit_code == 0:
+            logger.error("the HTTP server could not start (is port %d in use?)", self.settings.port)
+            self.exit_code = 1
+
+    def _watch_triton(self) -> None:
+        while not self.stopping.wait(0.5):
+            if self.triton is not None and not self.triton.is_running():
+                logger.error("tritonserver exited unexpectedly (code %s): stopping serve",
+                             self.triton.process.returncode if self.triton.process else None)
+                self.exit_code = 1
+                self.stopping.set()
+                if self.http is not None:
+                    self.http.should_exit = True
+                return
+
+    def _stop_triton(self) -> None:
+        self.stopping.set()
+        if self.triton is not None:
+            code = self.triton.stop()
+            logger.info("tritonserver stopped (code %s)", code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    settings = apply_cli_overrides(args)
+    return Supervisor(settings).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

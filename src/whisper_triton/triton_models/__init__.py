@@ -1,0 +1,1 @@
+"""Logic of the Triton Python-backend models; the files in model_repo_whisper_trtllm/ only import these."""

@@ -1,0 +1,226 @@
+"""Find, prepare, start, watch and stop a real `tritonserver` process.
+
+Two places hold a server: NVIDIA's container (/opt/tritonserver) and the `nvidia-pytriton` wheel
+(CPU machines, CI, laptops). The wheel's server needs a prepared backend directory and environment;
+see the README's "Triton on CPU" notes for why each step is there.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+NVIDIA_CONTAINER_HOME = Path("/opt/tritonserver")
+_SHM_GLOB = "/dev/shm/triton_python_backend_shm_region_*"
+
+
+class TritonStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class TritonInstall:
+    binary: Path
+    backend_dir: Path  # holds python/ (libtriton_python.so, utils, stub)
+    cache_dir: Path | None
+    library_dirs: list[Path] = field(default_factory=list)
+    needs_prepared_backend: bool = False  # the wheel ships stubs apart from the backend
+    stub_dir: Path | None = None
+
+
+def find_triton(triton_home: str = "") -> TritonInstall:
+    """The configured home, else NVIDIA's container, else the nvidia-pytriton wheel."""
+    if triton_home:
+        return _install_at(Path(triton_home))
+    if (NVIDIA_CONTAINER_HOME / "bin" / "tritonserver").is_file():
+        return _install_at(NVIDIA_CONTAINER_HOME)
+    try:
+        import pytriton  # noqa: F401  (located, not used)
+    except ImportError as exc:
+        raise TritonStartError(
+            "No tritonserver found: not in /opt/tritonserver (NVIDIA's container) and the "
+            "'nvidia-pytriton' wheel is not installed. Install it (pip install nvidia-pytriton==0.7.0) "
+            "or set WHISPER_TRITON_TRITON_HOME to a Triton installation."
+        ) from exc
+    home = Path(pytriton.__file__).parent / "tritonserver"
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    stub_dir = home / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
+    if not (stub_dir / "triton_python_backend_stub").is_file():
+        raise TritonStartError(f"nvidia-pytriton ships no Python backend stub for Python {sys.version_info[:2]}.")
+    return TritonInstall(
+        binary=home / "bin" / "tritonserver",
+        backend_dir=home / "backends",
+        cache_dir=home / "caches",
+        library_dirs=[libs],
+        needs_prepared_backend=True,
+        stub_dir=stub_dir,
+    )
+
+
+def _install_at(home: Path) -> TritonInstall:
+    binary = home / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise TritonStartError(f"{binary} does not exist: WHISPER_TRITON_TRITON_HOME must point at a Triton install.")
+    caches = home / "caches"
+    return TritonInstall(binary=binary, backend_dir=home / "backends", cache_dir=caches if caches.is_dir() else None)
+
+
+def prepare_backend_dir(install: TritonInstall, workdir: Path) -> Path:
+    """A backend directory the wheel's server accepts: real copies (symlinks 'escape' it) plus the stub."""
+    if not install.needs_prepared_backend:
+        return install.backend_dir
+    target = workdir / "backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    source = install.backend_dir / "python"
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        _copy_if_changed(source / name, target / name)
+    assert install.stub_dir is not None
+    _copy_if_changed(install.stub_dir / "triton_python_backend_stub", target / "triton_python_backend_stub")
+    return target.parent
+
+
+def _copy_if_changed(source: Path, target: Path) -> None:
+    if target.exists() and target.stat().st_size == source.stat().st_size:
+        return
+    shutil.copy2(source, target)
+
+
+def server_environment(install: TritonInstall) -> dict[str, str]:
+    """The stub runs Python isolated and finds site-packages via `python3` on PATH."""
+    env = dict(os.environ)
+    python_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([python_bin, env.get("PATH", "")])
+    # the stub must load this interpreter's libpython, and the wheel's own libraries
+    libdirs = [sysconfig.get_config_var("LIBDIR") or "", *map(str, install.library_dirs)]
+    existing = env.get("LD_LIBRARY_PATH", "")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([d for d in libdirs if d] + ([existing] if existing else []))
+    return env
+
+
+@dataclass
+class TritonPorts:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+
+class TritonServer:
+    """One tritonserver child process bound to 127.0.0.1."""
+
+    def __init__(
+        self,
+        model_repository: Path,
+        workdir: Path,
+        ports: TritonPorts = TritonPorts(),
+        triton_home: str = "",
+        log_verbose: int = 0,
+        extra_args: list[str] | None = None,
+    ):
+        self.model_repository = Path(model_repository)
+        self.workdir = Path(workdir)
+        self.ports = ports
+        self.install = find_triton(triton_home)
+        self.log_verbose = log_verbose
+        self.extra_args = extra_args or []
+        self.process: subprocess.Popen | None = None
+        self._shm_before: set[str] = set()
+
+    def command(self, backend_dir: Path) -> list[str]:
+        args = [
+            str(self.install.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backend_dir}",
+            "--http-address=127.0.0.1",
+            "--grpc-address=127.0.0.1",
+            "--metrics-address=127.0.0.1",
+            f"--http-port={self.ports.http}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--metrics-port={self.ports.metrics}",
+            "--allow-gpu-metrics=false",
+            "--exit-timeout-secs=5",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--log-verbose={self.log_verbose}",
+        ]
+        if self.install.needs_prepared_backend:
+            # no GPU: no pinned host memory, and a small first shared-memory region that grows
+            args += ["--pinned-memory-pool-byte-size=0", "--backend-config=python,shm-default-byte-size=4194304"]
+        if self.install.cache_dir is not None:
+            args.append(f"--cache-directory={self.install.cache_dir}")
+        return args + self.extra_args
+
+    def start(self) -> "TritonServer":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        backend_dir = prepare_backend_dir(self.install, self.workdir)
+        self._shm_before = set(glob.glob(_SHM_GLOB))
+        cmd = self.command(backend_dir)
+        logger.info("starting tritonserver: %s", " ".join(cmd))
+        self.process = subprocess.Popen(cmd, env=server_environment(self.install), start_new_session=True)
+        return self
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_ready(self, models: list[str], timeout_s: float) -> None:
+        """Block until the server and `models` are ready; raise with the reason after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        urls = [f"/v2/health/ready"] + [f"/v2/models/{name}/ready" for name in models]
+        while time.monotonic() < deadline:
+            if not self.is_running():
+                code = self.process.returncode if self.process else None
+                raise TritonStartError(
+                    f"tritonserver exited with code {code} before it was ready; its log above says why "
+                    "(a model that failed to load, a port in use, a missing backend)."
+                )
+            if all(self._get_ok(url) for url in urls):
+                logger.info("tritonserver ready on 127.0.0.1:%d (grpc %d)", self.ports.http, self.ports.grpc)
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise TritonStartError(
+            f"tritonserver was not ready within {timeout_s:.0f} s (models: {', '.join(models)}). Raise "
+            "WHISPER_TRITON_TRITON_STARTUP_TIMEOUT_S if the model is large, or read the log above."
+        )
+
+    def _get_ok(self, path: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.http}{path}", timeout=2) as reply:
+                return reply.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout_s`; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("tritonserver did not stop within %.0f s: killing it", timeout_s)
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=5)
+                self._remove_leaked_shm()
+        return self.process.returncode
+
+    def _remove_leaked_shm(self) -> None:
+        # a killed server leaves its Python-backend shared memory behind
+        for path in set(glob.glob(_SHM_GLOB)) - self._shm_before:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
