@@ -12,6 +12,10 @@ def load_engine(name: str, model_dir: str, **kwargs) -> Engine:
         from .ctranslate2_engine import CTranslate2Engine
 
         return CTranslate2Engine(model_dir, **kwargs)
+    if name == "tensorrtllm":
+        from .tensorrtllm_engine import TensorRTLLMEngine
+
+        return TensorRTLLMEngine(model_dir, **kwargs)
     raise ValueError(f"Unknown engine {name!r}: choose one of {', '.join(ENGINES)}.")
 
 
