@@ -1,0 +1,153 @@
+"""Shared fixtures: real speech, the embedded model, and one real `serve` (Triton + proxy) per session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from speech import SENTENCES, speak
+from whisper_triton.audio import decode_audio
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class SpeechClip:
+    text: str
+    wav_path: Path
+
+    @property
+    def wav_bytes(self) -> bytes:
+        return self.wav_path.read_bytes()
+
+    @property
+    def samples(self) -> np.ndarray:
+        return decode_audio(self.wav_bytes)
+
+
+@pytest.fixture(scope="session")
+def speech_clips(tmp_path_factory) -> list[SpeechClip]:
+    folder = tmp_path_factory.mktemp("speech")
+    return [SpeechClip(text, speak(text, folder / f"clip{i}.wav")) for i, text in enumerate(SENTENCES)]
+
+
+@pytest.fixture(scope="session")
+def settings():
+    from whisper_triton.settings import load_settings
+
+    return load_settings()
+
+
+@pytest.fixture(scope="session")
+def model_dir(settings) -> Path:
+    return settings.resolved_model_dir()
+
+
+@pytest.fixture(scope="session")
+def ct2_engine(model_dir):
+    from whisper_triton.engines import load_engine
+
+    return load_engine("ctranslate2", str(model_dir), cpu_threads=os.cpu_count() or 1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir, ct2_engine):
+    from whisper_triton.tokenizer import WhisperTokenizer
+
+    return WhisperTokenizer.from_model_dir(model_dir, ct2_engine.is_multilingual)
+
+
+@dataclass
+class ServeProcess:
+    process: subprocess.Popen
+    http_port: int
+    triton_http_port: int
+    triton_grpc_port: int
+    triton_metrics_port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.triton_grpc_port}"
+
+    def log(self, tail: int | None = None) -> str:
+        text = self.log_path.read_text(errors="replace")
+        return text[-tail:] if tail else text
+
+    def ping_status(self) -> int | None:
+        try:
+            with urllib.request.urlopen(self.url + "/ping", timeout=3) as reply:
+                return reply.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return None
+
+    def wait_ready(self, timeout_s: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.process.returncode}:\n{self.log(5000)}")
+            if self.ping_status() == 200:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"serve was not ready within {timeout_s} s:\n{self.log(5000)}")
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        return self.process.returncode
+
+
+def start_serve(tmp_dir: Path, extra_env: dict | None = None) -> ServeProcess:
+    ports = [free_port() for _ in range(4)]
+    env = dict(os.environ)
+    env.update({
+        "SAGEMAKER_BIND_TO_PORT": str(ports[0]),
+        "WHISPER_TRITON_BIND_HOST": "127.0.0.1",
+        "WHISPER_TRITON_TRITON_HTTP_PORT": str(ports[1]),
+        "WHISPER_TRITON_TRITON_GRPC_PORT": str(ports[2]),
+        "WHISPER_TRITON_TRITON_METRICS_PORT": str(ports[3]),
+        **(extra_env or {}),
+    })
+    log_path = tmp_dir / f"serve-{ports[0]}.log"
+    log = log_path.open("wb")
+    process = subprocess.Popen([str(ROOT / "serve")], env=env, stdout=log, stderr=subprocess.STDOUT,
+                               cwd=ROOT, start_new_session=True)
+    return ServeProcess(process, *ports, log_path=log_path)
+
+
+@pytest.fixture(scope="session")
+def serve(tmp_path_factory):
+    """One real `serve` (tritonserver + the SageMaker proxy, CPU engine, tiny.en) for the session."""
+    instance = start_serve(tmp_path_factory.mktemp("serve"))
+    try:
+        instance.wait_ready()
+        yield instance
+    finally:
+        instance.terminate()
