@@ -162,6 +162,7 @@ def test_engine_defaults_and_model_repository(dockerfile):
         env.update(_key_values(arguments))
     assert env["WHISPER_TRITON_ENGINE"] == "tensorrtllm"
     assert env["WHISPER_TRITON_DEVICE"] == "cuda"
+    assert env["WHISPER_TRITON_MODEL_DIR"] == "/opt/ml/model"  # where SageMaker unpacks the model artifact
     assert env["SAGEMAKER_BIND_TO_PORT"] == "8080"
     assert env["WHISPER_TRITON_MODEL_REPOSITORY"].endswith("/model_repo_whisper_trtllm")
 
