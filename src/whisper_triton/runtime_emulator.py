@@ -1,0 +1,413 @@
+"""A local SageMaker runtime: unmodified boto3 `invoke_endpoint` / `invoke_endpoint_async` code runs
+against a container on loopback.
+
+    AWS_ENDPOINT_URL=http://127.0.0.1:5000           # the control plane and S3 (moto server)
+    AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=http://127.0.0.1:8081   # this emulator
+    python -m whisper_triton.runtime_emulator --container-url http://127.0.0.1:8080 --port 8081
+
+Routes (the wire format boto3 speaks):
+- `POST /endpoints/{name}/invocations`: the endpoint is looked up in the control plane
+  (describe_endpoint; unknown -> 400 ValidationError), the body is forwarded to the container's
+  `POST /invocations` with Content-Type, Accept and custom attributes; a 2xx answer comes back as
+  200 with `x-Amzn-Invoked-Production-Variant`; a container 4xx/5xx comes back as 424 ModelError
+  carrying OriginalStatusCode and OriginalMessage, as SageMaker does.
+- `POST /endpoints/{name}/async-invocations`: the endpoint config's AsyncInferenceConfig gives the
+  S3 output and failure paths; the reply is 202 `{"InferenceId"}` with X-Amzn-SageMaker-OutputLocation
+  and -FailureLocation; in the background the S3 input is read, the container called (at most
+  MaxConcurrentInvocationsPerInstance x instances at once), and `<id>.out` or `<id>-error.out`
+  written; SNS success/error topics, when configured, get a notification.
+Errors are JSON `{"message"}` with the `x-amzn-ErrorType` header.
+
+Differences from the real service: the input location is checked when the request arrives (a
+missing object is a 400 ValidationError at once rather than a failure object later); one container
+serves every endpoint unless `--endpoint NAME=URL` maps them; no request signing is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from .deploy.aws import AwsClients, parse_s3_uri
+
+logger = logging.getLogger(__name__)
+
+REALTIME_MAX_BODY_BYTES = 6_291_456
+ASYNC_DEFAULT_TIMEOUT_S = 900.0
+ASYNC_MAX_TIMEOUT_S = 3600.0
+H_CUSTOM = "X-Amzn-SageMaker-Custom-Attributes"
+H_VARIANT = "X-Amzn-SageMaker-Target-Variant"
+H_INFERENCE_ID = "X-Amzn-SageMaker-Inference-Id"
+
+
+@dataclass
+class EmulatorOptions:
+    container_url: str = "http://127.0.0.1:8080"
+    endpoints: dict[str, str] = field(default_factory=dict)  # endpoint name -> container URL (overrides)
+    account_id: str = "123456789012"
+    realtime_timeout_s: float = 60.0
+    max_body_bytes: int = REALTIME_MAX_BODY_BYTES
+    drain_timeout_s: float = 30.0  # on shutdown, how long async work may finish
+
+    def container_for(self, endpoint: str) -> str:
+        return self.endpoints.get(endpoint, self.container_url).rstrip("/")
+
+
+class RuntimeApiError(Exception):
+    """An error the runtime answers in SageMaker's shape."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any):
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            {"message": self.message, **self.extra},
+            status_code=self.status,
+            headers={"x-amzn-ErrorType": self.code, "x-amzn-RequestId": str(uuid.uuid4())},
+        )
+
+
+def _validation(message: str) -> RuntimeApiError:
+    return RuntimeApiError(400, "ValidationError", message)
+
+
+def _error_body(message: str, type_: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": None}}).encode()
+
+
+class RuntimeEmulator:
+    """State of one emulator app: HTTP client to the container, AWS clients, running async jobs."""
+
+    def __init__(self, options: EmulatorOptions, aws: AwsClients | None = None):
+        self.options = options
+        self.aws = aws or AwsClients(max_attempts=3)
+        self.http: httpx.AsyncClient | None = None
+        self.jobs: set[asyncio.Task] = set()
+        self.semaphores: dict[str, asyncio.Semaphore] = {}
+
+    # ------------------------------------------------------------------ control plane
+
+    async def endpoint(self, name: str) -> dict:
+        try:
+            return await asyncio.to_thread(self.aws.sagemaker.describe_endpoint, EndpointName=name)
+        except Exception as exc:  # noqa: BLE001
+            error = getattr(exc, "response", {}).get("Error", {})
+            if error.get("Code") in ("ValidationException", "ResourceNotFound"):
+                raise _validation(f"Endpoint {name} of account {self.options.account_id} not found.") from exc
+            raise RuntimeApiError(500, "InternalFailure", f"Could not look up endpoint {name}: {exc}") from exc
+
+    async def endpoint_config(self, name: str) -> dict:
+        return await asyncio.to_thread(self.aws.sagemaker.describe_endpoint_config, EndpointConfigName=name)
+
+    # ------------------------------------------------------------------ container
+
+    async def call_container(self, endpoint: str, body: bytes, headers: dict[str, str], timeout_s: float) -> httpx.Response:
+        assert self.http is not None
+        url = f"{self.options.container_for(endpoint)}/invocations"
+        return await self.http.post(url, content=body, headers=headers, timeout=timeout_s)
+
+    @staticmethod
+    def container_headers(content_type: str | None, accept: str | None, custom: str | None) -> dict[str, str]:
+        headers = {}
+        if content_type:
+            headers["Content-Type"] = content_type
+        if accept:
+            headers["Accept"] = accept
+        if custom:
+            headers[H_CUSTOM] = custom
+        return headers
+
+    # ------------------------------------------------------------------ real-time
+
+    async def invoke(self, name: str, request: Request) -> Response:
+        body = await request.body()
+        if len(body) > self.options.max_body_bytes:
+            raise _validation(
+                f"Request payload is {len(body)} bytes; the real-time limit is {self.options.max_body_bytes} bytes. "
+                "Use an asynchronous endpoint for larger audio."
+            )
+        description = await self.endpoint(name)
+        if description.get("EndpointStatus") != "InService":
+            raise _validation(f"Endpoint {name} is {description.get('EndpointStatus')}, not InService.")
+        variants = [v["VariantName"] for v in description.get("ProductionVariants", [])] or ["AllTraffic"]
+        variant = request.headers.get(H_VARIANT) or variants[0]
+        if variant not in variants:
+            raise _validation(f"Variant {variant} not found for endpoint {name}.")
+        headers = self.container_headers(
+            request.headers.get("content-type"), request.headers.get("accept"), request.headers.get(H_CUSTOM)
+        )
+        try:
+            reply = await self.call_container(name, body, headers, self.options.realtime_timeout_s)
+        except httpx.TimeoutException as exc:
+            raise RuntimeApiError(
+                424, "ModelError",
+                f"Received server error (0) from primary with message \"Your invocation timed out while waiting "
+                f"for a response from container primary ({self.options.realtime_timeout_s:.0f} s).\".",
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise RuntimeApiError(
+                424, "ModelError",
+                f"Received server error (0) from primary with message \"Could not reach the container at "
+                f"{self.options.container_for(name)}: {exc}\".",
+            ) from exc
+        if reply.status_code >= 400:
+            kind = "client" if reply.status_code < 500 else "server"
+            text = reply.text
+            raise RuntimeApiError(
+                424, "ModelError",
+                f"Received {kind} error ({reply.status_code}) from primary with message \"{text}\". "
+                f"See the container's log for endpoint {name}.",
+                OriginalStatusCode=reply.status_code,
+                OriginalMessage=text,
+                LogStreamArn=f"arn:aws:logs:local:{self.options.account_id}:log-group:/aws/sagemaker/Endpoints/{name}",
+            )
+        out_headers = {"x-Amzn-Invoked-Production-Variant": variant}
+        if reply.headers.get(H_CUSTOM):
+            out_headers[H_CUSTOM] = reply.headers[H_CUSTOM]
+        return Response(
+            reply.content, status_code=200, headers=out_headers,
+            media_type=reply.headers.get("content-type", "application/octet-stream"),
+        )
+
+    # ------------------------------------------------------------------ async
+
+    async def invoke_async(self, name: str, request: Request) -> Response:
+        input_location = request.headers.get("X-Amzn-SageMaker-InputLocation")
+        if not input_location:
+            raise _validation("InputLocation is required: upload the input to S3 and pass its s3:// URI.")
+        try:
+            in_bucket, in_key = parse_s3_uri(input_location)
+        except ValueError as exc:
+            raise _validation(f"InputLocation {input_location!r} is not an s3:// URI.") from exc
+        description = await self.endpoint(name)
+        config = await self.endpoint_config(description["EndpointConfigName"])
+        async_config = config.get("AsyncInferenceConfig")
+        if not async_config:
+            raise _validation(f"Endpoint {name} is not configured for asynchronous inference; call InvokeEndpoint.")
+        try:
+            await asyncio.to_thread(self.aws.s3.head_object, Bucket=in_bucket, Key=in_key)
+        except Exception as exc:  # noqa: BLE001
+            raise _validation(f"Could not access the input at {input_location}: it does not exist or is not readable.") from exc
+        output_config = async_config.get("OutputConfig", {})
+        output_path = output_config["S3OutputPath"].rstrip("/")
+        failure_path = (output_config.get("S3FailurePath") or output_config["S3OutputPath"]).rstrip("/")
+        inference_id = request.headers.get(H_INFERENCE_ID) or str(uuid.uuid4())
+        timeout_s = float(request.headers.get("X-Amzn-SageMaker-InvocationTimeoutSeconds") or ASYNC_DEFAULT_TIMEOUT_S)
+        if not 1 <= timeout_s <= ASYNC_MAX_TIMEOUT_S:
+            raise _validation(f"InvocationTimeoutSeconds must be 1-{ASYNC_MAX_TIMEOUT_S:.0f}.")
+        ttl = request.headers.get("X-Amzn-SageMaker-RequestTTLSeconds")
+        job = {
+            "endpoint": name,
+            "inference_id": inference_id,
+            "input": input_location,
+            "output": f"{output_path}/{inference_id}.out",
+            "failure": f"{failure_path}/{inference_id}-error.out",
+            "headers": self.container_headers(
+                request.headers.get("X-Amzn-SageMaker-Content-Type"),
+                request.headers.get("X-Amzn-SageMaker-Accept"),
+                request.headers.get(H_CUSTOM),
+            ),
+            "timeout_s": timeout_s,
+            "expires": time.monotonic() + float(ttl) if ttl else None,
+            "received": datetime.now(timezone.utc),
+            "topics": output_config.get("NotificationConfig", {}),
+        }
+        capacity = async_config.get("ClientConfig", {}).get("MaxConcurrentInvocationsPerInstance") or 4
+        instances = sum(v.get("CurrentInstanceCount", 1) for v in description.get("ProductionVariants", [])) or 1
+        semaphore = self.semaphores.setdefault(name, asyncio.Semaphore(max(1, capacity * instances)))
+        task = asyncio.create_task(self._run_async(job, semaphore))
+        self.jobs.add(task)
+        task.add_done_callback(self.jobs.discard)
+        return JSONResponse(
+            {"InferenceId": inference_id},
+            status_code=202,
+            headers={"X-Amzn-SageMaker-OutputLocation": job["output"], "X-Amzn-SageMaker-FailureLocation": job["failure"]},
+        )
+
+    async def _run_async(self, job: dict, semaphore: asyncio.Semaphore) -> None:
+        async with semaphore:
+            try:
+                await self._process(job)
+            except Exception:  # noqa: BLE001 - a job must never die silently
+                logger.exception("async inference %s could not be completed", job["inference_id"])
+                with contextlib.suppress(Exception):
+                    await self._finish(job, False, _error_body("The emulator failed to process the request.", "internal_error"),
+                                       "application/json")
+
+    async def _process(self, job: dict) -> None:
+        if job["expires"] is not None and time.monotonic() > job["expires"]:
+            await self._finish(job, False, _error_body("The request expired (RequestTTLSeconds) before it was processed.",
+                                                       "request_expired"), "application/json")
+            return
+        bucket, key = parse_s3_uri(job["input"])
+        try:
+            obj = await asyncio.to_thread(self.aws.s3.get_object, Bucket=bucket, Key=key)
+            body = await asyncio.to_thread(obj["Body"].read)
+        except Exception as exc:  # noqa: BLE001
+            await self._finish(job, False, _error_body(f"Could not read the input {job['input']}: {exc}", "input_error"),
+                               "application/json")
+            return
+        try:
+            reply = await self.call_container(job["endpoint"], body, job["headers"], job["timeout_s"])
+        except httpx.TimeoutException:
+            await self._finish(job, False, _error_body(
+                f"The container did not answer within InvocationTimeoutSeconds ({job['timeout_s']:.0f} s).",
+                "invocation_timeout"), "application/json")
+            return
+        except httpx.HTTPError as exc:
+            await self._finish(job, False, _error_body(f"Could not reach the container: {exc}", "container_unreachable"),
+                               "application/json")
+            return
+        content_type = reply.headers.get("content-type", "application/octet-stream")
+        await self._finish(job, reply.status_code < 400, reply.content, content_type)
+
+    async def _finish(self, job: dict, ok: bool, body: bytes, content_type: str) -> None:
+        location = job["output"] if ok else job["failure"]
+        bucket, key = parse_s3_uri(location)
+        await asyncio.to_thread(self.aws.s3.put_object, Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+        logger.info("async inference %s -> %s", job["inference_id"], location)
+        topic = job["topics"].get("SuccessTopic" if ok else "ErrorTopic")
+        if topic:
+            message = {
+                "awsRegion": self.aws.sagemaker.meta.region_name,
+                "eventTime": datetime.now(timezone.utc).isoformat(),
+                "receivedTime": job["received"].isoformat(),
+                "invocationStatus": "Completed" if ok else "Failed",
+                "requestParameters": {
+                    "contentType": job["headers"].get("Content-Type"),
+                    "endpointName": job["endpoint"],
+                    "inputLocation": job["input"],
+                },
+                "responseParameters": {"contentType": content_type, "outputLocation": location},
+                "inferenceId": job["inference_id"],
+                "eventVersion": "1.0",
+                "eventSource": "aws:sagemaker",
+                "eventName": "InferenceResult",
+            }
+            try:
+                await asyncio.to_thread(self.aws.client("sns").publish, TopicArn=topic, Message=json.dumps(message))
+            except Exception as exc:  # noqa: BLE001 - notifications are best effort, like the output is not
+                logger.warning("could not notify %s: %s", topic, exc)
+
+    async def drain(self) -> None:
+        if self.jobs:
+            done, pending = await asyncio.wait(set(self.jobs), timeout=self.options.drain_timeout_s)
+            for task in pending:
+                task.cancel()
+
+
+def create_app(options: EmulatorOptions, aws: AwsClients | None = None) -> FastAPI:
+    emulator = RuntimeEmulator(options, aws)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        emulator.http = httpx.AsyncClient(trust_env=False)
+        try:
+            yield
+        finally:
+            await emulator.drain()
+            await emulator.http.aclose()
+
+    app = FastAPI(title="SageMaker runtime emulator", lifespan=lifespan)
+    app.state.emulator = emulator
+
+    @app.get("/ping")
+    async def ping() -> Response:
+        return Response("ok", media_type="text/plain")
+
+    @app.post("/endpoints/{name}/invocations")
+    async def invocations(name: str, request: Request) -> Response:
+        try:
+            return await emulator.invoke(name, request)
+        except RuntimeApiError as exc:
+            return exc.response()
+
+    @app.post("/endpoints/{name}/async-invocations")
+    async def async_invocations(name: str, request: Request) -> Response:
+        try:
+            return await emulator.invoke_async(name, request)
+        except RuntimeApiError as exc:
+            return exc.response()
+
+    return app
+
+
+@dataclass
+class RunningServer:
+    """A uvicorn server on a background thread (for tests and notebooks)."""
+
+    server: Any
+    thread: threading.Thread
+    url: str
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+
+    def __enter__(self) -> "RunningServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 15.0) -> RunningServer:
+    """Start `app` with uvicorn on a thread; port 0 picks a free one. Returns once it accepts requests."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{host}:{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the server on {host}:{port} did not start within {startup_timeout_s:.0f} s")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    return RunningServer(server, thread, f"http://{host}:{bound}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--container-url", default="http://127.0.0.1:8080", help="the container serving /invocations")
+    parser.add_argument("--endpoint", action="append", default=[], metavar="NAME=URL",
+                        help="route one endpoint to another container (repeatable)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--account-id", default="123456789012")
+    parser.add_argument("--realtime-timeout", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    routes = {}
+    for item in args.endpoint:
+        name, sep, url = item.partition("=")
+        if not sep:
+            parser.error(f"--endpoint expects NAME=URL, got {item!r}")
+        routes[name] = url
+    options = EmulatorOptions(container_url=args.container_url, endpoints=routes, account_id=args.account_id,
+                              realtime_timeout_s=args.realtime_timeout)
+    import uvicorn
+
+    uvicorn.run(create_app(options), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
