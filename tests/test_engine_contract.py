@@ -75,7 +75,7 @@ def tokenizer(model_dir) -> WhisperTokenizer:
 
 
 @pytest.fixture(scope="module")
-def features(tmp_path_factory) -> np.ndarray:
+def audios(tmp_path_factory) -> list[np.ndarray]:
     if shutil.which("espeak-ng") is None:
         pytest.fail("espeak-ng is required: apt-get install espeak-ng")
     folder = tmp_path_factory.mktemp("speech")
@@ -84,6 +84,11 @@ def features(tmp_path_factory) -> np.ndarray:
         path = folder / f"s{index}.wav"
         subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(path), sentence], check=True, timeout=60)
         audios.append(decode_audio(path.read_bytes()))
+    return audios
+
+
+@pytest.fixture(scope="module")
+def features(audios) -> np.ndarray:
     return batch_log_mel(audios, 80)
 
 
@@ -519,3 +524,95 @@ def test_parse_language_output_from_logits():
     assert list(probabilities)[:2] == ["zh", "en"]
     assert probabilities["zh"] == pytest.approx(np.exp(2) / (np.exp(2) + np.exp(1)), rel=1e-6)
     assert sum(probabilities.values()) == pytest.approx(1.0)
+
+
+# ---- timestamps and the shared pipeline above the interface ----------------------------------
+def test_timestamp_prompts_give_timestamp_tokens(engine, features, tokenizer):
+    """Timestamp tokens (above <|endoftext|>) survive parsing: only eot and what follows is cut."""
+    prompt = tokenizer.prompt_ids(PromptSpec(language="en", timestamps=True))
+    (hypothesis,) = engine.generate(features[:1], [prompt], DecodeOptions())
+    stamps = [token for token in hypothesis.tokens if token >= tokenizer.timestamp_begin]
+    assert len(stamps) >= 2 and stamps == sorted(stamps)
+    assert tokenizer.eot not in hypothesis.tokens
+
+
+def test_short_form_pipeline_runs_on_the_engine(engine, tokenizer, audios):
+    from whisper_triton.transcribe import ShortFormTranscriber, ShortRequest
+
+    results = ShortFormTranscriber(engine, tokenizer).transcribe([ShortRequest(audio=audios[0])])
+    assert {"lazy", "dog"} <= set(results[0].text.lower().replace(".", " ").split())
+    assert results[0].language == "en"
+
+
+# ---- the runtime glue against the 0.17 call signatures (no GPU) --------------------------------
+class SignatureStandInRunner:
+    """Mirrors the keyword names of TensorRT-LLM 0.17's ModelRunnerCpp.from_dir / generate (no behaviour
+    beyond recording the call and answering in its output format), so a misspelt keyword fails here."""
+
+    _SAMPLING = {"num_beams", "top_k", "top_p", "temperature", "repetition_penalty", "length_penalty",
+                 "presence_penalty", "frequency_penalty", "early_stopping", "random_seed", "min_tokens"}
+    loaded: dict = {}
+
+    @classmethod
+    def from_dir(cls, engine_dir, *, lora_dir=None, rank=0, max_batch_size=None, max_input_len=None,
+                 max_output_len=None, max_beam_width=None, max_attention_window_size=None, sink_token_length=None,
+                 kv_cache_free_gpu_memory_fraction=None, cross_kv_cache_fraction=None, debug_mode=False,
+                 is_enc_dec=False, **others):
+        cls.loaded = dict(engine_dir=engine_dir, max_batch_size=max_batch_size, max_input_len=max_input_len,
+                          max_beam_width=max_beam_width, is_enc_dec=is_enc_dec,
+                          kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
+                          cross_kv_cache_fraction=cross_kv_cache_fraction)
+        return cls()
+
+    def generate(self, batch_input_ids, *, encoder_input_features=None, encoder_output_lengths=None,
+                 max_new_tokens=1, end_id=None, pad_id=None, bad_words_list=None, stop_words_list=None,
+                 return_dict=False, output_sequence_lengths=False, output_cum_log_probs=False, **sampling):
+        import torch
+
+        assert set(sampling) <= self._SAMPLING, set(sampling) - self._SAMPLING
+        assert return_dict and output_sequence_lengths
+        assert all(t.dtype == torch.int32 for t in batch_input_ids)
+        assert all(f.dtype == torch.float16 and f.shape == (3000, 80) for f in encoder_input_features)
+        self.last = dict(encoder_output_lengths=encoder_output_lengths, max_new_tokens=max_new_tokens,
+                         end_id=end_id, pad_id=pad_id, sampling=sampling)
+        beams = sampling.get("num_beams", 1)
+        rows = [[ids.tolist() + [383, 2068, end_id] + [end_id] * 3] * beams for ids in batch_input_ids]
+        return {
+            "output_ids": torch.tensor(rows, dtype=torch.int32),
+            "sequence_lengths": torch.tensor([[len(ids) + 3] * beams for ids in batch_input_ids], dtype=torch.int32),
+            "cum_log_probs": torch.full((len(rows), beams), -0.5),
+        }
+
+
+def test_runtime_glue_against_the_call_signatures(tmp_path, model_dir, monkeypatch, features, prompts):
+    import types
+
+    torch = pytest.importorskip("torch")
+    fake = types.ModuleType("tensorrt_llm")
+    fake.__version__ = TENSORRT_LLM_VERSION
+    runtime = types.ModuleType("tensorrt_llm.runtime")
+    runtime.ModelRunnerCpp = SignatureStandInRunner
+    fake.runtime = runtime
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", fake)
+    monkeypatch.setitem(sys.modules, "tensorrt_llm.runtime", runtime)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=0: (8, 6))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+
+    root = write_engine_dir(tmp_path / "engines", model_dir, max_batch_size=4)
+    engine = load_engine("tensorrtllm", str(root), device="cuda", compute_type="float32", cpu_threads=2,
+                         max_batch_size=4)
+    assert SignatureStandInRunner.loaded == dict(
+        engine_dir=str(root), max_batch_size=4, max_input_len=3000, max_beam_width=4, is_enc_dec=True,
+        kv_cache_free_gpu_memory_fraction=0.8, cross_kv_cache_fraction=0.5)
+    result = engine.generate(features[:2], prompts[:2], DecodeOptions(beam_size=2))
+    assert [h.tokens for h in result] == [[383, 2068], [383, 2068]]
+    assert result[0].sum_logprob == pytest.approx(-0.5)
+    assert engine._runner.last["encoder_output_lengths"] == [1500, 1500]
+    assert engine._runner.last["end_id"] == engine._runner.last["pad_id"] == 50256
+    assert engine._runner.last["sampling"] == {"num_beams": 2, "length_penalty": 1.0, "repetition_penalty": 1.0}
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=0: (8, 0))
+    with pytest.raises(EngineCompatibilityError, match="sm_86.*this GPU is sm_80"):
+        load_engine("tensorrtllm", str(root), device="cuda")
