@@ -1,0 +1,54 @@
+"""CTranslate2 export of the merged Hugging Face model, for the CPU engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .common import ExportError, atomic_output_dir, is_complete, mark_complete
+from .merge import check_whisper_dir
+
+logger = logging.getLogger(__name__)
+
+STEP = "ctranslate2"
+COPY_FILES = ("tokenizer.json", "preprocessor_config.json")
+QUANTIZATIONS = ("float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16")
+
+
+@dataclass
+class CT2ExportConfig:
+    hf_dir: str
+    output_dir: str
+    quantization: str = "float16"  # storage type; the CPU engine picks its compute type at load
+
+
+def export_ctranslate2(config: CT2ExportConfig) -> Path:
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+
+    if config.quantization not in QUANTIZATIONS:
+        raise ExportError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {config.quantization!r}.")
+    hf_dir = Path(config.hf_dir)
+    check_whisper_dir(hf_dir)
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise ExportError(f"{hf_dir} has no tokenizer.json; the CPU engine needs it beside model.bin.")
+    copy_files = [name for name in COPY_FILES if (hf_dir / name).is_file()]
+    with atomic_output_dir(config.output_dir) as staging:
+        try:
+            TransformersConverter(str(hf_dir), copy_files=copy_files).convert(str(staging), quantization=config.quantization, force=True)
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise ExportError(f"CTranslate2 could not convert {hf_dir}: {exc}") from exc
+        model = ctranslate2.models.Whisper(str(staging), device="cpu", compute_type="float32")
+        expected_mels = json.loads((hf_dir / "config.json").read_text()).get("num_mel_bins")
+        if model.n_mels != expected_mels:
+            raise ExportError(f"The converted model has n_mels={model.n_mels}, the source {expected_mels}.")
+        del model
+        mark_complete(staging, STEP, asdict(config))
+    logger.info("CTranslate2 model written to %s (%s)", config.output_dir, config.quantization)
+    return Path(config.output_dir)
+
+
+def ctranslate2_ready(output_dir: str | Path) -> bool:
+    return is_complete(output_dir, STEP)
