@@ -143,7 +143,7 @@ def emulator_url(moto_url, container, monkeypatch):
 
 @pytest.fixture
 def runtime(emulator_url):
-    return boto3.client("sagemaker-runtime", config=Config(retries={"max_attempts": 1}))
+    return boto3.client("sagemaker-runtime", config=Config(retries={"total_max_attempts": 1}))
 
 
 # ---------------------------------------------------------------- real-time

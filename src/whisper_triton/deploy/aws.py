@@ -20,7 +20,7 @@ class AwsClients:
     def client(self, service: str) -> Any:
         if service not in self._cache:
             session = self.session or boto3.session.Session(region_name=self.region_name)
-            config = Config(retries={"max_attempts": self.max_attempts, "mode": "standard"})
+            config = Config(retries={"total_max_attempts": self.max_attempts, "mode": "standard"})
             self._cache[service] = session.client(service, config=config)
         return self._cache[service]
 

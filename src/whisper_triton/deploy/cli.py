@@ -226,9 +226,10 @@ def run(args: argparse.Namespace, deployer: Deployer) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
-    )
+    if argv is None:  # a real command line; callers passing argv (tests, wrappers) keep their logging
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
+        )
     if not args.verbose:
         for noisy in ("botocore", "urllib3", "boto3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
