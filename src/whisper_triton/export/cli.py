@@ -1,0 +1,233 @@
+"""`whisper-export`: one subcommand per export step, and `all` that runs them in order, skipping
+steps whose verified outputs already exist (so a failed run resumes where it stopped)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .common import ExportError
+from .manifest import BuildConfig
+
+logger = logging.getLogger("whisper_triton.export")
+
+
+# ---- single steps ---------------------------------------------------------------------------------
+def cmd_hf_from_ct2(args) -> None:
+    from .ct2_weights import bundled_tiny_en_dir, write_hf_from_ct2
+
+    write_hf_from_ct2(args.ct2 or bundled_tiny_en_dir(), args.output)
+
+
+def cmd_merge(args) -> None:
+    from .merge import MergeConfig, run_merge
+
+    run_merge(MergeConfig(base_dir=args.base, adapter_dir=args.adapter, output_dir=args.output, save_dtype=args.save_dtype))
+
+
+def cmd_trtllm_checkpoint(args) -> None:
+    from .trtllm_checkpoint import CheckpointConfig, write_trtllm_checkpoint
+
+    write_trtllm_checkpoint(args.openai, args.output, CheckpointConfig(dtype=args.dtype, weight_only_precision=args.weight_only))
+
+
+def _build_config(args) -> BuildConfig:
+    return BuildConfig(max_batch_size=args.max_batch_size, max_beam_width=args.max_beam_width, max_output_len=args.max_output_len,
+                       max_prompt_len=args.max_prompt_len, n_mels=args.n_mels, dtype=args.dtype, weight_only_precision=args.weight_only)
+
+
+def cmd_build_engines(args) -> None:
+    from .engine_build import build_engines, write_manifest_for_existing
+
+    if args.manifest_only:
+        write_manifest_for_existing(_build_config(args), args.checkpoint, args.output)
+    else:
+        build_engines(_build_config(args), args.checkpoint, args.output)
+
+
+def cmd_ctranslate2(args) -> None:
+    from .ctranslate2_export import CT2ExportConfig, export_ctranslate2
+
+    export_ctranslate2(CT2ExportConfig(hf_dir=args.hf, output_dir=args.output, quantization=args.quantization))
+
+
+def _progress_bar(total_bytes: int, label: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=label, leave=False)
+
+
+def cmd_upload(args) -> None:
+    from .common import file_table
+    from .s3 import TransferSettings, upload_directory
+
+    total = sum(info["size"] for info in file_table(args.source).values())
+    with _progress_bar(total, "upload") as bar:
+        report = upload_directory(args.source, args.uri, TransferSettings(workers=args.workers), progress=bar.update)
+    logger.info("%d files uploaded, %d unchanged", len(report.transferred), len(report.skipped))
+
+
+def cmd_download(args) -> None:
+    from .s3 import TransferSettings, download_directory
+
+    with _progress_bar(0, "download") as bar:
+        download_directory(args.uri, args.output, TransferSettings(workers=args.workers), progress=bar.update)
+
+
+# ---- all ------------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    name: str
+    done: Callable[[], bool]
+    run: Callable[[], None]
+
+
+def plan_all(args) -> list[Step]:
+    from .ctranslate2_export import CT2ExportConfig, ctranslate2_ready, export_ctranslate2
+    from .engine_build import build_engines, engines_ready
+    from .merge import MergeConfig, merge_outputs_ready, run_merge
+    from .s3 import TransferSettings, upload_directory
+    from .trtllm_checkpoint import CheckpointConfig, checkpoint_ready, write_trtllm_checkpoint
+
+    work = Path(args.work)
+    merged, checkpoint, engines, ct2 = work / "merged", work / "trtllm_checkpoint", work / "engines", work / "ctranslate2"
+    steps = [
+        Step("merge", lambda: merge_outputs_ready(merged),
+             lambda: run_merge(MergeConfig(base_dir=args.base, adapter_dir=args.adapter, output_dir=str(merged)))),
+        Step("trtllm-checkpoint", lambda: checkpoint_ready(checkpoint),
+             lambda: write_trtllm_checkpoint(merged / "openai", checkpoint,
+                                             CheckpointConfig(dtype=args.dtype, weight_only_precision=args.weight_only))),
+        Step("ctranslate2", lambda: ctranslate2_ready(ct2),
+             lambda: export_ctranslate2(CT2ExportConfig(hf_dir=str(merged / "hf"), output_dir=str(ct2)))),
+    ]
+    if args.engines != "skip":
+        def build() -> None:
+            if args.engines == "auto" and shutil.which("trtllm-build") is None:
+                from .engine_build import build_plan
+
+                logger.warning("trtllm-build is not here: engines not built. On a GPU machine with TensorRT-LLM run:\n%s",
+                               build_plan(_build_config(args), checkpoint.absolute(), engines.absolute()).script())
+                return
+            build_engines(_build_config(args), checkpoint, engines)
+
+        steps.append(Step("build-engines", lambda: engines_ready(engines), build))
+    if args.uri:
+        def upload() -> None:
+            settings = TransferSettings(workers=args.workers)
+            upload_directory(ct2, f"{args.uri.rstrip('/')}/ctranslate2", settings)
+            if engines_ready(engines):
+                upload_directory(engines, f"{args.uri.rstrip('/')}/engines", settings)
+
+        steps.append(Step("upload", lambda: False, upload))  # cheap when nothing changed: unchanged files are skipped
+    return steps
+
+
+def cmd_all(args) -> None:
+    from tqdm import tqdm
+
+    steps = plan_all(args)
+    with tqdm(steps, desc="export", unit="step") as bar:
+        for step in bar:
+            bar.set_postfix_str(step.name)
+            if step.done():
+                logger.info("%s: verified output exists, skipped", step.name)
+                continue
+            logger.info("%s: running", step.name)
+            step.run()
+
+
+# ---- parser ---------------------------------------------------------------------------------------
+def _add_build_options(parser: argparse.ArgumentParser) -> None:
+    defaults = BuildConfig()
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--max-beam-width", type=int, default=defaults.max_beam_width)
+    parser.add_argument("--max-output-len", type=int, default=defaults.max_output_len, help="new tokens (>= 448)")
+    parser.add_argument("--max-prompt-len", type=int, default=defaults.max_prompt_len)
+    parser.add_argument("--n-mels", type=int, default=80, choices=(80, 128), help="80 up to large-v2, 128 for large-v3")
+
+
+def _add_precision_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    parser.add_argument("--weight-only", default=None, choices=("int8", "int4"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="whisper-export", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("hf-from-ct2", help="Hugging Face Whisper dir from a CTranslate2 model (default: bundled tiny.en)")
+    p.add_argument("--ct2", default=None)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_hf_from_ct2)
+
+    p = sub.add_parser("merge", help="merge an optional LoRA adapter; write hf/ and openai/model.pt")
+    p.add_argument("--base", required=True)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--output", required=True)
+    p.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("trtllm-checkpoint", help="openai checkpoint -> TensorRT-LLM checkpoint")
+    p.add_argument("--openai", required=True, help="openai/model.pt or its directory")
+    p.add_argument("--output", required=True)
+    _add_precision_options(p)
+    p.set_defaults(func=cmd_trtllm_checkpoint)
+
+    p = sub.add_parser("build-engines", help="run trtllm-build for encoder and decoder; write manifest.json")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--manifest-only", action="store_true", help="engines were built elsewhere: only write the manifest")
+    _add_precision_options(p)
+    _add_build_options(p)
+    p.set_defaults(func=cmd_build_engines)
+
+    p = sub.add_parser("ctranslate2", help="merged HF model -> CTranslate2 model for the CPU engine")
+    p.add_argument("--hf", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--quantization", default="float16")
+    p.set_defaults(func=cmd_ctranslate2)
+
+    for name, func in (("upload", cmd_upload), ("download", cmd_download)):
+        p = sub.add_parser(name, help=f"{name} a directory {'to' if name == 'upload' else 'from'} s3://bucket/prefix")
+        if name == "upload":
+            p.add_argument("--source", required=True)
+        else:
+            p.add_argument("--output", required=True)
+        p.add_argument("--uri", required=True)
+        p.add_argument("--workers", type=int, default=8)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("all", help="every step in order; resumes after a failure")
+    p.add_argument("--base", required=True)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--work", required=True, help="directory for every step's output")
+    p.add_argument("--uri", default=None, help="s3://bucket/prefix to upload to (optional)")
+    p.add_argument("--engines", default="auto", choices=("auto", "require", "skip"),
+                   help="auto: build where trtllm-build exists, else log the commands")
+    p.add_argument("--workers", type=int, default=8)
+    _add_precision_options(p)
+    _add_build_options(p)
+    p.set_defaults(func=cmd_all)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except ExportError as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
