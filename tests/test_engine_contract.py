@@ -245,24 +245,13 @@ def test_beam_search_returns_the_sentence(engine, features, prompts, tokenizer):
     assert {"lazy", "dog"} <= set(tokenizer.decode(result[0].tokens).lower().replace(".", " ").split())
 
 
-_CT2_PROMPT_SHAPES = (
-    "CTranslate2 needs <|startoftranscript|> at the same position in every prompt of a batch; "
-    "CTranslate2Engine.generate does not group prompts by shape (engines/ctranslate2_engine.py)"
-)
-
-
-def test_per_request_prompts(engine, features, tokenizer, full_decode, request):
+def test_per_request_prompts(engine, features, tokenizer, full_decode):
     """A previous-text prompt for one item leaves the others' decodes unchanged."""
-    if engine.name == "ctranslate2":
-        request.applymarker(pytest.mark.xfail(strict=True, raises=ValueError, reason=_CT2_PROMPT_SHAPES))
     mixed = [tokenizer.prompt_ids(PromptSpec(language="en", previous_text="Foxes and dogs.")),
              tokenizer.prompt_ids(PromptSpec(language="en"))]
     result = engine.generate(features[:2], mixed, DecodeOptions())
     assert len(result) == 2 and result[1].tokens == full_decode[1].tokens
     assert result[0].tokens and tokenizer.sot_prev not in result[0].tokens
-
-
-_CT2_DOES_NOT_VALIDATE = "CTranslate2Engine.generate does not call DecodeOptions.validate (engines/ctranslate2_engine.py)"
 
 
 @pytest.mark.parametrize("bad", [
@@ -271,9 +260,7 @@ _CT2_DOES_NOT_VALIDATE = "CTranslate2Engine.generate does not call DecodeOptions
     pytest.param(DecodeOptions(max_new_tokens=0), id="max_new_tokens=0"),
     pytest.param(DecodeOptions(max_new_tokens=449), id="max_new_tokens=449"),
 ], ids=lambda o: f"beam_size={o.beam_size}" if isinstance(o, DecodeOptions) else None)
-def test_bad_options_are_refused(engine, features, prompts, bad, request):
-    if engine.name == "ctranslate2" and (bad.beam_size > 1 or bad.max_new_tokens != 448):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_CT2_DOES_NOT_VALIDATE))
+def test_bad_options_are_refused(engine, features, prompts, bad):
     with pytest.raises((WhisperTritonError, ValueError)):
         engine.generate(features[:1], prompts[:1], bad)
 

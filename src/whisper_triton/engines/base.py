@@ -52,6 +52,15 @@ class Hypothesis:
     no_speech_prob: float | None = None
 
 
+@dataclass
+class TokenTimings:
+    """Word-timestamp material for the text tokens of one hypothesis (seconds from window start)."""
+
+    starts: list[float]
+    ends: list[float]
+    probabilities: list[float]
+
+
 @runtime_checkable
 class Engine(Protocol):
     """A Whisper model that decodes batches of log-mel windows with per-item prompts."""
@@ -68,6 +77,11 @@ class Engine(Protocol):
     def detect_language(self, features: np.ndarray) -> list[dict[str, float]]:
         """For each of B windows: language code -> probability, most likely first."""
         ...
+
+
+def supports_word_timestamps(engine) -> bool:
+    """Word timestamps need cross-attention alignment: an optional engine capability, `align()`."""
+    return bool(getattr(engine, "supports_word_timestamps", False)) and callable(getattr(engine, "align", None))
 
 
 @dataclass

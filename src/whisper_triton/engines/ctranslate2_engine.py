@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import MAX_NEW_TOKENS, DecodeOptions, Hypothesis, check_batch
+from .base import DecodeOptions, Hypothesis, TokenTimings, check_batch
 
 logger = logging.getLogger(__name__)
 
 _POSITIONS = 448  # decoder positions: prompt + generated tokens must fit
+_SECONDS_PER_FRAME = 0.02  # one encoder output frame (two mel frames)
 
 
 class CTranslate2Engine:
@@ -42,6 +43,7 @@ class CTranslate2Engine:
         self.is_multilingual = bool(self.model.is_multilingual)
         self.max_batch_size = max_batch_size
         self._suppress_tokens = _suppress_tokens(model_dir)
+        self.sot = _token_id(model_dir, "<|startoftranscript|>")
         logger.info(
             "CTranslate2 Whisper loaded from %s (device=%s, compute_type=%s, n_mels=%d, multilingual=%s)",
             model_dir, device, compute_type, self.n_mels, self.is_multilingual,
@@ -54,10 +56,25 @@ class CTranslate2Engine:
 
     def generate(self, features: np.ndarray, prompts: list[list[int]], options: DecodeOptions) -> list[Hypothesis]:
         check_batch(features, prompts, self.n_mels)
-        if features.shape[0] == 0:
-            return []
-        # CTranslate2's max_length includes forced prompt tokens: add them so max_new_tokens holds
-        max_length = min(_POSITIONS, options.max_new_tokens + max(len(prompt) for prompt in prompts))
+        options.validate()
+        results: list[Hypothesis | None] = [None] * len(prompts)
+        # CTranslate2 batches only prompts with <|startoftranscript|> at the same position
+        for indices in self._prompt_groups(prompts).values():
+            group = self._generate_group(features[indices], [prompts[i] for i in indices], options)
+            for index, hypothesis in zip(indices, group):
+                results[index] = hypothesis
+        return results  # type: ignore[return-value]
+
+    def _prompt_groups(self, prompts: list[list[int]]) -> dict[tuple[int, int], list[int]]:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            sot_at = prompt.index(self.sot) if self.sot in prompt else 0
+            groups.setdefault((sot_at, len(prompt)), []).append(index)
+        return groups
+
+    def _generate_group(self, features: np.ndarray, prompts: list[list[int]], options: DecodeOptions) -> list[Hypothesis]:
+        prompt_length = len(prompts[0])
+        new_tokens = max(1, min(options.max_new_tokens, _POSITIONS - prompt_length))
         sampling = options.temperature > 0
         results = self.model.generate(
             self._storage(features),
@@ -66,7 +83,7 @@ class CTranslate2Engine:
             patience=options.patience,
             length_penalty=options.length_penalty,
             repetition_penalty=options.repetition_penalty,
-            max_length=max_length,
+            max_length=_ct2_max_length(new_tokens, prompt_length),
             return_scores=True,
             return_no_speech_prob=True,
             sampling_topk=0 if sampling else 1,
@@ -74,7 +91,17 @@ class CTranslate2Engine:
             suppress_blank=options.suppress_blank,
             suppress_tokens=self._suppress_tokens,
         )
-        return [_hypothesis(result, options.length_penalty) for result in results]
+        return [_hypothesis(result, options.length_penalty, new_tokens) for result in results]
+
+    supports_word_timestamps = True
+
+    def align(self, features: np.ndarray, start_sequence: list[int], text_tokens: list[list[int]],
+              num_frames: list[int]) -> list[TokenTimings]:
+        """Per-token start/end (seconds) and probability from cross-attention alignment."""
+        check_batch(features, [start_sequence] * features.shape[0], self.n_mels)
+        results = self.model.align(self._storage(features), start_sequence, text_tokens, num_frames,
+                                   median_filter_width=7)
+        return [_token_timings(result, len(tokens)) for result, tokens in zip(results, text_tokens)]
 
     def detect_language(self, features: np.ndarray) -> list[dict[str, float]]:
         if not self.is_multilingual:
@@ -83,8 +110,32 @@ class CTranslate2Engine:
         return [{token.strip("<|>"): float(prob) for token, prob in result} for result in results]
 
 
-def _hypothesis(result, length_penalty: float) -> Hypothesis:
-    tokens = list(result.sequences_ids[0])
+def _ct2_max_length(new_tokens: int, prompt_length: int) -> int:
+    # CTranslate2 decodes min(max_length // 2, max_length - prompt_length) new tokens
+    # (OpenNMT/CTranslate2#1856); this asks for exactly `new_tokens`
+    return max(2 * new_tokens, new_tokens + prompt_length)
+
+
+def _token_timings(result, n_tokens: int) -> TokenTimings:
+    pairs = np.asarray(result.alignments, dtype=np.int64).reshape(-1, 2)
+    starts = np.zeros(n_tokens)
+    ends = np.zeros(n_tokens)
+    if pairs.size:
+        token_index, frame = pairs[:, 0], pairs[:, 1]
+        for k in range(n_tokens):
+            frames = frame[token_index == k]
+            if frames.size:
+                starts[k], ends[k] = frames.min(), frames.max() + 1
+        ends = np.maximum.accumulate(ends)
+        starts = np.minimum(np.maximum.accumulate(starts), ends)
+    probabilities = [float(p) for p in list(result.text_token_probs)[:n_tokens]]
+    probabilities += [0.0] * (n_tokens - len(probabilities))
+    return TokenTimings(starts=(starts * _SECONDS_PER_FRAME).tolist(), ends=(ends * _SECONDS_PER_FRAME).tolist(),
+                        probabilities=probabilities)
+
+
+def _hypothesis(result, length_penalty: float, new_tokens: int) -> Hypothesis:
+    tokens = list(result.sequences_ids[0])[:new_tokens]
     score = float(result.scores[0]) if result.scores else None
     sum_logprob = avg_logprob = None
     if score is not None:
@@ -93,6 +144,13 @@ def _hypothesis(result, length_penalty: float) -> Hypothesis:
         avg_logprob = sum_logprob / (len(tokens) + 1)
     return Hypothesis(tokens=tokens, sum_logprob=sum_logprob, avg_logprob=avg_logprob,
                       no_speech_prob=float(result.no_speech_prob))
+
+
+def _token_id(model_dir: Path, token: str) -> int | None:
+    from tokenizers import Tokenizer
+
+    path = model_dir / "tokenizer.json"
+    return Tokenizer.from_file(str(path)).token_to_id(token) if path.is_file() else None
 
 
 def _suppress_tokens(model_dir: Path) -> list[int]:

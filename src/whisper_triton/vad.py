@@ -1,0 +1,145 @@
+"""Voice activity detection with Silero VAD's ONNX model, run by onnxruntime (no torch).
+
+The model file comes from the `silero-vad` wheel, located without importing the package (its
+`__init__` imports torch). The sequence variant scores a whole block of 32 ms frames per call.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .audio import SAMPLE_RATE
+from .errors import invalid_parameter
+
+logger = logging.getLogger(__name__)
+
+FRAME = 512  # samples per VAD frame at 16 kHz (32 ms)
+CONTEXT = 64  # samples of the previous frame the model sees first
+BLOCK_FRAMES = 512  # frames per onnxruntime call (~16 s)
+MODEL_FILE = "silero_vad_16k_sequence.onnx"
+
+
+@dataclass(frozen=True)
+class VadOptions:
+    threshold: float = 0.5
+    min_speech_ms: int = 250
+    min_silence_ms: int = 300  # a pause this long ends a speech segment
+    speech_pad_ms: int = 150
+
+    def validate(self) -> "VadOptions":
+        if not 0.0 < self.threshold < 1.0:
+            raise invalid_parameter("vad_threshold", f"vad_threshold must be in (0, 1), got {self.threshold}.")
+        for name in ("min_speech_ms", "min_silence_ms", "speech_pad_ms"):
+            if getattr(self, name) < 0:
+                raise invalid_parameter(f"vad_{name}", f"vad_{name} must be >= 0, got {getattr(self, name)}.")
+        return self
+
+
+@dataclass(frozen=True)
+class Span:
+    """A stretch of audio in samples, [start, end)."""
+
+    start: int
+    end: int
+
+    @property
+    def seconds(self) -> tuple[float, float]:
+        return self.start / SAMPLE_RATE, self.end / SAMPLE_RATE
+
+
+def model_path() -> Path:
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "Silero VAD's model is missing: install the 'silero-vad' wheel (pip install --no-deps "
+            "silero-vad==6.2.3; only its ONNX file is used), or turn VAD off (vad=false)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / MODEL_FILE
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing from the silero-vad wheel; install silero-vad==6.2.3.")
+    return path
+
+
+@lru_cache(maxsize=1)
+def _session():
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1  # VAD is cheap; leave the cores to the engine
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(str(model_path()), options, providers=["CPUExecutionProvider"])
+
+
+def _frames_with_context(audio: np.ndarray) -> np.ndarray:
+    """[n_frames, CONTEXT + FRAME]: each frame preceded by the tail of the one before."""
+    n_frames = max(1, -(-audio.size // FRAME))
+    frames = np.zeros((n_frames, FRAME), dtype=np.float32)
+    frames.reshape(-1)[: audio.size] = audio
+    context = np.zeros((n_frames, CONTEXT), dtype=np.float32)
+    context[1:] = frames[:-1, -CONTEXT:]
+    return np.concatenate([context, frames], axis=1)
+
+
+def speech_probabilities(audio: np.ndarray) -> np.ndarray:
+    """One speech probability per 32 ms frame of 16 kHz audio."""
+    session = _session()
+    frames = _frames_with_context(np.asarray(audio, dtype=np.float32).reshape(-1))
+    h = np.zeros((1, 1, 128), dtype=np.float32)
+    c = np.zeros((1, 1, 128), dtype=np.float32)
+    probabilities = []
+    for first in range(0, frames.shape[0], BLOCK_FRAMES):
+        probs, h, c = session.run(None, {"input": frames[first : first + BLOCK_FRAMES], "h": h, "c": c})
+        probabilities.append(probs.reshape(-1))
+    return np.concatenate(probabilities)
+
+
+def speech_spans(audio: np.ndarray, options: VadOptions = VadOptions()) -> list[Span]:
+    """Speech stretches of `audio`, padded, with pauses shorter than min_silence_ms bridged."""
+    if audio.size == 0:
+        return []
+    return spans_from_probabilities(speech_probabilities(audio), audio.size, options)
+
+
+def spans_from_probabilities(probs: np.ndarray, n_samples: int, options: VadOptions) -> list[Span]:
+    """Hysteresis on frame probabilities: enter at `threshold`, leave below threshold - 0.15."""
+    leave = max(options.threshold - 0.15, 0.01)
+    min_silence = options.min_silence_ms * SAMPLE_RATE // 1000
+    raw: list[list[int]] = []
+    start, silence_since = None, None
+    for index, prob in enumerate(probs):
+        position = index * FRAME
+        if start is None:
+            if prob >= options.threshold:
+                start, silence_since = position, None
+        elif prob >= options.threshold:
+            silence_since = None
+        elif prob < leave:
+            silence_since = position if silence_since is None else silence_since
+            if position + FRAME - silence_since >= min_silence:
+                raw.append([start, silence_since])
+                start, silence_since = None, None
+    if start is not None:
+        raw.append([start, n_samples])
+    min_speech = options.min_speech_ms * SAMPLE_RATE // 1000
+    kept = [span for span in raw if span[1] - span[0] >= min_speech]
+    return _pad(kept, n_samples, options.speech_pad_ms * SAMPLE_RATE // 1000)
+
+
+def _pad(spans: list[list[int]], n_samples: int, pad: int) -> list[Span]:
+    padded = []
+    for index, (start, end) in enumerate(spans):
+        low = max(0, start - pad)
+        high = min(n_samples, end + pad)
+        if padded and low < padded[-1][1]:  # share the pause between neighbours
+            middle = (padded[-1][1] - pad + start) // 2
+            padded[-1][1] = max(padded[-1][0], middle)
+            low = middle
+        padded.append([low, high])
+    return [Span(int(s), int(e)) for s, e in padded if e > s]
