@@ -6,6 +6,7 @@ Built once per test session (cached in a temp directory) because several test mo
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import subprocess
 import tempfile
@@ -21,7 +22,9 @@ SPEECH_TEXT = "The quick brown fox jumps over the lazy dog. She sells sea shells
 
 @lru_cache(maxsize=1)
 def _root() -> Path:
-    return Path(tempfile.mkdtemp(prefix="whisper-export-tests-"))
+    root = Path(tempfile.mkdtemp(prefix="whisper-export-tests-"))
+    atexit.register(shutil.rmtree, root, True)  # several hundred MB of checkpoints: never leave them behind
+    return root
 
 
 @lru_cache(maxsize=1)
