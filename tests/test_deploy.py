@@ -380,3 +380,37 @@ def test_batch_transform_input_that_does_not_exist(aws, capsys):
     assert code == 1 and "The model 'no-such-model' does not exist" in err
     assert inventory(aws) == EMPTY
     assert aws["sm"].list_transform_jobs()["TransformJobSummaries"] == []
+
+
+def test_successful_update_replaces_the_old_model_and_config(aws, monkeypatch):
+    """moto has no UpdateEndpoint: stand in for it by re-pointing the endpoint, then check that the
+    deployer waits for the new config and removes the previous model and config it owned."""
+    from whisper_triton.deploy import DeploymentOptions, EndpointOptions, ModelOptions
+
+    deployer = Deployer(AwsClients(max_attempts=1), poll_interval_s=0.01)
+    first = deployer.deploy(DeploymentOptions("whisper-up", ModelOptions(IMAGE, f"s3://{BUCKET}/model/", ROLE),
+                                              EndpointOptions(instance_type=INSTANCE)))
+    sm = deployer.aws.sagemaker
+
+    def update_endpoint(EndpointName, EndpointConfigName):
+        sm.delete_endpoint(EndpointName=EndpointName)
+        sm.create_endpoint(EndpointName=EndpointName, EndpointConfigName=EndpointConfigName)
+
+    monkeypatch.setattr(sm, "update_endpoint", update_endpoint)
+    new_image = IMAGE.replace("0.1.0", "0.2.0")
+    second = deployer.update(DeploymentOptions("whisper-up", ModelOptions(new_image, f"s3://{BUCKET}/model/", ROLE),
+                                               EndpointOptions(instance_type=INSTANCE, initial_instance_count=2)))
+    assert second.endpoint_status == "InService"
+    left = inventory(aws)
+    assert left["models"] == [second.model_name] and left["configs"] == [second.endpoint_config_name]
+    assert first.model_name not in left["models"]
+    assert aws["sm"].describe_model(ModelName=second.model_name)["PrimaryContainer"]["Image"] == new_image
+    config = aws["sm"].describe_endpoint_config(EndpointConfigName=second.endpoint_config_name)
+    assert config["ProductionVariants"][0]["InitialInstanceCount"] == 2
+
+
+def test_autoscaling_without_waiting_is_refused_up_front(aws, capsys):
+    code, _, err = run_cli(capsys, "deploy", "--name", "whisper-nw", "--image", IMAGE, "--model-data",
+                           f"s3://{BUCKET}/model/", "--role", ROLE, "--instance-type", INSTANCE, "--no-wait", "--autoscale")
+    assert code == 1 and "InService" in err and "whisper-deploy autoscale" in err
+    assert inventory(aws) == EMPTY

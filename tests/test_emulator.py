@@ -273,3 +273,39 @@ def test_async_notifies_the_sns_topics(runtime):
     assert events[bad["InferenceId"]]["invocationStatus"] == "Failed"
     assert events[bad["InferenceId"]]["responseParameters"]["outputLocation"] == bad["FailureLocation"]
     assert events[good["InferenceId"]]["requestParameters"]["endpointName"] == "as"
+
+
+def test_emulator_command_line(moto_url, container, monkeypatch):
+    """`python -m whisper_triton.runtime_emulator` as a process, used by plain boto3."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    reset_moto(moto_url)
+    port = free_port()
+    point_boto3_at(monkeypatch, moto_url, f"http://127.0.0.1:{port}")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "whisper_triton.runtime_emulator", "--container-url", container.url,
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as reply:
+                    assert reply.status == 200
+                    break
+            except OSError:
+                assert process.poll() is None, process.stderr.read().decode()
+                assert time.monotonic() < deadline, "the emulator did not start within 60 s"
+                time.sleep(0.1)
+        create_endpoint("cli")
+        runtime = boto3.client("sagemaker-runtime", config=Config(retries={"total_max_attempts": 1}))
+        reply = runtime.invoke_endpoint(EndpointName="cli", Body=b"12345", Accept="text/plain")
+        assert reply["Body"].read() == b"received 5 bytes"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -234,8 +234,16 @@ class Deployer:
                     ))
             else:
                 prefix = key if key.endswith("/") or not key else key + "/"
-                listing = self.aws.s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
-                if not listing.get("KeyCount"):
+                try:
+                    count = self.aws.s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1).get("KeyCount")
+                except Exception as exc:  # noqa: BLE001
+                    problems.append((
+                        f"Could not list the model data prefix s3://{bucket}/{prefix} ({aws_error_text(exc)}).",
+                        "Check s3:ListBucket on the bucket for your credentials.",
+                        "model_data",
+                    ))
+                    return
+                if not count:
                     problems.append((
                         f"There are no objects under the model data prefix s3://{bucket}/{prefix}.",
                         "Upload the model repository there first (see the export command), or fix --model-data.",
@@ -475,6 +483,12 @@ class Deployer:
 
     def deploy(self, options: DeploymentOptions, *, wait: bool = True, wait_timeout_s: float = 3600.0) -> DeploymentResult:
         """Model, endpoint config, endpoint and (optionally) autoscaling; all or nothing."""
+        if options.autoscaling is not None and not wait:
+            raise DeployError(
+                cause="Autoscaling can only be registered once the endpoint is InService, and --no-wait does not wait.",
+                fix="Drop --no-wait, or deploy first and run `whisper-deploy autoscale` when the endpoint is up.",
+                param="autoscaling",
+            )
         self.validate(options)
         tags = _tags(options.name, options.tags)
         sm = self.aws.sagemaker
