@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale = sub.add_parser("autoscale", help="add autoscaling to an existing endpoint")
     scale.add_argument("--name", required=True, help="endpoint name")
     scale.add_argument("--variant", default=None)
-    scale.add_argument("--deployment", default=None, help="tag value (default: the endpoint name)")
+    scale.add_argument("--deployment", default=None, help="deployment tag value (default: the endpoint's own whisper-triton:deployment tag)")
     _add_scaling_args(scale, flag=False)
 
     transform = sub.add_parser("transform", help="start a batch transform job over an S3 prefix of audio files")

@@ -601,7 +601,10 @@ class Deployer:
         problems: list = []
         self._check_autoscaling(scaling, is_async, EndpointOptions(), problems)
         self._raise(problems)
-        tags = _tags(deployment or endpoint_name, {})
+        if deployment is None:  # the scaling belongs to the endpoint's deployment, so cleanup finds it
+            endpoint_tags = self.aws.sagemaker.list_tags(ResourceArn=description["EndpointArn"]).get("Tags", [])
+            deployment = next((t["Value"] for t in endpoint_tags if t["Key"] == TAG_KEY), endpoint_name)
+        tags = _tags(deployment, {})
         with self._transaction(f"Configuring autoscaling for {endpoint_name}") as undo:
             self._add_autoscaling(endpoint_name, variant, scaling, is_async, tags, undo)
             return undo.created
@@ -793,17 +796,22 @@ class Deployer:
         sm, aas, cw = self.aws.sagemaker, self.aws.autoscaling, self.aws.cloudwatch
         found: list[Resource] = []
 
-        alarms = cw.get_paginator("describe_alarms").paginate(AlarmNamePrefix=f"{name}-").build_full_result()
-        for alarm in alarms.get("MetricAlarms", []):
-            tags = cw.list_tags_for_resource(ResourceARN=alarm["AlarmArn"]).get("Tags", [])
-            if any(t["Key"] == TAG_KEY and t["Value"] == name for t in tags):
-                found.append(Resource("alarm", alarm["AlarmName"], alarm["AlarmArn"]))
-
         endpoints = [
             e for e in sm.get_paginator("list_endpoints").paginate(NameContains=name).build_full_result().get("Endpoints", [])
             if self._has_tag(e["EndpointArn"], name)
         ]
         endpoint_names = {e["EndpointName"] for e in endpoints}
+
+        seen: set[str] = set()
+        for prefix in sorted({name} | endpoint_names):  # our alarms are named after the endpoint they scale
+            alarms = cw.get_paginator("describe_alarms").paginate(AlarmNamePrefix=f"{prefix}-").build_full_result()
+            for alarm in alarms.get("MetricAlarms", []):
+                if alarm["AlarmArn"] in seen:
+                    continue
+                seen.add(alarm["AlarmArn"])
+                tags = cw.list_tags_for_resource(ResourceARN=alarm["AlarmArn"]).get("Tags", [])
+                if any(t["Key"] == TAG_KEY and t["Value"] == name for t in tags):
+                    found.append(Resource("alarm", alarm["AlarmName"], alarm["AlarmArn"]))
         targets = aas.get_paginator("describe_scalable_targets").paginate(ServiceNamespace="sagemaker").build_full_result()
         for target in targets.get("ScalableTargets", []):
             endpoint = target["ResourceId"].split("/")[1] if target["ResourceId"].startswith("endpoint/") else None
