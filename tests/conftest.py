@@ -151,3 +151,24 @@ def serve(tmp_path_factory):
         yield instance
     finally:
         instance.terminate()
+
+
+@dataclass
+class LongSpeech:
+    samples: np.ndarray
+    text: str
+    pauses: list[tuple[float, float]]
+    flac_bytes: bytes
+
+    @property
+    def duration(self) -> float:
+        return self.samples.size / 16000
+
+
+@pytest.fixture(scope="session")
+def long_speech(speech_clips) -> LongSpeech:
+    """About 3.5 minutes: 40 espeak-ng sentences with pauses of 0.8 to 2.5 s between them."""
+    from speech import encode, long_recording
+
+    samples, text, pauses = long_recording([c.samples for c in speech_clips], [c.text for c in speech_clips])
+    return LongSpeech(samples, text, pauses, encode(samples, 16000, "flac", "flac"))

@@ -68,3 +68,21 @@ FORMATS = {
     "wav-stereo-44k": ("wav", "pcm_s16le", 2, 44100),
     "wav-8k": ("wav", "pcm_s16le", 1, 8000),
 }
+
+
+PAUSES = (0.8, 1.2, 1.6, 2.0, 2.5)
+
+
+def long_recording(clips: list[np.ndarray], texts: list[str], repeats: int = 40, rate: int = 16000):
+    """Sentences joined by pauses of known length: (samples, reference text, [(pause_start, pause_end)])."""
+    parts, reference, pauses, t = [], [], [], 0.0
+    for k in range(repeats):
+        clip = clips[k % len(clips)]
+        parts.append(clip)
+        reference.append(texts[k % len(texts)])
+        t += clip.size / rate
+        pause = PAUSES[k % len(PAUSES)]
+        pauses.append((t, t + pause))
+        parts.append(np.zeros(int(pause * rate), dtype=np.float32))
+        t += pause
+    return np.concatenate(parts), " ".join(reference), pauses[:-1]

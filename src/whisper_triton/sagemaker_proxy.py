@@ -1,7 +1,8 @@
 """The SageMaker container contract in front of Triton: GET /ping and POST /invocations.
 
-The proxy decodes audio (so bad input is refused before it costs GPU time), then calls the
-Triton `whisper` model over one shared async gRPC client.
+The proxy checks the HTTP side (size cap before reading, Content-Type, JSON, base64, options),
+then hands the audio bytes to Triton's long-form `transcribe` model over one shared async gRPC
+client, and renders the result as JSON, text, WebVTT or SRT.
 """
 
 from __future__ import annotations
@@ -12,84 +13,47 @@ import json
 import logging
 import re
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass, fields
 
-import anyio
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .audio import SAMPLE_RATE, decode_audio
-from .engines.base import DecodeOptions
-from .errors import PayloadTooLargeError, WhisperTritonError, invalid_parameter
+from .errors import InvalidAudioError, PayloadTooLargeError, WhisperTritonError, invalid_parameter
+from .formats import FORMATS, render
+from .longform import TranscribeOptions
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
+TRANSCRIBE_MODEL = "transcribe"
 WHISPER_MODEL = "whisper"
-_SPECIAL_TOKEN_RE = re.compile(r"<\|[^|<>]*\|>")
-_LANGUAGE_RE = re.compile(r"^[a-z]{2,3}$")
 _AUDIO_TYPES = ("application/octet-stream",)
-_OUTPUT_TYPES = ("application/json", "text/plain")
+_OPTION_ALIASES = {"prompt": "initial_prompt"}
 
 
-class InvocationOptions(BaseModel):
-    """Options of one transcription request (JSON fields, query parameters or custom attributes)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    language: str | None = None
-    task: Literal["transcribe", "translate"] = "transcribe"
-    prompt: str | None = Field(default=None, max_length=2000)
-    beam_size: int = 1
-    max_new_tokens: int = 448
-    temperature: float = 0.0
-    repetition_penalty: float = 1.0
-
-    def decode_options(self) -> DecodeOptions:
-        return DecodeOptions(
-            beam_size=self.beam_size,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            repetition_penalty=self.repetition_penalty,
-        ).validate()
-
-    def text_prefix(self) -> str:
-        prefix = ""
-        if self.prompt and self.prompt.strip():
-            prefix += "<|startofprev|>" + _SPECIAL_TOKEN_RE.sub("", self.prompt).strip()
-        prefix += "<|startoftranscript|>"
-        if self.language:
-            prefix += f"<|{self.language}|>"
-        return prefix + f"<|{self.task}|><|notimestamps|>"
-
-
-def parse_options(raw: dict) -> InvocationOptions:
+def parse_options(raw: dict) -> TranscribeOptions:
+    """Options from JSON fields, query parameters or custom attributes (strings are coerced)."""
+    values = {_OPTION_ALIASES.get(key, key): value for key, value in raw.items()}
+    known = {f.name for f in fields(TranscribeOptions)}
+    for key in values:
+        if key not in known:
+            raise invalid_parameter(key, f"Unknown option {key!r}. Known options: {', '.join(sorted(known))}.")
     try:
-        options = InvocationOptions(**raw)
+        options = TypeAdapter(TranscribeOptions).validate_python(values)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(part) for part in first.get("loc", ())) or None
-        allowed = ", ".join(InvocationOptions.model_fields)
-        hint = f" Allowed options: {allowed}." if first.get("type") == "extra_forbidden" else ""
-        raise invalid_parameter(param or "options", f"Invalid option {param}: {first.get('msg')}.{hint}") from None
-    if options.language is not None:
-        options.language = options.language.strip().lower()
-        if not _LANGUAGE_RE.match(options.language):
-            raise invalid_parameter(
-                "language", f"Unknown language code {options.language!r}: use a Whisper code such as 'en' or 'de'."
-            )
-    options.decode_options()
-    return options
+        param = str(first.get("loc", ("options",))[0])
+        raise invalid_parameter(param, f"Invalid option {param}: {first.get('msg')}.") from None
+    return options.validate()
 
 
 @dataclass
 class Invocation:
-    audio: np.ndarray
-    options: InvocationOptions
+    audio: bytes
+    options: TranscribeOptions
 
 
 def _media_type(header: str | None) -> str:
@@ -112,14 +76,14 @@ def choose_output_type(accept: str | None) -> str:
         return "application/json"
     for part in accept.split(","):
         media = _media_type(part)
-        if media in _OUTPUT_TYPES:
+        if media in FORMATS:
             return media
         if media in ("*/*", "application/*", ""):
             return "application/json"
         if media == "text/*":
             return "text/plain"
     raise WhisperTritonError(
-        message=f"Cannot answer with {accept!r}: use Accept application/json or text/plain.",
+        message=f"Cannot answer with {accept!r}: use Accept {', '.join(FORMATS)}.",
         param="Accept", status=406, type="not_acceptable",
     )
 
@@ -155,9 +119,9 @@ async def parse_invocation(request: Request, settings: Settings) -> Invocation:
             'with the file\'s bytes, or application/json {"audio": "<base64>"}.',
             param="Content-Type", status=415, type="unsupported_media_type",
         )
-    options = parse_options(raw_options)
-    audio = await anyio.to_thread.run_sync(decode_audio, audio_bytes, settings.max_audio_seconds)
-    return Invocation(audio=audio, options=options)
+    if not audio_bytes:
+        raise InvalidAudioError("The request body is empty: send the audio file's bytes.")
+    return Invocation(audio=audio_bytes, options=parse_options(raw_options))
 
 
 def _parse_json_body(body: bytes) -> tuple[bytes, dict]:
@@ -177,8 +141,8 @@ def _parse_json_body(body: bytes) -> tuple[bytes, dict]:
     return audio, payload
 
 
-class TritonWhisperClient:
-    """One shared async gRPC client to Triton's `whisper` model."""
+class TritonTranscribeClient:
+    """One shared async gRPC client to Triton's long-form `transcribe` model."""
 
     def __init__(self, url: str, timeout_s: float):
         import tritonclient.grpc.aio as grpcclient
@@ -192,6 +156,7 @@ class TritonWhisperClient:
             return bool(
                 await self.client.is_server_ready(client_timeout=1.5)
                 and await self.client.is_model_ready(WHISPER_MODEL, client_timeout=1.5)
+                and await self.client.is_model_ready(TRANSCRIBE_MODEL, client_timeout=1.5)
             )
         except Exception:  # any failure to answer means not ready
             return False
@@ -200,31 +165,17 @@ class TritonWhisperClient:
         from tritonclient.utils import InferenceServerException
 
         grpc = self._grpc
-        audio = invocation.audio.reshape(1, -1)
-        inputs = [grpc.InferInput("WAV", list(audio.shape), "FP32"),
-                  grpc.InferInput("WAV_LENS", [1, 1], "INT32"),
-                  grpc.InferInput("TEXT_PREFIX", [1, 1], "BYTES")]
-        inputs[0].set_data_from_numpy(audio)
-        inputs[1].set_data_from_numpy(np.array([[audio.shape[1]]], dtype=np.int32))
-        inputs[2].set_data_from_numpy(np.array([[invocation.options.text_prefix().encode()]], dtype=object))
-        decode = invocation.options.decode_options()
-        for name, value, dtype in (("BEAM_SIZE", decode.beam_size, np.int32),
-                                   ("MAX_NEW_TOKENS", decode.max_new_tokens, np.int32),
-                                   ("TEMPERATURE", decode.temperature, np.float32),
-                                   ("REPETITION_PENALTY", decode.repetition_penalty, np.float32)):
-            tensor = grpc.InferInput(name, [1, 1], "INT32" if dtype is np.int32 else "FP32")
-            tensor.set_data_from_numpy(np.array([[value]], dtype=dtype))
-            inputs.append(tensor)
-        outputs = [grpc.InferRequestedOutput("TRANSCRIPTS"), grpc.InferRequestedOutput("LANGUAGE")]
+        audio = grpc.InferInput("AUDIO", [1], "BYTES")
+        audio.set_data_from_numpy(np.array([invocation.audio], dtype=object))
+        options = grpc.InferInput("OPTIONS", [1], "BYTES")
+        options.set_data_from_numpy(np.array([json.dumps(asdict(invocation.options)).encode()], dtype=object))
         try:
-            result = await self.client.infer(WHISPER_MODEL, inputs, outputs=outputs, client_timeout=self.timeout_s)
+            result = await self.client.infer(TRANSCRIBE_MODEL, [audio, options],
+                                             outputs=[grpc.InferRequestedOutput("RESULT")],
+                                             client_timeout=self.timeout_s)
         except InferenceServerException as exc:
             raise _from_triton(exc) from None
-        return {
-            "text": result.as_numpy("TRANSCRIPTS").reshape(-1)[0].decode("utf-8"),
-            "language": result.as_numpy("LANGUAGE").reshape(-1)[0].decode("utf-8"),
-            "duration": round(audio.shape[1] / SAMPLE_RATE, 3),
-        }
+        return json.loads(result.as_numpy("RESULT").reshape(-1)[0])
 
     async def close(self) -> None:
         await self.client.close()
@@ -252,7 +203,7 @@ def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.triton = TritonWhisperClient(url, settings.request_timeout_s)
+        app.state.triton = TritonTranscribeClient(url, settings.request_timeout_s)
         try:
             yield
         finally:
@@ -284,11 +235,11 @@ def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
         output_type = choose_output_type(request.headers.get("accept"))
         invocation = await parse_invocation(request, settings)
         result = await request.app.state.triton.transcribe(invocation)
-        if output_type == "text/plain":
-            return PlainTextResponse(result["text"])
-        return JSONResponse(result)
+        if output_type == "application/json":
+            return JSONResponse(result)
+        return Response(render(result, FORMATS[output_type]), media_type=output_type)
 
     return app
 
 
-__all__ = ["create_app", "InvocationOptions", "choose_output_type"]
+__all__ = ["create_app", "parse_options", "choose_output_type"]

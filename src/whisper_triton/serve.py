@@ -12,12 +12,13 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .model_source import model_repository
 from .settings import Settings, load_settings
 from .triton_server import TritonPorts, TritonServer, TritonStartError
 
 logger = logging.getLogger("whisper_triton.serve")
 
-MODELS = ["whisper"]
+MODELS = ["whisper", "transcribe"]
 
 
 def default_model_repository() -> Path:
@@ -81,7 +82,7 @@ class Supervisor:
 
     def _start_triton(self) -> None:
         settings = self.settings
-        repository = Path(settings.model_repository) if settings.model_repository else default_model_repository()
+        repository = model_repository(settings, default_model_repository())  # S3, /opt/ml/model or the setting
         if not (repository / "whisper" / "config.pbtxt").is_file():
             raise TritonStartError(
                 f"{repository} is not a Whisper model repository (no whisper/config.pbtxt). Set "

@@ -48,12 +48,19 @@ class Settings(BaseSettings):
     triton_startup_timeout_s: float = Field(default=180.0, gt=0)
     triton_log_verbose: int = 0
 
+    # Where the model repository comes from (model_source.py): an S3 prefix written by
+    # `whisper-export upload`, else a repository SageMaker unpacked into sagemaker_model_dir,
+    # else model_repository above
+    model_s3_uri: str = ""  # s3://bucket/prefix; fetched and sha256-verified before Triton starts
+    sagemaker_model_dir: str = "/opt/ml/model"  # used when it holds whisper/config.pbtxt
+    model_cache_dir: str = ""  # where S3 downloads go; empty: <temp dir>/whisper-triton-models
+
     # HTTP proxy (SageMaker contract)
     bind_host: str = "0.0.0.0"
     port: int = Field(default=8080, validation_alias=AliasChoices("SAGEMAKER_BIND_TO_PORT", "WHISPER_TRITON_PORT"))
     max_body_bytes: int = Field(default=6_291_456, gt=0)
-    max_audio_seconds: float = Field(default=30.0, gt=0)
-    request_timeout_s: float = Field(default=60.0, gt=0)
+    max_audio_seconds: float = Field(default=14_400.0, gt=0)  # 4 h; bodies are capped separately
+    request_timeout_s: float = Field(default=3_600.0, gt=0)  # async / batch transform allow up to 1 h
 
     def resolved_model_dir(self) -> Path:
         return Path(self.model_dir) if self.model_dir else default_model_dir()

@@ -56,6 +56,15 @@ def cmd_ctranslate2(args) -> None:
     export_ctranslate2(CT2ExportConfig(hf_dir=args.hf, output_dir=args.output, quantization=args.quantization))
 
 
+def cmd_model_repo(args) -> None:
+    from .model_repo import ModelRepoConfig, write_model_repository
+
+    write_model_repository(ModelRepoConfig(model_dir=args.model_dir, output_dir=args.output, engine=args.engine or "",
+                                           max_batch_size=args.max_batch_size, n_mels=args.n_mels,
+                                           template_dir=args.template or "", device=args.device or "",
+                                           compute_type=args.compute_type or "", cpu_threads=args.cpu_threads))
+
+
 def _progress_bar(total_bytes: int, label: str):
     from tqdm import tqdm
 
@@ -91,6 +100,7 @@ def plan_all(args) -> list[Step]:
     from .ctranslate2_export import CT2ExportConfig, ctranslate2_ready, export_ctranslate2
     from .engine_build import build_engines, engines_ready
     from .merge import MergeConfig, merge_outputs_ready, run_merge
+    from .model_repo import ModelRepoConfig, model_repository_ready, write_model_repository
     from .s3 import TransferSettings, upload_directory
     from .trtllm_checkpoint import CheckpointConfig, checkpoint_ready, write_trtllm_checkpoint
 
@@ -116,12 +126,25 @@ def plan_all(args) -> list[Step]:
             build_engines(_build_config(args), checkpoint, engines)
 
         steps.append(Step("build-engines", lambda: engines_ready(engines), build))
+    repo_ct2, repo_trt = work / "model_repo_ctranslate2", work / "model_repo_tensorrtllm"
+    steps.append(Step("model-repo (ctranslate2)", lambda: model_repository_ready(repo_ct2),
+                      lambda: write_model_repository(ModelRepoConfig(model_dir=str(ct2), output_dir=str(repo_ct2),
+                                                                     max_batch_size=args.max_batch_size, n_mels=args.n_mels))))
+    if args.engines != "skip":
+        def trt_repo() -> None:
+            if engines_ready(engines):
+                write_model_repository(ModelRepoConfig(model_dir=str(engines), output_dir=str(repo_trt),
+                                                       build=_build_config(args)))
+            else:
+                logger.warning("model-repo (tensorrtllm): no built engines in %s; run it after building them", engines)
+
+        steps.append(Step("model-repo (tensorrtllm)", lambda: model_repository_ready(repo_trt), trt_repo))
     if args.uri:
         def upload() -> None:
             settings = TransferSettings(workers=args.workers)
-            upload_directory(ct2, f"{args.uri.rstrip('/')}/ctranslate2", settings)
-            if engines_ready(engines):
-                upload_directory(engines, f"{args.uri.rstrip('/')}/engines", settings)
+            upload_directory(repo_ct2, f"{args.uri.rstrip('/')}/model_repo_ctranslate2", settings)
+            if model_repository_ready(repo_trt):
+                upload_directory(repo_trt, f"{args.uri.rstrip('/')}/model_repo_tensorrtllm", settings)
 
         steps.append(Step("upload", lambda: False, upload))  # cheap when nothing changed: unchanged files are skipped
     return steps
@@ -192,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--quantization", default="float16")
     p.set_defaults(func=cmd_ctranslate2)
+
+    p = sub.add_parser("model-repo", help="lay out a Triton model repository (config.pbtxt rendered) for engines or a CTranslate2 model")
+    p.add_argument("--model-dir", required=True, help="engine directory (build-engines) or CTranslate2 model (ctranslate2)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--engine", default=None, choices=("tensorrtllm", "ctranslate2"), help="default: detected from --model-dir")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="Triton max_batch_size (default: the engines' build; 8 for CTranslate2); never above the engines'")
+    p.add_argument("--n-mels", type=int, default=None, choices=(80, 128), help="checked against the model (default: the model's)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda for TensorRT-LLM, cpu for CTranslate2")
+    p.add_argument("--compute-type", default=None, help="CTranslate2 compute type (default: the server's setting)")
+    p.add_argument("--cpu-threads", type=int, default=0)
+    p.add_argument("--template", default=None, help="template repository (default: the project's model_repo_whisper_trtllm)")
+    p.set_defaults(func=cmd_model_repo)
 
     for name, func in (("upload", cmd_upload), ("download", cmd_download)):
         p = sub.add_parser(name, help=f"{name} a directory {'to' if name == 'upload' else 'from'} s3://bucket/prefix")

@@ -2,10 +2,14 @@
 
 Inputs (batch dimension first): WAV FP32 [-1] (zero-padded is fine), WAV_LENS INT32 [1] (true
 sample count, optional), TEXT_PREFIX STRING [1] (optional, e.g.
-`<|startoftranscript|><|en|><|transcribe|><|notimestamps|>`), and optional decoding options
-BEAM_SIZE, MAX_NEW_TOKENS (INT32 [1]), TEMPERATURE, REPETITION_PENALTY (FP32 [1]).
-Outputs: TRANSCRIPTS STRING [1], LANGUAGE STRING [1].
-All requests of one `execute()` go to the engine together.
+`<|startoftranscript|><|en|><|transcribe|><|notimestamps|>`). Optional extras: decoding options
+BEAM_SIZE, MAX_NEW_TOKENS (INT32 [1]), TEMPERATURE, REPETITION_PENALTY (FP32 [1]); PROMPT_IDS
+(INT32 [-1], a ready decoder prompt that replaces TEXT_PREFIX) and WORD_TIMESTAMPS (BOOL [1]).
+Outputs: TRANSCRIPTS STRING [1], and for clients that ask: LANGUAGE, LANGUAGE_PROB, TOKENS,
+AVG_LOGPROB, NO_SPEECH_PROB, TOKEN_TIMES (start, end pairs), TOKEN_PROBS.
+
+All windows (<= 30 s) of one `execute()` go to the engine together; a row whose WAV_LENS is over
+30 s is transcribed with the long-form pipeline (VAD, windows, stitching) on the same engine.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..audio import SAMPLE_RATE
 from ..engines import load_engine
 from ..engines.base import DecodeOptions
-from ..audio import SAMPLE_RATE
-from ..errors import PayloadTooLargeError, WhisperTritonError, invalid_parameter
+from ..errors import WhisperTritonError, invalid_parameter
 from ..features import N_SAMPLES
+from ..longform import LongFormTranscriber, TranscribeOptions
 from ..settings import Settings, load_settings
 from ..tokenizer import WhisperTokenizer
-from ..transcribe import ShortFormTranscriber, ShortRequest
+from ..transcribe import ShortFormTranscriber, ShortRequest, ShortResult, unsupported_word_timestamps
+from .common import error_response, input_array, internal_error, ragged, strings
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +43,9 @@ _OPTION_INPUTS = {
 
 @dataclass
 class ParsedRequest:
-    items: list[ShortRequest]
+    short: list[ShortRequest]  # rows of at most 30 s
+    long: dict[int, tuple[np.ndarray, TranscribeOptions]]  # row index -> (audio, options) for longer rows
+    rows: int
 
 
 def settings_from_model_config(model_config: dict) -> Settings:
@@ -71,53 +79,75 @@ class WhisperModel:
                 "lower max_batch_size or rebuild the engine for a larger batch."
             )
         self.tokenizer = WhisperTokenizer.from_model_dir(model_dir, engine.is_multilingual)
-        self.transcriber = ShortFormTranscriber(engine, self.tokenizer)
+        self.short = ShortFormTranscriber(engine, self.tokenizer)
+        self.long = LongFormTranscriber(self.short.decoder, self.tokenizer)
         logger.info("whisper model ready: engine=%s model_dir=%s", self.settings.engine, model_dir)
 
     # ---- request parsing ----------------------------------------------------------------
-    def _tensor(self, request, name: str) -> np.ndarray | None:
-        tensor = self.pb.get_input_tensor_by_name(request, name)
-        return None if tensor is None else tensor.as_numpy()
-
     def _options(self, request) -> DecodeOptions:
         values = {}
         for name, (field, cast) in _OPTION_INPUTS.items():
-            array = self._tensor(request, name)
+            array = input_array(self.pb, request, name)
             if array is not None and array.size:
                 values[field] = cast(array.reshape(-1)[0])
-        try:
-            return DecodeOptions(**values).validate()
-        except WhisperTritonError as exc:
-            raise invalid_parameter(exc.param or "options", exc.message) from None
+        return DecodeOptions(**values).validate()
+
+    def _prompt_ids(self, request) -> list[int] | None:
+        array = input_array(self.pb, request, "PROMPT_IDS")
+        if array is None or array.size == 0:
+            return None
+        ids = [int(t) for t in array.reshape(-1) if t >= 0]
+        vocabulary = self.tokenizer.timestamp_begin + 1501
+        if not ids or any(t >= vocabulary for t in ids) or self.tokenizer.sot not in ids:
+            raise invalid_parameter("PROMPT_IDS", "PROMPT_IDS must be token ids of this model's vocabulary "
+                                    "holding <|startoftranscript|>.")
+        return ids
+
+    def _flag(self, request, name: str) -> bool:
+        array = input_array(self.pb, request, name)
+        return bool(array is not None and array.size and bool(array.reshape(-1)[0]))
 
     def parse(self, request) -> ParsedRequest:
-        wav = self._tensor(request, "WAV")
+        wav = input_array(self.pb, request, "WAV")
         if wav is None or wav.size == 0:
             raise invalid_parameter("WAV", "WAV is empty: send 16 kHz mono float32 samples.")
         wav = wav.reshape(wav.shape[0], -1) if wav.ndim > 1 else wav.reshape(1, -1)
-        lens = self._tensor(request, "WAV_LENS")
+        lens = input_array(self.pb, request, "WAV_LENS")
         lengths = [wav.shape[1]] * wav.shape[0] if lens is None else [int(n) for n in lens.reshape(-1)]
         if len(lengths) != wav.shape[0]:
             raise invalid_parameter("WAV_LENS", f"WAV_LENS has {len(lengths)} values for {wav.shape[0]} WAV rows.")
-        prefixes = self._tensor(request, "TEXT_PREFIX")
+        prefixes = input_array(self.pb, request, "TEXT_PREFIX")
         texts = [b""] * wav.shape[0] if prefixes is None else list(prefixes.reshape(-1))
         if len(texts) == 1 and wav.shape[0] > 1:
             texts = texts * wav.shape[0]
         options = self._options(request)
-        items = []
-        for row, length, prefix in zip(wav, lengths, texts):
+        prompt_ids = self._prompt_ids(request)
+        words = self._flag(request, "WORD_TIMESTAMPS")
+        if words and not self.short.decoder.supports_word_timestamps:
+            raise unsupported_word_timestamps(self.settings.engine)
+        parsed = ParsedRequest(short=[], long={}, rows=wav.shape[0])
+        for row_index, (row, length, prefix) in enumerate(zip(wav, lengths, texts)):
             if not 0 < length <= row.size:
                 raise invalid_parameter("WAV_LENS", f"WAV_LENS {length} is outside 1..{row.size} (the WAV length).")
+            audio = np.ascontiguousarray(row[:length], dtype=np.float32)
+            spec = self.tokenizer.parse_text_prefix(prefix.decode("utf-8", "replace") if isinstance(prefix, bytes)
+                                                    else str(prefix))
             if length > N_SAMPLES:
-                raise PayloadTooLargeError(
-                    f"WAV_LENS {length} is {length / SAMPLE_RATE:.1f} s; the `whisper` model takes at most "
-                    f"{N_SAMPLES // SAMPLE_RATE} s a row. Split the audio or use the long-form model.",
-                    param="WAV_LENS",
-                )
-            text = prefix.decode("utf-8", "replace") if isinstance(prefix, bytes) else str(prefix)
-            spec = self.tokenizer.parse_text_prefix(text)
-            items.append(ShortRequest(audio=np.ascontiguousarray(row[:length], dtype=np.float32), spec=spec, options=options))
-        return ParsedRequest(items)
+                parsed.long[row_index] = (audio, self._long_options(spec, options, prompt_ids))
+            else:
+                parsed.short.append(ShortRequest(audio=audio, spec=spec, options=options, prompt_ids=prompt_ids,
+                                                 word_timestamps=words))
+        return parsed
+
+    def _long_options(self, spec, options: DecodeOptions, prompt_ids) -> TranscribeOptions:
+        if prompt_ids is not None:
+            raise invalid_parameter("PROMPT_IDS", "PROMPT_IDS applies to one window; send WAV of at most 30 s, "
+                                    "or use TEXT_PREFIX for longer audio.")
+        return TranscribeOptions(language=spec.language, task=spec.task, beam_size=options.beam_size,
+                                 max_new_tokens=options.max_new_tokens, repetition_penalty=options.repetition_penalty,
+                                 initial_prompt=spec.previous_text,
+                                 temperature=options.temperature if options.temperature > 0 else
+                                 TranscribeOptions().temperature)
 
     # ---- execution ----------------------------------------------------------------------
     def execute(self, requests: list) -> list:
@@ -127,35 +157,57 @@ class WhisperModel:
             try:
                 parsed.append((index, self.parse(request)))
             except WhisperTritonError as exc:
-                responses[index] = self._error(exc)
-        items = [item for _, p in parsed for item in p.items]
+                responses[index] = error_response(self.pb, exc)
+        short_items = [item for _, p in parsed for item in p.short]
         try:
-            results = self.transcriber.transcribe(items) if items else []
+            short_results = self.short.transcribe(short_items) if short_items else []
         except Exception as exc:  # the model must answer every request, never crash the stub
-            logger.exception("engine failed on a batch of %d items", len(items))
-            failure = WhisperTritonError(
-                message=f"The engine failed on this batch ({type(exc).__name__}: {exc}). Retry the request; "
-                "if it persists, check the server log.",
-                param=None, status=500, type="engine_error",
-            )
+            logger.exception("engine failed on a batch of %d windows", len(short_items))
             for index, _ in parsed:
-                responses[index] = self._error(failure)
+                responses[index] = error_response(self.pb, internal_error(exc, "The engine"))
             return responses
         position = 0
         for index, p in parsed:
-            chunk = results[position : position + len(p.items)]
-            position += len(p.items)
-            responses[index] = self._response(chunk)
+            results = short_results[position : position + len(p.short)]
+            position += len(p.short)
+            try:
+                responses[index] = self._response(self._merge_rows(p, results))
+            except WhisperTritonError as exc:
+                responses[index] = error_response(self.pb, exc)
+            except Exception as exc:
+                logger.exception("long-form transcription failed")
+                responses[index] = error_response(self.pb, internal_error(exc, "Long-form transcription"))
         return responses
 
-    def _response(self, results) -> object:
-        texts = np.array([[r.text.encode("utf-8")] for r in results], dtype=object)
-        languages = np.array([[r.language.encode("utf-8")] for r in results], dtype=object)
-        return self.pb.InferenceResponse(
-            output_tensors=[self.pb.Tensor("TRANSCRIPTS", texts), self.pb.Tensor("LANGUAGE", languages)]
-        )
+    def _merge_rows(self, parsed: ParsedRequest, short_results: list[ShortResult]) -> list[ShortResult]:
+        rows: list[ShortResult] = []
+        short_iter = iter(short_results)
+        for row in range(parsed.rows):
+            if row in parsed.long:
+                audio, options = parsed.long[row]
+                result = self.long.transcribe(audio, options)
+                rows.append(ShortResult(result.text, result.language, result.duration,
+                                        language_probability=result.language_probability))
+            else:
+                rows.append(next(short_iter))
+        return rows
 
-    def _error(self, exc: WhisperTritonError) -> object:
-        code = getattr(self.pb.TritonError, "INVALID_ARG", None)
-        error = self.pb.TritonError(exc.encode(), code) if code is not None else self.pb.TritonError(exc.encode())
-        return self.pb.InferenceResponse(output_tensors=[], error=error)
+    def _response(self, results: list[ShortResult]):
+        pb = self.pb
+        timings = [r.timings for r in results]
+        times = [[v for pair in zip(t.starts, t.ends) for v in pair] if t else [] for t in timings]
+        tensors = [
+            pb.Tensor("TRANSCRIPTS", strings([r.text for r in results])),
+            pb.Tensor("LANGUAGE", strings([r.language for r in results])),
+            pb.Tensor("LANGUAGE_PROB", np.array([[r.language_probability] for r in results], dtype=np.float32)),
+            pb.Tensor("TOKENS", ragged([r.tokens for r in results], np.int32, -1)),
+            pb.Tensor("AVG_LOGPROB", np.array([[_number(r.avg_logprob)] for r in results], dtype=np.float32)),
+            pb.Tensor("NO_SPEECH_PROB", np.array([[_number(r.no_speech_prob)] for r in results], dtype=np.float32)),
+            pb.Tensor("TOKEN_TIMES", ragged(times, np.float32, -1.0)),
+            pb.Tensor("TOKEN_PROBS", ragged([t.probabilities if t else [] for t in timings], np.float32, -1.0)),
+        ]
+        return pb.InferenceResponse(output_tensors=tensors)
+
+
+def _number(value: float | None) -> float:
+    return float("nan") if value is None else float(value)

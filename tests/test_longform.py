@@ -1,0 +1,149 @@
+"""The long-form pipeline in-process on the CPU engine: VAD, windows, timestamps, fallback, options."""
+
+import numpy as np
+import pytest
+
+from whisper_triton.decoding import QualityThresholds, compression_ratio, needs_fallback, split_on_timestamps
+from whisper_triton.errors import WhisperTritonError
+from whisper_triton.evaluation import word_error_rate
+from whisper_triton.longform import LongFormTranscriber, TranscribeOptions
+from whisper_triton.segmenter import fixed_windows, windows_from_speech
+from whisper_triton.transcribe import EngineWindowDecoder
+from whisper_triton.vad import Span, speech_spans
+
+
+@pytest.fixture(scope="module")
+def pipeline(ct2_engine, tokenizer):
+    return LongFormTranscriber(EngineWindowDecoder(ct2_engine, tokenizer), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def long_result(pipeline, long_speech):
+    return pipeline.transcribe(long_speech.samples, TranscribeOptions())
+
+
+def test_long_file_wer_and_timeline(long_result, long_speech):
+    assert long_speech.duration >= 180
+    assert word_error_rate(long_speech.text, long_result.text) <= 0.10
+    segments = long_result.segments
+    assert len(segments) >= 30
+    for previous, segment in zip(segments, segments[1:]):
+        assert segment.start >= previous.start and segment.start >= previous.end - 0.01
+    assert all(0 <= s.start <= s.end <= long_speech.duration + 0.01 for s in segments)
+    assert long_result.duration == pytest.approx(long_speech.duration, abs=0.01)
+
+
+def test_every_pause_is_a_segment_boundary(long_result, long_speech):
+    ends = np.array([s.end for s in long_result.segments])
+    starts = np.array([s.start for s in long_result.segments])
+    for pause_start, pause_end in long_speech.pauses:
+        nearest = min(np.abs(ends - pause_start).min(), np.abs(starts - pause_end).min())
+        assert nearest <= 0.5, (pause_start, pause_end)
+
+
+def test_vad_spans_follow_the_pauses(long_speech):
+    spans = speech_spans(long_speech.samples)
+    gaps = [(a.end / 16000, b.start / 16000) for a, b in zip(spans, spans[1:])]
+    for pause_start, pause_end in long_speech.pauses:
+        assert any(g0 - 0.3 <= pause_start and pause_end <= g1 + 0.3 for g0, g1 in gaps), (pause_start, pause_end)
+
+
+def test_without_vad_fixed_windows(pipeline, long_speech):
+    result = pipeline.transcribe(long_speech.samples, TranscribeOptions(vad=False, chunk_length=30))
+    assert word_error_rate(long_speech.text, result.text) <= 0.2
+    assert result.segments[-1].end <= long_speech.duration + 0.01
+
+
+def test_word_timestamps_lie_inside_their_segments(pipeline, speech_clips):
+    audio = np.concatenate([speech_clips[0].samples, np.zeros(16000, np.float32), speech_clips[1].samples])
+    result = pipeline.transcribe(audio, TranscribeOptions(word_timestamps=True))
+    words = [w for s in result.segments for w in s.words]
+    assert len(words) >= 15
+    for segment in result.segments:
+        for word in segment.words:
+            assert segment.start - 0.01 <= word.start <= word.end <= segment.end + 0.01
+            assert 0.0 <= word.probability <= 1.0
+    starts = [w.start for w in words]
+    assert starts == sorted(starts)
+    assert "".join(w.word for w in words).strip() == result.text
+
+
+def test_silence_returns_nothing_without_decoding(pipeline, ct2_engine, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ct2_engine, "generate", lambda *a, **k: calls.append(a) or [])
+    result = pipeline.transcribe(np.zeros(16000 * 60, dtype=np.float32))
+    assert result.text == "" and result.segments == [] and calls == []
+
+
+def test_noise_gives_empty_or_near_empty_text(pipeline):
+    noise = (np.random.default_rng(3).standard_normal(16000 * 40) * 0.05).astype(np.float32)
+    for options in (TranscribeOptions(), TranscribeOptions(vad=False)):
+        assert len(pipeline.transcribe(noise, options).text.split()) <= 3
+
+
+def test_max_new_tokens_and_temperature_fallback_are_applied(pipeline, speech_clips):
+    result = pipeline.transcribe(speech_clips[0].samples, TranscribeOptions(max_new_tokens=4, without_timestamps=True))
+    assert 1 <= len(result.segments[0].tokens) <= 4
+    strict = TranscribeOptions(log_prob_threshold=0.0, temperature=[0.0, 0.5])  # every decode "fails"
+    result = pipeline.transcribe(speech_clips[0].samples, strict)
+    assert all(s.temperature in (0.0, 0.5) for s in result.segments)
+
+
+@pytest.mark.parametrize("bad, param", [
+    ({"chunk_length": 0}, "chunk_length"),
+    ({"chunk_length": 31}, "chunk_length"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"beam_size": 0}, "beam_size"),
+    ({"compression_ratio_threshold": -1}, "compression_ratio_threshold"),
+    ({"no_speech_threshold": -0.5}, "no_speech_threshold"),
+    ({"temperature": [0.0, 5.0]}, "temperature"),
+    ({"max_new_tokens": 449}, "max_new_tokens"),
+    ({"language_detection": "sometimes"}, "language_detection"),
+    ({"vad": "maybe"}, "vad"),
+    ({"colour": "red"}, "colour"),
+])
+def test_bad_options_name_the_parameter(bad, param):
+    with pytest.raises(WhisperTritonError) as info:
+        TranscribeOptions.from_dict(bad)
+    assert info.value.param == param and 400 <= info.value.status < 500
+
+
+def test_english_only_model_refuses_other_languages_and_translate(pipeline):
+    for options, param in ((TranscribeOptions(language="de"), "language"), (TranscribeOptions(task="translate"), "task")):
+        with pytest.raises(WhisperTritonError) as info:
+            pipeline.check(options)
+        assert info.value.param == param
+
+
+def test_engine_without_alignment_refuses_word_timestamps(tokenizer, ct2_engine):
+    class NoAlignment(EngineWindowDecoder):
+        supports_word_timestamps = False
+
+    pipeline = LongFormTranscriber(NoAlignment(ct2_engine, tokenizer), tokenizer)
+    with pytest.raises(WhisperTritonError) as info:
+        pipeline.check(TranscribeOptions(word_timestamps=True))
+    assert info.value.param == "word_timestamps" and info.value.status == 422
+
+
+def test_timestamp_token_parsing(tokenizer):
+    ts = tokenizer.timestamp_begin
+    hello, world = tokenizer.encode(" Hello"), tokenizer.encode(" world")
+    pieces = split_on_timestamps([ts + 0] + hello + [ts + 50, ts + 60] + world + [ts + 100, tokenizer.eot],
+                                 ts, tokenizer.eot, 30.0)
+    assert [(p.start, p.end) for p in pieces] == [(0.0, 1.0), (1.2, 2.0)]
+    assert split_on_timestamps(hello, ts, tokenizer.eot, 7.5)[0].end == 7.5  # no timestamps: the whole window
+
+
+def test_quality_measures():
+    assert compression_ratio("the same words " * 40) > 2.4 > compression_ratio("A short varied sentence here.")
+    thresholds = QualityThresholds()
+    assert needs_fallback("fine text", -2.0, thresholds) and not needs_fallback("fine text", -0.2, thresholds)
+
+
+def test_segmenter_windows():
+    spans = [Span(0, 16000 * 10), Span(16000 * 12, 16000 * 25), Span(16000 * 26, 16000 * 40), Span(16000 * 41, 16000 * 120)]
+    windows = windows_from_speech(spans, 30)
+    assert all(w.end - w.start <= 30 * 16000 for w in windows)
+    assert windows[0].start == 0 and windows[0].end == 16000 * 25
+    assert windows[-1].end == 16000 * 120
+    assert len(fixed_windows(16000 * 61, 30)) == 3

@@ -1,0 +1,109 @@
+"""The long-form `transcribe` model on a real Triton, and subtitle output over HTTP."""
+
+import json
+
+import httpx
+import numpy as np
+import pysrt
+import pytest
+import tritonclient.grpc as grpcclient
+import webvtt
+from tritonclient.utils import InferenceServerException
+
+from whisper_triton.evaluation import word_error_rate
+
+
+def transcribe_grpc(url: str, audio: bytes, options: dict | None = None) -> dict:
+    with grpcclient.InferenceServerClient(url) as client:
+        inputs = [grpcclient.InferInput("AUDIO", [1], "BYTES"), grpcclient.InferInput("OPTIONS", [1], "BYTES")]
+        inputs[0].set_data_from_numpy(np.array([audio], dtype=object))
+        inputs[1].set_data_from_numpy(np.array([json.dumps(options or {}).encode()], dtype=object))
+        result = client.infer("transcribe", inputs, client_timeout=600)
+        return json.loads(result.as_numpy("RESULT")[0])
+
+
+@pytest.fixture(scope="module")
+def http_json(serve, long_speech):
+    reply = httpx.post(serve.url + "/invocations", content=long_speech.flac_bytes,
+                       headers={"Content-Type": "audio/flac"}, timeout=600)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_long_file_over_grpc_equals_http(serve, long_speech, http_json):
+    grpc_result = transcribe_grpc(serve.grpc_url, long_speech.flac_bytes)
+    assert grpc_result["text"] == http_json["text"]
+    assert word_error_rate(long_speech.text, http_json["text"]) <= 0.10
+    segment = http_json["segments"][0]
+    assert set(segment) >= {"id", "start", "end", "text", "avg_logprob", "compression_ratio", "no_speech_prob"}
+    assert http_json["language"] == "en" and http_json["duration"] == pytest.approx(long_speech.duration, abs=0.05)
+
+
+def test_windows_of_a_file_are_batched(serve, long_speech):
+    with grpcclient.InferenceServerClient(serve.grpc_url) as client:
+        def stats():
+            model = client.get_inference_statistics("whisper").model_stats[0]
+            return model.inference_count, model.execution_count
+
+        before = stats()
+        transcribe_grpc(serve.grpc_url, long_speech.flac_bytes)
+        inferences, executions = (a - b for a, b in zip(stats(), before))
+    assert inferences >= 7  # one request per window of a 3.5-minute file
+    assert executions < inferences
+
+
+def _covered(cues: list[tuple[float, float]], duration: float, pauses) -> float:
+    speech = duration - sum(end - start for start, end in pauses)
+    return sum(end - start for start, end in cues) / speech
+
+
+def test_srt_and_vtt_parse_and_cover_the_speech(serve, long_speech, http_json):
+    srt = httpx.post(serve.url + "/invocations", content=long_speech.flac_bytes,
+                     headers={"Content-Type": "audio/flac", "Accept": "application/x-subrip"}, timeout=600)
+    vtt = httpx.post(serve.url + "/invocations", content=long_speech.flac_bytes,
+                     headers={"Content-Type": "audio/flac", "Accept": "text/vtt"}, timeout=600)
+    assert srt.status_code == vtt.status_code == 200
+    assert vtt.headers["content-type"].startswith("text/vtt")
+    subtitles = pysrt.from_string(srt.text)
+    captions = webvtt.from_string(vtt.text)
+    assert len(subtitles) == len(captions) == len(http_json["segments"])
+    srt_cues = [(s.start.ordinal / 1000, s.end.ordinal / 1000) for s in subtitles]
+    vtt_cues = [(_seconds(c.start), _seconds(c.end)) for c in captions]
+    assert np.allclose(srt_cues, vtt_cues, atol=0.002)
+    assert _covered(srt_cues, long_speech.duration, long_speech.pauses) >= 0.9
+    text = " ".join(s.text for s in subtitles)
+    assert word_error_rate(long_speech.text, text) <= 0.10
+
+
+def _seconds(clock: str) -> float:
+    hours, minutes, seconds = clock.split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def test_word_timestamps_over_http(serve, speech_clips):
+    reply = httpx.post(serve.url + "/invocations?word_timestamps=true", content=speech_clips[1].wav_bytes,
+                       headers={"Content-Type": "audio/wav"}, timeout=120)
+    words = [w for s in reply.json()["segments"] for w in s["words"]]
+    assert len(words) >= 8 and all(w["start"] <= w["end"] for w in words)
+    assert [w["start"] for w in words] == sorted(w["start"] for w in words)
+
+
+def test_silence_and_noise_over_grpc(serve):
+    from speech import encode
+
+    silence = encode(np.zeros(16000 * 20, np.float32), 16000, "wav", "pcm_s16le")
+    noise = encode((np.random.default_rng(5).standard_normal(16000 * 20) * 0.05).astype(np.float32), 16000, "flac", "flac")
+    assert transcribe_grpc(serve.grpc_url, silence)["text"] == ""
+    assert len(transcribe_grpc(serve.grpc_url, noise)["text"].split()) <= 3
+
+
+@pytest.mark.parametrize("options, param", [
+    ({"chunk_length": 45}, "chunk_length"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"log_prob_threshold": "low"}, "log_prob_threshold"),
+    ({"language": "de"}, "language"),
+])
+def test_bad_options_over_grpc_name_the_parameter(serve, speech_clips, options, param):
+    with pytest.raises(InferenceServerException) as info:
+        transcribe_grpc(serve.grpc_url, speech_clips[0].wav_bytes, options)
+    assert f'"param": "{param}"' in info.value.message()
