@@ -13,6 +13,7 @@ from .base import DecodeOptions, Hypothesis, TokenTimings, check_batch
 logger = logging.getLogger(__name__)
 
 _POSITIONS = 448  # decoder positions: prompt + generated tokens must fit
+MULTILINGUAL_VOCABULARY = 51865  # English-only Whisper vocabularies have 51,864 tokens
 _SECONDS_PER_FRAME = 0.02  # one encoder output frame (two mel frames)
 
 
@@ -40,7 +41,8 @@ class CTranslate2Engine:
             str(model_dir), device=device, compute_type=compute_type, intra_threads=cpu_threads, inter_threads=1
         )
         self.n_mels = int(self.model.n_mels)
-        self.is_multilingual = bool(self.model.is_multilingual)
+        # the vocabulary size tells the layouts apart (CTranslate2 4.8's is_multilingual reads False for all)
+        self.is_multilingual = _vocabulary_size(model_dir) >= MULTILINGUAL_VOCABULARY
         self.max_batch_size = max_batch_size
         self._suppress_tokens = _suppress_tokens(model_dir)
         self.sot = _token_id(model_dir, "<|startoftranscript|>")
@@ -106,8 +108,28 @@ class CTranslate2Engine:
     def detect_language(self, features: np.ndarray) -> list[dict[str, float]]:
         if not self.is_multilingual:
             return [{"en": 1.0} for _ in range(features.shape[0])]
+        if not self.model.is_multilingual:
+            # CTranslate2 4.7+ calls some multilingual vocabularies English-only and refuses
+            return self._detect_from_logits(features)
         results = self.model.detect_language(self._storage(features))
         return [{token.strip("<|>"): float(prob) for token, prob in result} for result in results]
+
+    def _detect_from_logits(self, features: np.ndarray) -> list[dict[str, float]]:
+        from ..tokenizer import WhisperTokenizer
+
+        tokenizer = WhisperTokenizer.from_model_dir(self.model_dir, True)
+        codes = list(tokenizer.language_ids)
+        ids = np.array([tokenizer.language_ids[code] for code in codes])
+        results = self.model.generate(self._storage(features), [[tokenizer.sot]] * features.shape[0],
+                                      max_length=2, beam_size=1, return_logits_vocab=True)
+        detected = []
+        for result in results:
+            logits = np.asarray(result.logits[0], dtype=np.float64).reshape(-1)[ids]
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            order = np.argsort(-probs)
+            detected.append({codes[i]: float(probs[i]) for i in order})
+        return detected
 
 
 def _ct2_max_length(new_tokens: int, prompt_length: int) -> int:
@@ -144,6 +166,14 @@ def _hypothesis(result, length_penalty: float, new_tokens: int) -> Hypothesis:
         avg_logprob = sum_logprob / (len(tokens) + 1)
     return Hypothesis(tokens=tokens, sum_logprob=sum_logprob, avg_logprob=avg_logprob,
                       no_speech_prob=float(result.no_speech_prob))
+
+
+def _vocabulary_size(model_dir: Path) -> int:
+    if (model_dir / "vocabulary.json").is_file():
+        return len(json.loads((model_dir / "vocabulary.json").read_text()))
+    if (model_dir / "vocabulary.txt").is_file():
+        return sum(1 for _ in (model_dir / "vocabulary.txt").open(encoding="utf-8"))
+    raise FileNotFoundError(f"{model_dir} has no vocabulary.json or vocabulary.txt beside model.bin.")
 
 
 def _token_id(model_dir: Path, token: str) -> int | None:
