@@ -42,8 +42,10 @@ def test_all_resumes_after_a_failure_and_uploads(s3_endpoint, tmp_path, monkeypa
     assert is_complete(work / "ctranslate2", "ctranslate2")
     assert not (work / "engines").exists()  # no trtllm-build here: commands logged, nothing half-built
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="cli-run/")["Contents"]}
-    assert {"cli-run/ctranslate2/model.bin", "cli-run/ctranslate2/tokenizer.json",
-            "cli-run/ctranslate2/whisper-export-manifest.json"} <= keys
+    assert is_complete(work / "model_repo_ctranslate2", "model-repo")  # the CTranslate2 model as a Triton repository
+    repo = "cli-run/model_repo_ctranslate2"
+    assert {f"{repo}/whisper/1/engine/model.bin", f"{repo}/whisper/1/engine/tokenizer.json", f"{repo}/whisper/config.pbtxt",
+            f"{repo}/repository_manifest.json", f"{repo}/whisper-export-manifest.json"} <= keys
 
 
 def test_single_step_errors_exit_nonzero_with_a_message(tmp_path, caplog):
@@ -56,5 +58,5 @@ def test_single_step_errors_exit_nonzero_with_a_message(tmp_path, caplog):
 def test_entry_script_runs_the_cli():
     result = subprocess.run([sys.executable, str(ROOT / "export" / "whisper_export"), "--help"],
                             capture_output=True, text=True, timeout=120, check=True)
-    for command in ("merge", "trtllm-checkpoint", "build-engines", "ctranslate2", "upload", "download", "all"):
+    for command in ("merge", "trtllm-checkpoint", "build-engines", "ctranslate2", "model-repo", "upload", "download", "all"):
         assert command in result.stdout
