@@ -192,8 +192,6 @@ def test_cli_model_repo(tmp_path, engine_dir, caplog):
     assert not (tmp_path / "trt").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError, reason="pending: WhisperModel.__init__ must call resolve_model_dir_parameter "
-                                       "(triton_models/whisper_model.py, owned by the lead); remove this marker then")
 def test_whisper_model_loads_a_relative_model_dir(tmp_path):
     from whisper_triton.triton_models.whisper_model import WhisperModel
 

@@ -140,10 +140,18 @@ def test_quality_measures():
     assert needs_fallback("fine text", -2.0, thresholds) and not needs_fallback("fine text", -0.2, thresholds)
 
 
-def test_segmenter_windows():
-    spans = [Span(0, 16000 * 10), Span(16000 * 12, 16000 * 25), Span(16000 * 26, 16000 * 40), Span(16000 * 41, 16000 * 120)]
+def test_segmenter_packs_speech_and_maps_time_back():
+    second = 16000
+    spans = [Span(0, 10 * second), Span(12 * second, 25 * second), Span(26 * second, 40 * second),
+             Span(41 * second, 120 * second)]
     windows = windows_from_speech(spans, 30)
-    assert all(w.end - w.start <= 30 * 16000 for w in windows)
-    assert windows[0].start == 0 and windows[0].end == 16000 * 25
-    assert windows[-1].end == 16000 * 120
-    assert len(fixed_windows(16000 * 61, 30)) == 3
+    assert all(w.samples <= 30 * second for w in windows)
+    assert windows[0].pieces == (Span(0, 10 * second), Span(12 * second, 25 * second))  # 23 s of speech
+    assert sum(w.samples for w in windows) == sum(s.end - s.start for s in spans)
+    assert windows[-1].end == 120 * second
+    first = windows[0]
+    assert first.file_time(5.0) == 5.0 and first.file_time(11.0) == 13.0
+    assert first.file_time(10.0, "end") == 10.0 and first.file_time(10.0, "start") == 12.0
+    audio = np.arange(40 * second, dtype=np.float32)
+    assert np.array_equal(first.extract(audio), np.concatenate([audio[: 10 * second], audio[12 * second : 25 * second]]))
+    assert len(fixed_windows(61 * second, 30)) == 3

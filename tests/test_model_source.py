@@ -27,10 +27,6 @@ from whisper_triton.settings import load_settings
 from whisper_triton.tokenizer import PromptSpec, WhisperTokenizer
 
 SPOKEN = "Please send me the report before the meeting on Monday morning."
-PENDING_RESOLUTION = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="pending: the whisper and transcribe models must resolve the relative model_dir with "
-           "export.model_repo.resolve_model_dir_parameter (triton_models/, owned by the lead); remove this marker then")
 
 
 @pytest.fixture(scope="module")
@@ -145,14 +141,12 @@ def test_corrupted_object_stops_serve_before_triton(s3_endpoint, repository, tmp
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("s3-*/whisper"))  # nothing kept
 
 
-@PENDING_RESOLUTION
 def test_laid_out_repository_serves_the_export(repository, speech, tmp_path):
     text = transcribe_with_serve(tmp_path, serve_env(tmp_path, WHISPER_TRITON_MODEL_REPOSITORY=str(repository)), speech)
     assert words(text) == words(original_transcript(speech))
     assert word_error_rate(SPOKEN, text) <= 0.15
 
 
-@PENDING_RESOLUTION
 def test_serve_fetches_the_repository_from_s3(s3_endpoint, repository, speech, tmp_path):  # noqa: F811
     uri = f"s3://{BUCKET}/served/repo"
     upload_directory(repository, uri)

@@ -191,7 +191,7 @@ class LongFormTranscriber:
         windows = self.windows(audio, options)
         if not windows:  # no speech at all: nothing to decode, nothing to invent
             return TranscriptionResult("", options.language or "en", 1.0 if options.language else 0.0, duration, [])
-        jobs = [_WindowJob(w, audio[w.start : w.end], options.language or "") for w in windows]
+        jobs = [_WindowJob(w, w.extract(audio), options.language or "") for w in windows]
         language, probability = self._assign_languages(jobs, options)
         self._decode_with_fallback(jobs, options)
         segments = self._segments(jobs, options)
@@ -278,11 +278,11 @@ class LongFormTranscriber:
                 if not text.strip():
                     consumed += len(piece.tokens)
                     continue
-                start = job.window.offset + piece.start
-                end = min(job.window.offset + max(piece.end, piece.start), job.window.offset + job.window.duration)
+                start = job.window.file_time(piece.start, "start")
+                end = max(job.window.file_time(max(piece.end, piece.start), "end"), start)
                 words = None
                 if options.word_timestamps and job.output.timings is not None:
-                    words = self._words(piece.tokens, job.output.timings, consumed, job.window.offset, start, end)
+                    words = self._words(piece.tokens, job.output.timings, consumed, job.window, start, end)
                 consumed += len(piece.tokens)
                 segments.append(Segment(
                     id=len(segments), start=round(start, 3), end=round(end, 3), text=text, tokens=piece.tokens,
@@ -292,27 +292,27 @@ class LongFormTranscriber:
                 ))
         return segments
 
-    def _words(self, tokens: list[int], timings: TokenTimings, first: int, offset: float,
+    def _words(self, tokens: list[int], timings: TokenTimings, first: int, window: Window,
                start: float, end: float) -> list[Word]:
         words: list[Word] = []
         group: list[int] = []
         for position, token in enumerate(tokens):
             piece = self.tokenizer.decode([token])
             if group and piece.startswith(" "):
-                words.append(self._word(tokens, group, timings, first, offset, start, end))
+                words.append(self._word(tokens, group, timings, first, window, start, end))
                 group = []
             group.append(position)
         if group:
-            words.append(self._word(tokens, group, timings, first, offset, start, end))
+            words.append(self._word(tokens, group, timings, first, window, start, end))
         return [word for word in words if word.word.strip()]
 
-    def _word(self, tokens, group, timings: TokenTimings, first, offset, start, end) -> Word:
+    def _word(self, tokens, group, timings: TokenTimings, first, window: Window, start, end) -> Word:
         indices = [first + i for i in group if first + i < len(timings.starts)]
         text = self.tokenizer.decode([tokens[i] for i in group])
         if not indices:
             return Word(round(start, 3), round(end, 3), text, 0.0)
-        word_start = min(max(offset + timings.starts[indices[0]], start), end)
-        word_end = min(max(offset + timings.ends[indices[-1]], word_start), end)
+        word_start = min(max(window.file_time(timings.starts[indices[0]], "start"), start), end)
+        word_end = min(max(window.file_time(timings.ends[indices[-1]], "end"), word_start), end)
         probability = float(np.mean([timings.probabilities[i] for i in indices]))
         return Word(round(word_start, 3), round(word_end, 3), text, round(probability, 4))
 

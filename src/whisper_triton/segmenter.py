@@ -1,8 +1,15 @@
-"""Long audio -> windows of at most `chunk_length` seconds for the engine, on the file's timeline."""
+"""Long audio -> windows of at most `chunk_length` seconds for the engine, and back to the file's timeline.
+
+With VAD, a window packs speech stretches back to back (the pauses between them left out), so
+each engine pass carries as much speech as it can hold; `Window.file_time` maps a time inside the
+window back to the original file through those stretches' offsets.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from .audio import SAMPLE_RATE
 from .vad import Span
@@ -10,45 +17,68 @@ from .vad import Span
 
 @dataclass(frozen=True)
 class Window:
-    """A stretch of the file decoded as one Whisper window; `start`/`end` in samples."""
+    """Stretches of the file ([start, end) in samples) decoded together as one Whisper window."""
 
-    start: int
-    end: int
+    pieces: tuple[Span, ...]
 
     @property
-    def offset(self) -> float:
-        return self.start / SAMPLE_RATE
+    def start(self) -> int:
+        return self.pieces[0].start
+
+    @property
+    def end(self) -> int:
+        return self.pieces[-1].end
+
+    @property
+    def samples(self) -> int:
+        return sum(piece.end - piece.start for piece in self.pieces)
 
     @property
     def duration(self) -> float:
-        return (self.end - self.start) / SAMPLE_RATE
+        return self.samples / SAMPLE_RATE
+
+    def extract(self, audio: np.ndarray) -> np.ndarray:
+        if len(self.pieces) == 1:
+            return audio[self.start : self.end]
+        return np.concatenate([audio[piece.start : piece.end] for piece in self.pieces])
+
+    def file_time(self, seconds: float, side: str = "start") -> float:
+        """Where `seconds` into the window lies in the file. At a junction between two stretches a
+        start belongs to the later stretch and an end to the earlier one."""
+        position = max(0, min(int(round(seconds * SAMPLE_RATE)), self.samples))
+        offset = 0
+        for index, piece in enumerate(self.pieces):
+            length = piece.end - piece.start
+            last = index == len(self.pieces) - 1
+            if position < offset + length or (position == offset + length and (side == "end" or last)):
+                return (piece.start + position - offset) / SAMPLE_RATE
+            offset += length
+        return self.end / SAMPLE_RATE
 
 
 def fixed_windows(n_samples: int, chunk_length: float) -> list[Window]:
     """Consecutive windows with no VAD: the whole file, `chunk_length` seconds at a time."""
     step = int(chunk_length * SAMPLE_RATE)
-    return [Window(start, min(start + step, n_samples)) for start in range(0, n_samples, step)]
+    return [Window((Span(start, min(start + step, n_samples)),)) for start in range(0, n_samples, step)]
 
 
 def windows_from_speech(spans: list[Span], chunk_length: float) -> list[Window]:
-    """Merge speech spans into windows no longer than `chunk_length`; a longer span is cut.
-
-    A window runs from its first span's start to its last span's end, so pauses inside it stay
-    and timestamps map back by adding the window's offset.
-    """
+    """Pack speech spans, in order, into windows of at most `chunk_length` seconds of audio;
+    a span longer than that is cut into window-sized pieces."""
     limit = int(chunk_length * SAMPLE_RATE)
     windows: list[Window] = []
-    current: Window | None = None
+    current: list[Span] = []
+    filled = 0
     for span in spans:
         for piece in _cut(span, limit):
-            if current is not None and piece.end - current.start <= limit:
-                current = Window(current.start, piece.end)
-                continue
-            if current is not None:
-                windows.append(current)
-            current = Window(piece.start, piece.end)
-    if current is not None:
-        windows.append(current)
+            length = piece.end - piece.start
+            if current and filled + length > limit:
+                windows.append(Window(tuple(current)))
+                current, filled = [], 0
+            current.append(piece)
+            filled += length
+    if current:
+        windows.append(Window(tuple(current)))
     return windows
 
 

@@ -27,7 +27,9 @@ class CTranslate2Engine:
         compute_type: str = "float32",
         cpu_threads: int = 0,
         max_batch_size: int = 8,
+        model=None,
     ):
+        """`model`: an already loaded `ctranslate2.models.Whisper` of `model_dir` to share."""
         import ctranslate2
 
         model_dir = Path(model_dir)
@@ -37,7 +39,7 @@ class CTranslate2Engine:
                 "ct2-transformers-converter or the project's export command."
             )
         self.model_dir = model_dir
-        self.model = ctranslate2.models.Whisper(
+        self.model = model or ctranslate2.models.Whisper(
             str(model_dir), device=device, compute_type=compute_type, intra_threads=cpu_threads, inter_threads=1
         )
         self.n_mels = int(self.model.n_mels)

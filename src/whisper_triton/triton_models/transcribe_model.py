@@ -41,7 +41,8 @@ def whisper_settings(repository: Path, model_name: str = WHISPER_MODEL) -> Setti
 
     path = repository / model_name / "config.pbtxt"
     config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    return settings_from_model_config(json_format.MessageToDict(config, preserving_proto_field_name=True))
+    return settings_from_model_config(json_format.MessageToDict(config, preserving_proto_field_name=True),
+                                      repository / model_name)
 
 
 class TritonWindowDecoder:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -48,8 +49,12 @@ class ParsedRequest:
     rows: int
 
 
-def settings_from_model_config(model_config: dict) -> Settings:
-    """Settings from the environment, overridden by the model's non-empty config.pbtxt parameters."""
+def settings_from_model_config(model_config: dict, model_directory: str | Path) -> Settings:
+    """Settings from the environment, overridden by the model's non-empty config.pbtxt parameters
+    (a relative `model_dir` is relative to the repository, as the export lays it out)."""
+    from ..export.model_repo import resolve_model_dir_parameter
+
+    model_config = resolve_model_dir_parameter(model_config, model_directory)
     parameters = model_config.get("parameters", {}) or {}
     overrides = {key: value.get("string_value", "") for key, value in parameters.items()}
     known = set(Settings.model_fields)
@@ -62,7 +67,7 @@ class WhisperModel:
     def __init__(self, pb_utils, args: dict):
         self.pb = pb_utils
         model_config = json.loads(args["model_config"])
-        self.settings = settings_from_model_config(model_config)
+        self.settings = settings_from_model_config(model_config, args["model_repository"])
         max_batch_size = int(model_config.get("max_batch_size", 1)) or 1
         model_dir = self.settings.resolved_model_dir()
         engine = load_engine(
