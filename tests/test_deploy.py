@@ -149,6 +149,7 @@ def test_async_deploy_scales_from_zero_then_cleanup(aws, capsys):
         "--async", "--output-path", f"s3://{BUCKET}/async/out", "--failure-path", f"s3://{BUCKET}/async/failed",
         "--max-concurrent-invocations", "8", "--success-topic", TOPIC, "--error-topic", ERROR_TOPIC,
         "--autoscale", "--max-capacity", "4", "--target-backlog", "3",
+        "--ssh-ssm-role", "SageMakerSSMRole", "--ssh-owner", "AIDAEXAMPLE",
     )
     assert code == 0, err
     sm, aas, cw = aws["sm"], aws["aas"], aws["cw"]
@@ -156,6 +157,12 @@ def test_async_deploy_scales_from_zero_then_cleanup(aws, capsys):
     model = sm.describe_model(ModelName=result["model"])
     assert model["PrimaryContainer"]["ModelDataUrl"] == f"s3://{BUCKET}/archive/model.tar.gz"
     assert "ModelDataSource" not in model["PrimaryContainer"]
+    environment = model["PrimaryContainer"]["Environment"]
+    # async: the container accepts the larger bodies and waits as long as async inference allows
+    assert environment["WHISPER_TRITON_MAX_BODY_BYTES"] == str(1024 ** 3)
+    assert environment["WHISPER_TRITON_REQUEST_TIMEOUT_S"] == "3600"
+    assert environment["START_SSH"] == "true" and environment["SSH_SSM_ROLE"] == "SageMakerSSMRole"
+    assert environment["SSH_OWNER_TAG"] == "AIDAEXAMPLE"
 
     config = sm.describe_endpoint_config(EndpointConfigName=result["endpoint_config"])
     assert config["ProductionVariants"][0]["InstanceType"] == INSTANCE

@@ -104,7 +104,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 async def parse_invocation(request: Request, settings: Settings) -> Invocation:
     content_type = _media_type(request.headers.get("content-type"))
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.body_limit())
     raw_options: dict = {**_custom_attributes(request.headers.get("x-amzn-sagemaker-custom-attributes")),
                          **dict(request.query_params)}
     if content_type == "application/json":
@@ -229,6 +229,15 @@ def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
         if await request.app.state.triton.ready():
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    @app.get("/execution-parameters")
+    async def execution_parameters():
+        # batch transform asks this once at start; it caps what it sends with these values
+        return JSONResponse({
+            "MaxConcurrentTransforms": settings.max_concurrent_transforms,
+            "BatchStrategy": "SINGLE_RECORD",
+            "MaxPayloadInMB": max(1, settings.body_limit() // (1024 * 1024)),
+        })
 
     @app.post("/invocations")
     async def invocations(request: Request):

@@ -50,6 +50,25 @@ def apply_cli_overrides(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def maybe_start_ssh(settings: Settings) -> bool:
+    """Start sagemaker-ssh-helper when START_SSH asks for it; never fail serving because of it."""
+    if not settings.start_ssh:
+        return False
+    try:
+        import sagemaker_ssh_helper
+
+        sagemaker_ssh_helper.setup_and_start_ssh()
+    except ImportError:
+        logger.warning("START_SSH is set but sagemaker-ssh-helper is not installed (build the image with "
+                       "--build-arg INSTALL_SSH_HELPER=true): serving without SSH")
+        return False
+    except Exception as exc:  # noqa: BLE001 - SSH is a debugging aid; serving goes on without it
+        logger.warning("START_SSH is set but sagemaker-ssh-helper failed (%s): serving without SSH", exc)
+        return False
+    logger.info("sagemaker-ssh-helper started")
+    return True
+
+
 class Supervisor:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -61,6 +80,7 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        maybe_start_ssh(self.settings)
         try:
             self._start_triton()
             if not self.stopping.is_set():

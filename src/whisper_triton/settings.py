@@ -62,6 +62,20 @@ class Settings(BaseSettings):
     max_audio_seconds: float = Field(default=14_400.0, gt=0)  # 4 h; bodies are capped separately
     request_timeout_s: float = Field(default=3_600.0, gt=0)  # async / batch transform allow up to 1 h
 
+    # SageMaker batch transform and debugging (SageMaker's own variable names)
+    sagemaker_batch: bool = Field(default=False, validation_alias=AliasChoices("SAGEMAKER_BATCH", "WHISPER_TRITON_SAGEMAKER_BATCH"))
+    sagemaker_max_payload_in_mb: int | None = Field(
+        default=None, ge=1, le=100,
+        validation_alias=AliasChoices("SAGEMAKER_MAX_PAYLOAD_IN_MB", "WHISPER_TRITON_SAGEMAKER_MAX_PAYLOAD_IN_MB"))
+    max_concurrent_transforms: int = Field(default=1, ge=1)
+    start_ssh: bool = Field(default=False, validation_alias=AliasChoices("START_SSH", "WHISPER_TRITON_START_SSH"))
+
+    def body_limit(self) -> int:
+        """The largest body /invocations reads: batch transform's payload setting, else max_body_bytes."""
+        if self.sagemaker_batch and self.sagemaker_max_payload_in_mb:
+            return self.sagemaker_max_payload_in_mb * 1024 * 1024
+        return self.max_body_bytes
+
     def resolved_model_dir(self) -> Path:
         return Path(self.model_dir) if self.model_dir else default_model_dir()
 

@@ -52,6 +52,10 @@ def _add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> N
         help="s3://BUCKET/PREFIX/ (uncompressed, delivered as is to /opt/ml/model) or s3://.../model.tar.gz",
     )
     group.add_argument("--role", default="", help="SageMaker execution role ARN")
+    group.add_argument("--ssh-ssm-role", default="",
+                       help="debugging: start sagemaker-ssh-helper in the container (image built with "
+                            "INSTALL_SSH_HELPER=true), registering it in SSM with this IAM role name")
+    group.add_argument("--ssh-owner", default="", help="debugging: the SSHOwner tag value (your IAM user id)")
     group.add_argument("--env", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                        help="container environment variable (repeatable), e.g. WHISPER_TRITON_ENGINE=tensorrtllm")
 
@@ -103,7 +107,16 @@ def _scaling(args: argparse.Namespace) -> AutoscalingOptions:
 
 
 def _model(args: argparse.Namespace) -> ModelOptions:
-    return ModelOptions(image_uri=args.image, model_data=args.model_data, role_arn=args.role, environment=dict(args.env))
+    environment = {**ssh_environment(args.ssh_ssm_role, args.ssh_owner), **dict(args.env)}
+    return ModelOptions(image_uri=args.image, model_data=args.model_data, role_arn=args.role, environment=environment)
+
+
+def ssh_environment(ssm_role: str, owner: str) -> dict[str, str]:
+    """What sagemaker-ssh-helper reads in the container (its own variable names)."""
+    if not ssm_role:
+        return {}
+    return {"START_SSH": "true", "SSH_SSM_ROLE": ssm_role, "SSH_OWNER_TAG": owner,
+            "SSH_LOG_TO_STDOUT": "true", "SSH_WAIT_TIME_SECONDS": "0"}
 
 
 def _deployment(args: argparse.Namespace) -> DeploymentOptions:

@@ -8,6 +8,8 @@ half-created deployment is left behind. Everything created is tagged
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import re
 import time
@@ -493,7 +495,7 @@ class Deployer:
         tags = _tags(options.name, options.tags)
         sm = self.aws.sagemaker
         with self._transaction(f"Deploying {options.name}") as undo:
-            model_name = self.create_model(options.name, options.model, tags, undo)
+            model_name = self.create_model(options.name, _with_async_environment(options), tags, undo)
             config_name = self.create_endpoint_config(options, model_name, tags, undo)
             response = self._step(
                 f"Creating endpoint {options.name}",
@@ -891,3 +893,18 @@ class Deployer:
                 left_behind=failed,
             )
         return removed
+
+
+ASYNC_ENVIRONMENT = {
+    # async inference hands the container up to 1 GB and waits up to an hour
+    "WHISPER_TRITON_MAX_BODY_BYTES": str(1024 * 1024 * 1024),
+    "WHISPER_TRITON_REQUEST_TIMEOUT_S": "3600",
+}
+
+
+def _with_async_environment(options: DeploymentOptions) -> ModelOptions:
+    """The model's container environment, with the larger async limits unless the user set them."""
+    if not options.is_async:
+        return options.model
+    environment = {**ASYNC_ENVIRONMENT, **options.model.environment}
+    return dataclasses.replace(options.model, environment=environment)
