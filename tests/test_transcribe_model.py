@@ -107,3 +107,20 @@ def test_bad_options_over_grpc_name_the_parameter(serve, speech_clips, options, 
     with pytest.raises(InferenceServerException) as info:
         transcribe_grpc(serve.grpc_url, speech_clips[0].wav_bytes, options)
     assert f'"param": "{param}"' in info.value.message()
+
+
+@pytest.mark.parametrize("model", ["whisper", "transcribe"])
+def test_grpc_benchmark_client(serve, speech_clips, tmp_path, model):
+    from whisper_triton.clients.grpc_benchmark import main
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for index, clip in enumerate(speech_clips[:4]):
+        (folder / f"clip{index}.wav").write_bytes(clip.wav_bytes)
+        (folder / f"clip{index}.txt").write_text(clip.text)
+    output = tmp_path / "report.json"
+    assert main([str(folder), "--url", serve.grpc_url, "--model", model, "--concurrency", "4",
+                 "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert report["files"] == 4 and report["wer"] <= 0.15 and report["rtfx"] > 0
+    assert set(report["transcripts"]) == {f"clip{i}.wav" for i in range(4)}
