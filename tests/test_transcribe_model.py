@@ -48,7 +48,7 @@ def test_windows_of_a_file_are_batched(serve, long_speech):
         before = stats()
         transcribe_grpc(serve.grpc_url, long_speech.flac_bytes)
         inferences, executions = (a - b for a, b in zip(stats(), before))
-    assert inferences >= 7  # one request per window of a 3.5-minute file
+    assert inferences >= 5  # one request per window: 3.5 minutes, about 2.5 of them speech
     assert executions < inferences
 
 
