@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import boto3
-import pytest
 
 import export_fixtures as fx
 from test_export_s3 import BUCKET, s3_endpoint  # noqa: F401  (module-scoped moto server fixture)

@@ -3,7 +3,6 @@
 languages, translate prompts, in-process and through a real `serve`. Random weights make the
 words meaningless; what is checked is what the pipeline asks the model and reports back."""
 
-import json
 
 import httpx
 import numpy as np

@@ -177,7 +177,7 @@ class TritonServer:
     def wait_ready(self, models: list[str], timeout_s: float) -> None:
         """Block until the server and `models` are ready; raise with the reason after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
-        urls = [f"/v2/health/ready"] + [f"/v2/models/{name}/ready" for name in models]
+        urls = ["/v2/health/ready"] + [f"/v2/models/{name}/ready" for name in models]
         while time.monotonic() < deadline:
             if not self.is_running():
                 code = self.process.returncode if self.process else None

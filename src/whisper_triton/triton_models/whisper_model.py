@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE
 from ..engines import load_engine
 from ..engines.base import DecodeOptions
 from ..errors import WhisperTritonError, invalid_parameter
