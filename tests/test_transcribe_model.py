@@ -39,6 +39,15 @@ def test_long_file_over_grpc_equals_http(serve, long_speech, http_json):
     assert http_json["language"] == "en" and http_json["duration"] == pytest.approx(long_speech.duration, abs=0.05)
 
 
+def test_served_timestamps_follow_the_pauses(http_json, long_speech):
+    segments = http_json["segments"]
+    starts = np.array([s["start"] for s in segments])
+    ends = np.array([s["end"] for s in segments])
+    assert np.all(np.diff(starts) > 0) and np.all(starts <= ends) and ends[-1] <= long_speech.duration + 0.01
+    for pause_start, pause_end in long_speech.pauses:
+        assert min(np.abs(ends - pause_start).min(), np.abs(starts - pause_end).min()) <= 0.5
+
+
 def test_windows_of_a_file_are_batched(serve, long_speech):
     with grpcclient.InferenceServerClient(serve.grpc_url) as client:
         def stats():
