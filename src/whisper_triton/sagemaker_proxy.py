@@ -7,6 +7,7 @@ client, and renders the result as JSON, text, WebVTT or SRT.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -29,6 +30,7 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 TRANSCRIBE_MODEL = "transcribe"
+PING_TIMEOUT_S = 1.5
 WHISPER_MODEL = "whisper"
 _AUDIO_TYPES = ("application/octet-stream",)
 _OPTION_ALIASES = {"prompt": "initial_prompt"}
@@ -152,13 +154,14 @@ class TritonTranscribeClient:
         self.timeout_s = timeout_s
 
     async def ready(self) -> bool:
-        try:
-            return bool(
-                await self.client.is_server_ready(client_timeout=1.5)
-                and await self.client.is_model_ready(WHISPER_MODEL, client_timeout=1.5)
-                and await self.client.is_model_ready(TRANSCRIBE_MODEL, client_timeout=1.5)
-            )
-        except Exception:  # any failure to answer means not ready
+        async def check() -> bool:
+            return bool(await self.client.is_server_ready()
+                        and await self.client.is_model_ready(WHISPER_MODEL)
+                        and await self.client.is_model_ready(TRANSCRIBE_MODEL))
+
+        try:  # SageMaker wants /ping answered within 2 s
+            return await asyncio.wait_for(check(), timeout=PING_TIMEOUT_S)
+        except Exception:  # any failure to answer in time means not ready
             return False
 
     async def transcribe(self, invocation: Invocation) -> dict:

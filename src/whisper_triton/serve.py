@@ -110,6 +110,8 @@ class Supervisor:
             )
         workdir = Path(tempfile.mkdtemp(prefix="whisper-triton-"))
         ports = TritonPorts(settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port)
+        if self.stopping.is_set():  # SIGTERM while the repository was being fetched
+            return
         self.triton = TritonServer(repository.resolve(), workdir, ports, settings.triton_home, settings.triton_log_verbose)
         self.triton.start()
         try:
