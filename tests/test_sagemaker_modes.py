@@ -44,3 +44,12 @@ def test_start_ssh_fails_soft_without_the_helper(monkeypatch, caplog):
     assert "sagemaker-ssh-helper" in caplog.text
     monkeypatch.delenv("START_SSH")
     assert maybe_start_ssh(load_settings()) is False
+
+
+def test_engine_options_follow_the_engine(monkeypatch):
+    monkeypatch.setenv("WHISPER_TRITON_ENGINE", "tensorrtllm")
+    monkeypatch.setenv("WHISPER_TRITON_KV_CACHE_FREE_GPU_MEMORY_FRACTION", "0.6")
+    options = load_settings().engine_options()
+    assert options["kv_cache_free_gpu_memory_fraction"] == 0.6 and options["cross_kv_cache_fraction"] == 0.5
+    monkeypatch.setenv("WHISPER_TRITON_ENGINE", "ctranslate2")
+    assert "cross_kv_cache_fraction" not in load_settings().engine_options()

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     compute_type: str = "float32"
     cpu_threads: int = Field(default=0, ge=0)  # 0: one per core
+    # TensorRT-LLM engine: GPU memory for the KV cache, and the cross-attention share of it
+    kv_cache_free_gpu_memory_fraction: float = Field(default=0.8, gt=0, lt=1)
+    cross_kv_cache_fraction: float = Field(default=0.5, gt=0, lt=1)
 
     # Triton
     triton_home: str = ""  # empty: /opt/tritonserver, else the nvidia-pytriton wheel
@@ -81,6 +84,15 @@ class Settings(BaseSettings):
 
     def cpu_thread_count(self) -> int:
         return self.cpu_threads or (os.cpu_count() or 1)
+
+    def engine_options(self) -> dict:
+        """Keyword arguments of `engines.load_engine` for the configured engine."""
+        options: dict = {"device": self.device, "compute_type": self.compute_type,
+                         "cpu_threads": self.cpu_thread_count()}
+        if self.engine == "tensorrtllm":
+            options.update(kv_cache_free_gpu_memory_fraction=self.kv_cache_free_gpu_memory_fraction,
+                           cross_kv_cache_fraction=self.cross_kv_cache_fraction)
+        return options
 
 
 def load_settings(**overrides) -> Settings:

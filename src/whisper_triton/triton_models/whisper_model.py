@@ -69,14 +69,8 @@ class WhisperModel:
         self.settings = settings_from_model_config(model_config, args["model_repository"])
         max_batch_size = int(model_config.get("max_batch_size", 1)) or 1
         model_dir = self.settings.resolved_model_dir()
-        engine = load_engine(
-            self.settings.engine,
-            str(model_dir),
-            device=self.settings.device,
-            compute_type=self.settings.compute_type,
-            cpu_threads=self.settings.cpu_thread_count(),
-            max_batch_size=max_batch_size,
-        )
+        engine = load_engine(self.settings.engine, str(model_dir), max_batch_size=max_batch_size,
+                             **self.settings.engine_options())
         if max_batch_size > engine.max_batch_size:
             raise ValueError(
                 f"config.pbtxt max_batch_size {max_batch_size} is above the engine's {engine.max_batch_size}: "
