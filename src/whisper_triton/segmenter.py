@@ -14,6 +14,8 @@ import numpy as np
 from .audio import SAMPLE_RATE
 from .vad import Span
 
+JUNCTION_SNAP_S = 0.3
+
 
 @dataclass(frozen=True)
 class Window:
@@ -42,17 +44,26 @@ class Window:
             return audio[self.start : self.end]
         return np.concatenate([audio[piece.start : piece.end] for piece in self.pieces])
 
-    def file_time(self, seconds: float, side: str = "start") -> float:
-        """Where `seconds` into the window lies in the file. At a junction between two stretches a
-        start belongs to the later stretch and an end to the earlier one."""
+    def file_time(self, seconds: float, side: str = "start", snap: float = JUNCTION_SNAP_S) -> float:
+        """Where `seconds` into the window lies in the file.
+
+        Whisper's timestamps are coarse; near a junction between two stretches (where a pause was
+        left out) an end is snapped back to the earlier stretch's end and a start forward to the
+        later stretch's start, so segments do not swallow the pause."""
         position = max(0, min(int(round(seconds * SAMPLE_RATE)), self.samples))
+        tolerance = int(snap * SAMPLE_RATE)
         offset = 0
         for index, piece in enumerate(self.pieces):
             length = piece.end - piece.start
+            junction = offset + length
             last = index == len(self.pieces) - 1
-            if position < offset + length or (position == offset + length and (side == "end" or last)):
+            if not last and side == "end" and junction <= position <= junction + tolerance:
+                return piece.end / SAMPLE_RATE
+            if not last and side == "start" and junction - tolerance <= position <= junction:
+                return self.pieces[index + 1].start / SAMPLE_RATE
+            if position < junction or (position == junction and (side == "end" or last)):
                 return (piece.start + position - offset) / SAMPLE_RATE
-            offset += length
+            offset = junction
         return self.end / SAMPLE_RATE
 
 
