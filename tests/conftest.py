@@ -152,6 +152,23 @@ def serve(tmp_path_factory):
         instance.terminate()
 
 
+@pytest.fixture(scope="session")
+def moto_url():
+    """One real moto server (S3, SageMaker, autoscaling, CloudWatch, SNS, SQS) on 127.0.0.1 for the session;
+    each test module resets its state with `reset_moto`."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def reset_moto(url: str) -> None:
+    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10).read()
+
+
 @dataclass
 class LongSpeech:
     samples: np.ndarray

@@ -11,7 +11,6 @@ import boto3
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from moto.server import ThreadedMotoServer
 
 from test_emulator import BUCKET, create_endpoint, point_boto3_at, reset_moto, standin_container_app
 from whisper_triton.clients import AsyncInvokeOptions, InvokeError, InvokeOptions, transcribe_async, transcribe_file
@@ -101,15 +100,6 @@ def test_real_time_client_gives_up_after_max_attempts(monkeypatch):
 
 
 # ---------------------------------------------------------------- through the emulator
-
-
-@pytest.fixture(scope="module")
-def moto_url():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ InService at once, update_endpoint answers 500 (exercised as the failure it is).
 from __future__ import annotations
 
 import json
-import urllib.request
+
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
+from conftest import reset_moto
 from whisper_triton.deploy import TAG_KEY, AwsClients, Deployer, DeployError
 from whisper_triton.deploy.cli import main
 
@@ -26,20 +26,11 @@ TOPIC = "arn:aws:sns:us-east-1:123456789012:whisper-done"
 ERROR_TOPIC = "arn:aws:sns:us-east-1:123456789012:whisper-failed"
 
 
-@pytest.fixture(scope="module")
-def moto_server():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def aws(moto_server, monkeypatch):
+def aws(moto_url, monkeypatch):
     """Fresh moto state, boto3 pointed at it through the environment only; a bucket with model data."""
-    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST"), timeout=10).read()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    reset_moto(moto_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)

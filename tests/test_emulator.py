@@ -18,8 +18,8 @@ import pytest
 from botocore.config import Config
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from moto.server import ThreadedMotoServer
 
+from conftest import reset_moto
 from whisper_triton.runtime_emulator import EmulatorOptions, create_app, serve_in_thread
 
 REGION = "us-east-1"
@@ -61,10 +61,6 @@ def standin_container_app() -> FastAPI:
         })
 
     return app
-
-
-def reset_moto(url: str) -> None:
-    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10).read()
 
 
 def point_boto3_at(monkeypatch, moto_url: str, runtime_url: str) -> None:
@@ -113,15 +109,6 @@ def wait_for_object(s3, uri: str, timeout_s: float = 30.0) -> dict:
 
 
 # ---------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def moto_url():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
 
 @pytest.fixture(scope="module")
 def container():

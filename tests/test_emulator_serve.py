@@ -13,7 +13,6 @@ import json
 import boto3
 import pytest
 from botocore.config import Config
-from moto.server import ThreadedMotoServer
 
 from test_emulator import BUCKET, point_boto3_at, reset_moto, wait_for_object
 from whisper_triton.clients import AsyncInvokeOptions, transcribe_async
@@ -32,15 +31,6 @@ pytestmark = pytest.mark.triton
 
 ROLE = "arn:aws:iam::123456789012:role/whisper-sagemaker"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/whisper-triton:0.1.0"
-
-
-@pytest.fixture(scope="module")
-def moto_url():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import os
 import boto3
 import pytest
 
+from conftest import reset_moto
 from whisper_triton.export.common import ExportError
 from whisper_triton.export.s3 import MANIFEST_KEY, TransferSettings, download_directory, parse_s3_uri, upload_directory
 
@@ -15,13 +16,9 @@ SMALL_PARTS = TransferSettings(workers=4, multipart_threshold=5 * 1024 * 1024, m
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+def s3_endpoint(moto_url):
+    reset_moto(moto_url)
+    env = {"AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
@@ -30,7 +27,6 @@ def s3_endpoint():
             patch.delenv(name, raising=False)
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         yield env["AWS_ENDPOINT_URL"]
-    server.stop()
 
 
 @pytest.fixture
