@@ -26,6 +26,9 @@ from .vad import VadOptions, speech_spans
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+MAX_FOLLOW_UPS = 2  # times the rest of a window may be decoded again
+JUNCTION_MARGIN_S = 0.2  # timestamp slack around a left-out pause
+UNCOVERED_SPEECH_S = 1.5  # speech left after the last segment that counts as dropped
 MAX_BATCH_SIZE = 64
 
 
@@ -62,7 +65,8 @@ class TranscribeOptions:
     language_detection: str = "file"  # or "chunk": detect per window
     vad_threshold: float = 0.5
     vad_min_silence_ms: int = 300
-    vad_speech_pad_ms: int = 150
+    vad_speech_pad_ms: int = 300
+    vad_end_pad_ms: int = 100
 
     @classmethod
     def from_dict(cls, raw: dict) -> "TranscribeOptions":
@@ -85,7 +89,7 @@ class TranscribeOptions:
 
     def vad_options(self) -> VadOptions:
         return VadOptions(threshold=self.vad_threshold, min_silence_ms=self.vad_min_silence_ms,
-                          speech_pad_ms=self.vad_speech_pad_ms).validate()
+                          speech_pad_ms=self.vad_speech_pad_ms, end_pad_ms=self.vad_end_pad_ms).validate()
 
     def decode_options(self, temperature: float) -> DecodeOptions:
         return DecodeOptions(beam_size=self.beam_size, max_new_tokens=self.max_new_tokens, temperature=temperature,
@@ -103,6 +107,7 @@ class TranscribeOptions:
         _check_number(self, "vad_threshold", 0.0, 1.0, low_open=True)
         _check_number(self, "vad_min_silence_ms", 0, 10_000, integer=True)
         _check_number(self, "vad_speech_pad_ms", 0, 2_000, integer=True)
+        _check_number(self, "vad_end_pad_ms", 0, 2_000, integer=True)
         for name in ("compression_ratio_threshold", "no_speech_threshold"):
             if getattr(self, name) is not None:
                 _check_number(self, name, 0.0, 1e6)
@@ -156,13 +161,14 @@ class TranscriptionResult:
         return result
 
 
-@dataclass
+@dataclass(eq=False)
 class _WindowJob:
     window: Window
     audio: np.ndarray
     language: str
     output: WindowOutput | None = None
     temperature: float = 0.0
+    follow_up: bool = False  # the rest of a window whose decode stopped before its speech ended
 
 
 class LongFormTranscriber:
@@ -193,7 +199,7 @@ class LongFormTranscriber:
             return TranscriptionResult("", options.language or "en", 1.0 if options.language else 0.0, duration, [])
         jobs = [_WindowJob(w, w.extract(audio), options.language or "") for w in windows]
         language, probability = self._assign_languages(jobs, options)
-        self._decode_with_fallback(jobs, options)
+        jobs = self._decode_until_covered(jobs, options, audio)
         segments = self._segments(jobs, options)
         text = "".join(segment.text for segment in segments).strip()
         return TranscriptionResult(text, language, probability, duration, segments)
@@ -230,6 +236,41 @@ class LongFormTranscriber:
         spec = PromptSpec(language=job.language, task=options.task, timestamps=not options.without_timestamps,
                           previous_text=previous)
         return self.tokenizer.prompt_ids(spec)
+
+    def _decode_until_covered(self, jobs: list[_WindowJob], options: TranscribeOptions,
+                              audio: np.ndarray) -> list[_WindowJob]:
+        """Decode every window; where Whisper closed its last segment well before the window's speech
+        ended (it drops trailing sentences now and then), decode the rest of that window again, as
+        openai-whisper does by seeking to the last timestamp. All jobs come back in timeline order."""
+        ordered = list(jobs)
+        pending = jobs
+        for round_ in range(1 + MAX_FOLLOW_UPS):
+            self._decode_with_fallback(pending, options)
+            if options.without_timestamps or round_ == MAX_FOLLOW_UPS:
+                break
+            follow_ups = []
+            for job in pending:
+                rest = self._uncovered(job, options)
+                if rest is not None:
+                    follow = _WindowJob(rest, rest.extract(audio), job.language, follow_up=True)
+                    ordered.insert(ordered.index(job) + 1, follow)
+                    follow_ups.append(follow)
+            if not follow_ups:
+                break
+            logger.info("%d windows stopped before their speech ended: decoding the rest", len(follow_ups))
+            pending = follow_ups
+        return ordered
+
+    def _uncovered(self, job: _WindowJob, options: TranscribeOptions) -> Window | None:
+        hypothesis = job.output.hypothesis
+        if is_silence(hypothesis.no_speech_prob, hypothesis.avg_logprob, options.thresholds()):
+            return None
+        pieces = split_on_timestamps(hypothesis.tokens, self.tokenizer.timestamp_begin, self.tokenizer.eot,
+                                     job.window.duration)
+        if not pieces:
+            return None
+        rest = job.window.after(pieces[-1].end)
+        return rest if rest is not None and rest.duration >= UNCOVERED_SPEECH_S else None
 
     def _decode_with_fallback(self, jobs: list[_WindowJob], options: TranscribeOptions) -> None:
         thresholds = options.thresholds()
@@ -273,13 +314,16 @@ class LongFormTranscriber:
             pieces = split_on_timestamps(hypothesis.tokens, self.tokenizer.timestamp_begin, self.tokenizer.eot,
                                          job.window.duration)
             consumed = 0
-            for piece in pieces:
+            for index, piece in enumerate(pieces):
                 text = self.tokenizer.decode(piece.tokens)
-                if not text.strip():
+                repeated = job.follow_up and index == 0 and segments and _same_text(segments[-1].text, text)
+                if not text.strip() or repeated:  # a follow-up may start by repeating the last segment
                     consumed += len(piece.tokens)
                     continue
-                start = job.window.file_time(piece.start, "start")
-                end = max(job.window.file_time(max(piece.end, piece.start), "end"), start)
+                # Whisper ends a segment at the next word's onset: past the next stretch's onset padding
+                snap = options.vad_speech_pad_ms / 1000 + JUNCTION_MARGIN_S
+                start = job.window.file_time(piece.start, "start", snap)
+                end = max(job.window.file_time(max(piece.end, piece.start), "end", snap), start)
                 words = None
                 if options.word_timestamps and job.output.timings is not None:
                     words = self._words(piece.tokens, job.output.timings, consumed, job.window, start, end)
@@ -315,6 +359,10 @@ class LongFormTranscriber:
         word_end = min(max(window.file_time(timings.ends[indices[-1]], "end"), word_start), end)
         probability = float(np.mean([timings.probabilities[i] for i in indices]))
         return Word(round(word_start, 3), round(word_end, 3), text, round(probability, 4))
+
+
+def _same_text(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
 
 
 def _better(candidate: WindowOutput, current: WindowOutput) -> bool:

@@ -67,6 +67,19 @@ class Window:
         return self.end / SAMPLE_RATE
 
 
+    def after(self, seconds: float) -> "Window | None":
+        """The part of this window from `seconds` (window time) on, or None if nothing is left."""
+        position = max(0, int(round(seconds * SAMPLE_RATE)))
+        offset = 0
+        for index, piece in enumerate(self.pieces):
+            length = piece.end - piece.start
+            if position < offset + length:
+                first = Span(piece.start + position - offset, piece.end)
+                return Window((first, *self.pieces[index + 1 :]))
+            offset += length
+        return None
+
+
 def fixed_windows(n_samples: int, chunk_length: float) -> list[Window]:
     """Consecutive windows with no VAD: the whole file, `chunk_length` seconds at a time."""
     step = int(chunk_length * SAMPLE_RATE)

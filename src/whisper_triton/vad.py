@@ -30,12 +30,13 @@ class VadOptions:
     threshold: float = 0.5
     min_speech_ms: int = 250
     min_silence_ms: int = 300  # a pause this long ends a speech segment
-    speech_pad_ms: int = 150
+    speech_pad_ms: int = 300  # before speech: soft onsets (s, f, h) sit below the VAD threshold
+    end_pad_ms: int = 100  # after speech: endings are sharper; less trailing silence in a window
 
     def validate(self) -> "VadOptions":
         if not 0.0 < self.threshold < 1.0:
             raise invalid_parameter("vad_threshold", f"vad_threshold must be in (0, 1), got {self.threshold}.")
-        for name in ("min_speech_ms", "min_silence_ms", "speech_pad_ms"):
+        for name in ("min_speech_ms", "min_silence_ms", "speech_pad_ms", "end_pad_ms"):
             if getattr(self, name) < 0:
                 raise invalid_parameter(f"vad_{name}", f"vad_{name} must be >= 0, got {getattr(self, name)}.")
         return self
@@ -129,17 +130,19 @@ def spans_from_probabilities(probs: np.ndarray, n_samples: int, options: VadOpti
         raw.append([start, n_samples])
     min_speech = options.min_speech_ms * SAMPLE_RATE // 1000
     kept = [span for span in raw if span[1] - span[0] >= min_speech]
-    return _pad(kept, n_samples, options.speech_pad_ms * SAMPLE_RATE // 1000)
+    return _pad(kept, n_samples, options.speech_pad_ms * SAMPLE_RATE // 1000, options.end_pad_ms * SAMPLE_RATE // 1000)
 
 
-def _pad(spans: list[list[int]], n_samples: int, pad: int) -> list[Span]:
-    padded = []
-    for index, (start, end) in enumerate(spans):
-        low = max(0, start - pad)
-        high = min(n_samples, end + pad)
-        if padded and low < padded[-1][1]:  # share the pause between neighbours
-            middle = (padded[-1][1] - pad + start) // 2
-            padded[-1][1] = max(padded[-1][0], middle)
-            low = middle
+def _pad(spans: list[list[int]], n_samples: int, before: int, after: int) -> list[Span]:
+    padded: list[list[int]] = []
+    previous_end = 0
+    for start, end in spans:
+        low = max(0, start - before)
+        high = min(n_samples, end + after)
+        if padded and low < padded[-1][1]:  # a short pause: split it between the neighbours
+            boundary = previous_end + (start - previous_end) * after // max(1, before + after)
+            padded[-1][1] = max(padded[-1][0], boundary)
+            low = boundary
         padded.append([low, high])
+        previous_end = end
     return [Span(int(s), int(e)) for s, e in padded if e > s]
