@@ -160,3 +160,44 @@ def test_segmenter_packs_speech_and_maps_time_back():
     audio = np.arange(40 * second, dtype=np.float32)
     assert np.array_equal(first.extract(audio), np.concatenate([audio[: 10 * second], audio[12 * second : 25 * second]]))
     assert len(fixed_windows(61 * second, 30)) == 3
+
+
+class EarlyStoppingDecoder(EngineWindowDecoder):
+    """The real decoder, except that a window's first decode keeps only its first segment, as Whisper
+    sometimes closes a window early and drops the sentences after it."""
+
+    def __init__(self, engine, tokenizer):
+        super().__init__(engine, tokenizer)
+        self.calls = 0
+
+    def decode(self, audios, prompts, options, word_timestamps=False, features=None):
+        outputs = super().decode(audios, prompts, options, word_timestamps, features)
+        self.calls += 1
+        if self.calls == 1:
+            begin = self.tokenizer.timestamp_begin
+            for output in outputs:
+                tokens = output.hypothesis.tokens
+                stamps = [i for i, t in enumerate(tokens) if t >= begin]
+                if len(stamps) >= 2:  # keep <|t0|> text <|t1|>: the first segment only
+                    output.hypothesis.tokens = tokens[: stamps[1] + 1]
+        return outputs
+
+
+def test_the_rest_of_a_window_is_decoded_when_whisper_stops_early(ct2_engine, tokenizer, speech_clips):
+    pause = np.zeros(12000, np.float32)
+    audio = np.concatenate([part for clip in speech_clips[:4] for part in (clip.samples, pause)])
+    decoder = EarlyStoppingDecoder(ct2_engine, tokenizer)
+    result = LongFormTranscriber(decoder, tokenizer).transcribe(audio, TranscribeOptions(temperature=[0.0]))
+    assert decoder.calls >= 2
+    assert word_error_rate(" ".join(c.text for c in speech_clips[:4]), result.text) <= 0.15
+    starts = [s.start for s in result.segments]
+    assert starts == sorted(starts) and len(result.segments) >= 4
+
+
+def test_window_after_a_point():
+    second = 16000
+    window = windows_from_speech([Span(0, 5 * second), Span(7 * second, 12 * second)], 30)[0]
+    rest = window.after(6.0)
+    assert rest.pieces == (Span(8 * second, 12 * second),)
+    assert window.after(2.5).pieces == (Span(int(2.5 * second), 5 * second), Span(7 * second, 12 * second))
+    assert window.after(10.0) is None
