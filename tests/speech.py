@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import io
-import shutil
-import subprocess
-from pathlib import Path
 
 import av
 import numpy as np
 
-SENTENCES = [
-    "Please send me the report before the meeting on Monday morning.",
-    "My favorite color is blue and I like to read books.",
-    "Open the window because it is very warm in this room.",
-    "We need to buy milk, bread and eggs from the store.",
-    "Thank you for calling, how can I help you today?",
-    "The cat is sleeping on the sofa next to the fire.",
-]
+from whisper_triton.synthetic_speech import SENTENCES as _SENTENCES
+from whisper_triton.synthetic_speech import long_recording, speak  # noqa: F401  (re-exported for the tests)
 
-
-def require_espeak() -> str:
-    path = shutil.which("espeak-ng")
-    if path is None:
-        raise RuntimeError("espeak-ng is not installed: apt-get install espeak-ng (the .ci/run script does this)")
-    return path
-
-
-def speak(text: str, path: Path, voice: str = "en-us", words_per_minute: int = 150) -> Path:
-    subprocess.run([require_espeak(), "-v", voice, "-s", str(words_per_minute), "-w", str(path), text],
-                   check=True, timeout=60, capture_output=True)
-    return path
+# the first six of the package's sentences: what the tests were written against
+SENTENCES = list(_SENTENCES[:6])
 
 
 def encode(samples: np.ndarray, rate: int, container: str, codec: str, channels: int = 1,
@@ -69,20 +50,3 @@ FORMATS = {
     "wav-8k": ("wav", "pcm_s16le", 1, 8000),
 }
 
-
-PAUSES = (0.8, 1.2, 1.6, 2.0, 2.5)
-
-
-def long_recording(clips: list[np.ndarray], texts: list[str], repeats: int = 40, rate: int = 16000):
-    """Sentences joined by pauses of known length: (samples, reference text, [(pause_start, pause_end)])."""
-    parts, reference, pauses, t = [], [], [], 0.0
-    for k in range(repeats):
-        clip = clips[k % len(clips)]
-        parts.append(clip)
-        reference.append(texts[k % len(texts)])
-        t += clip.size / rate
-        pause = PAUSES[k % len(PAUSES)]
-        pauses.append((t, t + pause))
-        parts.append(np.zeros(int(pause * rate), dtype=np.float32))
-        t += pause
-    return np.concatenate(parts), " ".join(reference), pauses[:-1]

@@ -10,7 +10,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,22 +21,10 @@ import numpy as np
 from .audio import SAMPLE_RATE, decode_audio
 from .evaluation import word_error_rate
 from .settings import load_settings
+from .synthetic_speech import SENTENCES, long_recording, spoken_sentences
 
 logger = logging.getLogger("whisper_triton.bench")
 ROOT = Path(__file__).resolve().parents[2]
-SENTENCES = [
-    "Please send me the report before the meeting on Monday morning.",
-    "My favorite color is blue and I like to read books.",
-    "Open the window because it is very warm in this room.",
-    "We need to buy milk, bread and eggs from the store.",
-    "Thank you for calling, how can I help you today?",
-    "The cat is sleeping on the sofa next to the fire.",
-    "The children played in the garden after lunch.",
-    "Our flight to London was delayed by two hours.",
-]
-PAUSES = (0.8, 1.2, 1.6, 2.0, 2.5)
-
-
 @dataclass
 class Row:
     setting: str
@@ -54,16 +41,8 @@ class Row:
 
 
 def long_file(sentences: int, folder: Path) -> tuple[np.ndarray, str]:
-    clips = []
-    for i, text in enumerate(SENTENCES):
-        path = folder / f"s{i}.wav"
-        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(path), text], check=True, timeout=60)
-        clips.append(decode_audio(path.read_bytes()))
-    parts, reference = [], []
-    for k in range(sentences):
-        parts += [clips[k % len(clips)], np.zeros(int(PAUSES[k % len(PAUSES)] * SAMPLE_RATE), np.float32)]
-        reference.append(SENTENCES[k % len(SENTENCES)])
-    return np.concatenate(parts), " ".join(reference)
+    samples, reference, _ = long_recording(spoken_sentences(folder), list(SENTENCES), repeats=sentences)
+    return samples, reference
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -29,6 +29,7 @@ from .audio import SAMPLE_RATE, decode_audio
 from .engines import load_engine
 from .longform import LongFormTranscriber
 from .settings import load_settings
+from .synthetic_speech import speak
 from .tokenizer import WhisperTokenizer
 from .transcribe import EngineWindowDecoder, ShortFormTranscriber, ShortRequest
 
@@ -54,12 +55,6 @@ def summary(samples: list[float]) -> dict:
     ordered = sorted(samples)
     return {"median": statistics.median(ordered), "min": ordered[0],
             "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]}
-
-
-def speak(text: str, folder: Path) -> bytes:
-    path = folder / "bench.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(path), text], check=True, timeout=60)
-    return path.read_bytes()
 
 
 def free_port() -> int:
@@ -114,7 +109,7 @@ def throughput(url: str, body: bytes, concurrency: int, requests: int, audio_sec
 
 def run(args: argparse.Namespace) -> Report:
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
-    body = Path(args.audio).read_bytes() if args.audio else speak(DEFAULT_TEXT, folder)
+    body = Path(args.audio).read_bytes() if args.audio else speak(DEFAULT_TEXT, folder / "bench.wav").read_bytes()
     audio = decode_audio(body)
     audio_seconds = audio.size / SAMPLE_RATE
     settings = load_settings()
