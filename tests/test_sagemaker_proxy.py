@@ -142,3 +142,25 @@ def test_body_over_the_cap_gets_413_before_being_read(http, speech_clips):
 def test_unknown_route_is_json(http):
     reply = http.get("/nope")
     assert reply.status_code == 404 and "error" in reply.json()
+
+
+def test_bad_requests_among_concurrent_good_ones_lose_nothing(serve, speech_clips):
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = [(clip.wav_bytes, clip.text) for clip in speech_clips]
+    bad = [(b"RIFF\x00\x00garbage that is not audio" * 20, None), (speech_clips[0].wav_bytes[:60], None)]
+    jobs = good[:3] + bad[:1] + good[3:] + bad[1:]
+
+    def post(job):
+        body, text = job
+        with httpx.Client(base_url=serve.url, timeout=120) as client:
+            reply = client.post("/invocations", content=body, headers={"Content-Type": "audio/wav"})
+            return reply.status_code, reply.json(), text
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(post, jobs))
+    for status, payload, text in results:
+        if text is None:
+            assert status == 400 and payload["error"]["type"] == "invalid_audio"
+        else:
+            assert status == 200 and word_error_rate(text, payload["text"]) <= 0.15
