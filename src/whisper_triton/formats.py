@@ -39,9 +39,8 @@ def to_srt(result: dict) -> str:
 
 
 def to_vtt(result: dict) -> str:
-    blocks = ["WEBVTT\n"] + [f"{_clock(start, '.')} --> {_clock(end, '.')}\n{text}\n"
-                             for start, end, text in _cues(result)]
-    return "\n".join(blocks)
+    blocks = [f"{_clock(start, '.')} --> {_clock(end, '.')}\n{text}\n" for start, end, text in _cues(result)]
+    return "WEBVTT\n\n" + "\n".join(blocks)
 
 
 def render(result: dict, output_format: str) -> str:

@@ -1,14 +1,17 @@
 """Output formats of the clients: what to ask the endpoint for, and how to turn its answer into a file.
 
-The container answers application/json ({"text", "language", "duration"}, plus "segments" when it
-has timestamps) or text/plain. For SubRip and WebVTT the clients ask for the subtitle type first and
-JSON second; a JSON answer is rendered locally (one cue per segment, or one cue over the whole clip).
+The container answers application/json, text/plain, text/vtt or application/x-subrip. For SubRip and
+WebVTT the clients ask for the subtitle type first and JSON second, so an endpoint that only answers
+JSON still gives subtitles: rendered locally with the server's own renderer (one cue per segment, or
+one cue over the whole clip).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from ..formats import render as subtitles
 
 FORMATS: dict[str, tuple[str, str]] = {  # name -> (media type, file suffix)
     "text": ("text/plain", ".txt"),
@@ -80,8 +83,7 @@ def render(body: bytes, content_type: str | None, fmt: str) -> str:
         return str(data.get("text", "")).strip() + "\n"
     if fmt == "json":
         return json.dumps(data, ensure_ascii=False, indent=2) + "\n"
-    segments = _segments(data)
-    return to_srt(segments) if fmt == "srt" else to_vtt(segments)
+    return subtitles({"segments": _segments(data)}, fmt)
 
 
 def _segments(data: dict) -> list[dict]:
@@ -97,23 +99,3 @@ def _segments(data: dict) -> list[dict]:
         return []
     return [{"start": 0.0, "end": float(data.get("duration") or 0.0), "text": text}]
 
-
-def _timestamp(seconds: float, decimal: str) -> str:
-    millis = max(0, round(seconds * 1000))
-    hours, millis = divmod(millis, 3_600_000)
-    minutes, millis = divmod(millis, 60_000)
-    secs, millis = divmod(millis, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{millis:03d}"
-
-
-def to_srt(segments: list[dict]) -> str:
-    cues = [
-        f"{i}\n{_timestamp(s['start'], ',')} --> {_timestamp(s['end'], ',')}\n{s['text']}\n"
-        for i, s in enumerate(segments, start=1)
-    ]
-    return "\n".join(cues)
-
-
-def to_vtt(segments: list[dict]) -> str:
-    cues = [f"{_timestamp(s['start'], '.')} --> {_timestamp(s['end'], '.')}\n{s['text']}\n" for s in segments]
-    return "WEBVTT\n\n" + "\n".join(cues)
