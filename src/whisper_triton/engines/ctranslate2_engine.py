@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -116,10 +117,14 @@ class CTranslate2Engine:
         results = self.model.detect_language(self._storage(features))
         return [{token.strip("<|>"): float(prob) for token, prob in result} for result in results]
 
-    def _detect_from_logits(self, features: np.ndarray) -> list[dict[str, float]]:
+    @cached_property
+    def _tokenizer(self):
         from ..tokenizer import WhisperTokenizer
 
-        tokenizer = WhisperTokenizer.from_model_dir(self.model_dir, True)
+        return WhisperTokenizer.from_model_dir(self.model_dir, self.is_multilingual)
+
+    def _detect_from_logits(self, features: np.ndarray) -> list[dict[str, float]]:
+        tokenizer = self._tokenizer
         codes = list(tokenizer.language_ids)
         ids = np.array([tokenizer.language_ids[code] for code in codes])
         results = self.model.generate(self._storage(features), [[tokenizer.sot]] * features.shape[0],
