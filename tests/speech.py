@@ -7,8 +7,8 @@ import io
 import av
 import numpy as np
 
-from whisper_triton.synthetic_speech import SENTENCES as _SENTENCES
-from whisper_triton.synthetic_speech import long_recording, speak  # noqa: F401  (re-exported for the tests)
+from testkit.synthetic_speech import SENTENCES as _SENTENCES
+from testkit.synthetic_speech import long_recording, speak  # noqa: F401  (re-exported for the tests)
 
 # the first six of the package's sentences: what the tests were written against
 SENTENCES = list(_SENTENCES[:6])

@@ -1,0 +1,47 @@
+"""What an engine can do, declared by the engine and read once by the pipeline.
+
+The pipeline never guesses a capability from an engine's name or from `getattr`: each engine
+states these, the `whisper` Triton model reports them (output `CAPABILITIES`), and the pipeline
+degrades explicitly where one is missing, saying so in the result's `info.not_applied`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    # decoding outputs
+    scores: bool = True  # avg_logprob per hypothesis: temperature fallback on log-prob, silence rule
+    no_speech_prob: bool = True  # <|nospeech|> probability at the first step: the silence rule
+    language_probabilities: bool = True  # a distribution over the language tokens (not a top-k guess)
+    timestamp_rules: bool = True  # openai-whisper's timestamp rules while decoding with timestamps
+    suppress_blank: bool = True  # no blank / suppressed tokens at the first step
+    word_timestamps: bool = False  # cross-attention alignment of given tokens (`align`)
+    encoder_reuse: bool = False  # `encode` once, then detect / generate / align on its output
+    max_beam_size: int = 16
+    decoding_options: tuple[str, ...] = ("beam_size", "max_new_tokens", "temperature", "repetition_penalty",
+                                         "patience", "length_penalty")
+    # the model behind the engine
+    multilingual: bool = False
+    translate: bool = False  # large-v3-turbo and English-only models were not trained to translate
+    n_mels: int = 80
+    engine: str = ""
+    notes: dict[str, str] = field(default_factory=dict)  # capability -> why it is missing, for users
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "EngineCapabilities":
+        raw = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        if "decoding_options" in values:
+            values["decoding_options"] = tuple(values["decoding_options"])
+        return cls(**values)
+
+    def missing_reason(self, capability: str) -> str:
+        return self.notes.get(capability, f"the {self.engine or 'serving'} engine does not provide {capability}")
