@@ -62,4 +62,9 @@ fi
 "${pip[@]}" -e ".[${extras}]"
 # silero-vad's wheel ships the ONNX model we run with onnxruntime; its torch requirement is not needed
 "${pip[@]}" --no-deps "silero-vad==6.2.3"
+if [[ "${mode}" == "test" ]]; then
+  # the reference oracle of the tests (decoding rules, hallucination benchmark); its own requirements
+  # pull a GPU compiler (triton) we do not need, so they are listed in the test extra instead
+  "${pip[@]}" --no-deps "openai-whisper==20250625"
+fi
 echo "${wanted}" > "${stamp}"
