@@ -38,7 +38,7 @@ def triton_stats(executions: int, inferences: int, infer_ns: int, batches: dict[
                                 "compute_infer": {"count": inferences, "ns": infer_ns},
                                 "compute_output": {"count": inferences, "ns": 20}},
             "batch_stats": [{"batch_size": size, "compute_input": {"count": count, "ns": 1},
-                             "compute_infer": {"count": count, "ns": 2}, "compute_output": {"count": count, "ns": 3}}
+                             "compute_infer": {"count": count, "ns": 100 * count}, "compute_output": {"count": count, "ns": 3}}
                             for size, count in batches.items()]}
 
 
@@ -49,6 +49,7 @@ def test_statistics_are_diffed_per_model_and_batch_size(served):
     diff = served.diff_stats(before, after)["whisper"]
     assert diff["executions"] == 3 and diff["inferences"] == 12
     assert diff["compute_infer_ns"] == 3_000 and diff["queue_ns"] == 700
+    assert diff["execution_infer_ns"] == 300  # per execution: three more executions of 100 ns
     assert diff["batch_sizes"] == {2: 1, 3: 1, 8: 1}  # sizes that did not run in between are left out
     total = served.add_stats(served.add_stats({}, {"whisper": diff}), {"whisper": diff})
     assert total["whisper"]["inferences"] == 24 and total["whisper"]["batch_sizes"] == {2: 2, 3: 2, 8: 2}
@@ -84,7 +85,8 @@ def test_percentile_is_a_measured_value(served):
 
 def sample(served, wall: float, engine_s: float, cpu: dict[str, float], batches: dict[int, int]):
     stats = {"whisper": {"executions": sum(batches.values()), "inferences": sum(k * v for k, v in batches.items()),
-                         "compute_infer_ns": int(engine_s * 1e9), "queue_ns": 0, "batch_sizes": batches}}
+                         "compute_infer_ns": int(engine_s * 1e9) * 8, "execution_infer_ns": int(engine_s * 1e9),
+                         "queue_ns": 0, "batch_sizes": batches}}
     return served.Sample(wall, cpu, stats, "text")
 
 

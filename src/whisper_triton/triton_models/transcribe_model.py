@@ -1,8 +1,9 @@
 """Triton Python-backend model `transcribe`: encoded audio bytes + JSON options -> JSON result.
 
 Long-form transcription for any gRPC/HTTP client, without our Python package: decode, VAD,
-windows, then every window of a file goes to the `whisper` model as its own BLS request, all in
-flight at once, so Triton's dynamic batcher packs them into engine batches. Timestamps, temperature
+windows, then the windows of a file go to the `whisper` model as BLS requests of up to its
+max_batch_size rows each, all in flight at once (one engine batch per request; Triton's dynamic
+batcher still packs requests of several files together). Timestamps, temperature
 fallback and stitching run here, above the engine, so they work on every engine.
 
 Inputs: AUDIO STRING [1] (the file's bytes), OPTIONS STRING [1] (JSON, optional; see
@@ -25,7 +26,7 @@ from ..longform import MAX_BATCH_SIZE, LongFormTranscriber, TranscribeOptions
 from ..settings import Settings
 from ..tokenizer import WhisperTokenizer
 from ..transcribe import WindowOutput, unsupported_word_timestamps
-from .common import error_response, input_array, internal_error
+from .common import error_response, input_array, internal_error, ragged
 from .whisper_model import settings_from_model_config
 
 logger = logging.getLogger(__name__)
@@ -34,47 +35,67 @@ WHISPER_MODEL = "whisper"
 _OUTPUTS = ["TOKENS", "AVG_LOGPROB", "NO_SPEECH_PROB", "LANGUAGE", "LANGUAGE_PROB"]
 
 
-def whisper_settings(repository: Path, model_name: str = WHISPER_MODEL) -> Settings:
-    """The `whisper` model's settings, read from its config.pbtxt, so both models agree on the model."""
+def whisper_config(repository: Path, model_name: str = WHISPER_MODEL) -> dict:
+    """The `whisper` model's config.pbtxt as a dict, so both models agree on the model and batch size."""
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
 
     path = repository / model_name / "config.pbtxt"
     config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    return settings_from_model_config(json_format.MessageToDict(config, preserving_proto_field_name=True),
-                                      repository / model_name)
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)
+
+
+def whisper_settings(repository: Path, model_name: str = WHISPER_MODEL) -> Settings:
+    """The `whisper` model's settings, read from its config.pbtxt."""
+    return settings_from_model_config(whisper_config(repository, model_name), repository / model_name)
 
 
 class TritonWindowDecoder:
-    """Decodes windows by sending each to the `whisper` model as a BLS request, all at once."""
+    """Decodes windows by sending them to the `whisper` model as BLS requests of up to
+    `max_batch_size` rows each (one request for a whole batch, so the first window never runs
+    alone while the rest queue), the requests all in flight at once."""
 
-    def __init__(self, pb_utils, tokenizer: WhisperTokenizer, engine_name: str, model_name: str = WHISPER_MODEL):
+    def __init__(self, pb_utils, tokenizer: WhisperTokenizer, engine_name: str, model_name: str = WHISPER_MODEL,
+                 max_batch_size: int = 1):
         self.pb = pb_utils
         self.tokenizer = tokenizer
         self.engine_name = engine_name
         self.model_name = model_name
+        self.max_batch_size = max(1, max_batch_size)
         self.is_multilingual = tokenizer.is_multilingual
         self.supports_word_timestamps = engine_name == "ctranslate2"
         self._pool = ThreadPoolExecutor(max_workers=MAX_BATCH_SIZE, thread_name_prefix="bls")
 
-    def _request(self, audio: np.ndarray, prompt: list[int] | None, options: DecodeOptions | None,
+    def _request(self, audios: list[np.ndarray], prompts: list[list[int]] | None, options: DecodeOptions | None,
                  words: bool, outputs: list[str]):
+        """One request of len(audios) rows: WAV zero-padded to the longest, PROMPT_IDS -1 padded."""
         pb = self.pb
-        tensors = [pb.Tensor("WAV", audio.reshape(1, -1).astype(np.float32)),
-                   pb.Tensor("WAV_LENS", np.array([[audio.size]], dtype=np.int32))]
-        if prompt is not None:
-            tensors.append(pb.Tensor("PROMPT_IDS", np.array([prompt], dtype=np.int32)))
+        rows = len(audios)
+        wav = np.zeros((rows, max(a.size for a in audios)), dtype=np.float32)
+        for index, audio in enumerate(audios):
+            wav[index, : audio.size] = audio
+        tensors = [pb.Tensor("WAV", wav),
+                   pb.Tensor("WAV_LENS", np.array([[a.size] for a in audios], dtype=np.int32))]
+        if prompts is not None:
+            tensors.append(pb.Tensor("PROMPT_IDS", ragged(prompts, np.int32, -1)))
         if options is not None:
-            tensors += [pb.Tensor("BEAM_SIZE", np.array([[options.beam_size]], dtype=np.int32)),
-                        pb.Tensor("MAX_NEW_TOKENS", np.array([[options.max_new_tokens]], dtype=np.int32)),
-                        pb.Tensor("TEMPERATURE", np.array([[options.temperature]], dtype=np.float32)),
-                        pb.Tensor("REPETITION_PENALTY", np.array([[options.repetition_penalty]], dtype=np.float32))]
+            tensors += [pb.Tensor("BEAM_SIZE", np.full((rows, 1), options.beam_size, dtype=np.int32)),
+                        pb.Tensor("MAX_NEW_TOKENS", np.full((rows, 1), options.max_new_tokens, dtype=np.int32)),
+                        pb.Tensor("TEMPERATURE", np.full((rows, 1), options.temperature, dtype=np.float32)),
+                        pb.Tensor("REPETITION_PENALTY", np.full((rows, 1), options.repetition_penalty, dtype=np.float32))]
         if words:
-            tensors.append(pb.Tensor("WORD_TIMESTAMPS", np.array([[True]], dtype=bool)))
+            tensors.append(pb.Tensor("WORD_TIMESTAMPS", np.ones((rows, 1), dtype=bool)))
         return pb.InferenceRequest(model_name=self.model_name, inputs=tensors, requested_output_names=outputs)
 
-    def _run_all(self, requests: list) -> list[dict[str, np.ndarray]]:
-        return list(self._pool.map(self._exec, requests))
+    def _run_all(self, audios: list[np.ndarray], prompts: list[list[int]] | None, options: DecodeOptions | None,
+                 words: bool, outputs: list[str]) -> list[dict[str, np.ndarray]]:
+        """Row by row replies of requests of up to max_batch_size rows each."""
+        size = self.max_batch_size
+        requests = [self._request(audios[first : first + size], None if prompts is None else prompts[first : first + size],
+                                  options, words, outputs) for first in range(0, len(audios), size)]
+        replies = list(self._pool.map(self._exec, requests))
+        return [{name: array[row : row + 1] for name, array in reply.items()}
+                for reply in replies for row in range(next(iter(reply.values())).shape[0])]
 
     def _exec(self, request) -> dict[str, np.ndarray]:
         response = request.exec()
@@ -88,8 +109,10 @@ class TritonWindowDecoder:
                word_timestamps: bool = False) -> list[WindowOutput]:
         if word_timestamps and not self.supports_word_timestamps:
             raise unsupported_word_timestamps(self.engine_name)
+        if not audios:
+            return []
         names = _OUTPUTS + (["TOKEN_TIMES", "TOKEN_PROBS"] if word_timestamps else [])
-        replies = self._run_all([self._request(a, p, options, word_timestamps, names) for a, p in zip(audios, prompts)])
+        replies = self._run_all(audios, prompts, options, word_timestamps, names)
         return [self._output(reply, word_timestamps) for reply in replies]
 
     def _output(self, reply: dict[str, np.ndarray], words: bool) -> WindowOutput:
@@ -106,10 +129,11 @@ class TritonWindowDecoder:
     def detect_language(self, audios: list[np.ndarray]) -> list[dict[str, float]]:
         if not self.is_multilingual:
             return [{"en": 1.0} for _ in audios]
+        if not audios:
+            return []
         # a prompt of <|startoftranscript|> alone: the whisper model detects, one token is enough
         probe = DecodeOptions(max_new_tokens=1)
-        replies = self._run_all([self._request(a, [self.tokenizer.sot], probe, False, ["LANGUAGE", "LANGUAGE_PROB"])
-                                 for a in audios])
+        replies = self._run_all(audios, [[self.tokenizer.sot]] * len(audios), probe, False, ["LANGUAGE", "LANGUAGE_PROB"])
         return [{reply["LANGUAGE"].reshape(-1)[0].decode(): float(reply["LANGUAGE_PROB"].reshape(-1)[0])}
                 for reply in replies]
 
@@ -123,10 +147,13 @@ class TranscribeModel:
     def __init__(self, pb_utils, args: dict):
         self.pb = pb_utils
         repository = Path(args["model_repository"]).parent
-        self.settings = whisper_settings(repository)
+        config = whisper_config(repository)
+        self.settings = settings_from_model_config(config, repository / WHISPER_MODEL)
         model_dir = self.settings.resolved_model_dir()
         self.tokenizer = WhisperTokenizer.from_model_dir(model_dir)
-        decoder = TritonWindowDecoder(pb_utils, self.tokenizer, self.settings.engine)
+        # rows per BLS request: what `whisper` takes in one request (a batching model counts rows)
+        max_batch_size = int(config.get("max_batch_size", 0) or 1)
+        decoder = TritonWindowDecoder(pb_utils, self.tokenizer, self.settings.engine, max_batch_size=max_batch_size)
         self.pipeline = LongFormTranscriber(decoder, self.tokenizer)
         logger.info("transcribe model ready (tokenizer from %s, engine %s)", model_dir, self.settings.engine)
 

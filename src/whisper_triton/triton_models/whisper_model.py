@@ -90,11 +90,19 @@ class WhisperModel:
                 values[field] = cast(array.reshape(-1)[0])
         return DecodeOptions(**values).validate()
 
-    def _prompt_ids(self, request) -> list[int] | None:
+    def _prompt_ids(self, request, rows: int) -> list[list[int] | None]:
+        """One decoder prompt per WAV row: PROMPT_IDS [rows, L] (-1 padded) or [1, L] for every row."""
         array = input_array(self.pb, request, "PROMPT_IDS")
         if array is None or array.size == 0:
-            return None
-        ids = [int(t) for t in array.reshape(-1) if t >= 0]
+            return [None] * rows
+        array = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
+        if array.shape[0] not in (1, rows):
+            raise invalid_parameter("PROMPT_IDS", f"PROMPT_IDS has {array.shape[0]} rows for {rows} WAV rows.")
+        prompts = [self._prompt_row(row) for row in array]
+        return prompts * rows if len(prompts) == 1 else prompts
+
+    def _prompt_row(self, row: np.ndarray) -> list[int]:
+        ids = [int(t) for t in row if t >= 0]
         vocabulary = self.tokenizer.timestamp_begin + 1501
         if not ids or any(t >= vocabulary for t in ids) or self.tokenizer.sot not in ids:
             raise invalid_parameter("PROMPT_IDS", "PROMPT_IDS must be token ids of this model's vocabulary "
@@ -119,21 +127,21 @@ class WhisperModel:
         if len(texts) == 1 and wav.shape[0] > 1:
             texts = texts * wav.shape[0]
         options = self._options(request)
-        prompt_ids = self._prompt_ids(request)
+        prompt_ids = self._prompt_ids(request, wav.shape[0])
         words = self._flag(request, "WORD_TIMESTAMPS")
         if words and not self.short.decoder.supports_word_timestamps:
             raise unsupported_word_timestamps(self.settings.engine)
         parsed = ParsedRequest(short=[], long={}, rows=wav.shape[0])
-        for row_index, (row, length, prefix) in enumerate(zip(wav, lengths, texts)):
+        for row_index, (row, length, prefix, prompt) in enumerate(zip(wav, lengths, texts, prompt_ids)):
             if not 0 < length <= row.size:
                 raise invalid_parameter("WAV_LENS", f"WAV_LENS {length} is outside 1..{row.size} (the WAV length).")
             audio = np.ascontiguousarray(row[:length], dtype=np.float32)
             spec = self.tokenizer.parse_text_prefix(prefix.decode("utf-8", "replace") if isinstance(prefix, bytes)
                                                     else str(prefix))
             if length > N_SAMPLES:
-                parsed.long[row_index] = (audio, self._long_options(spec, options, prompt_ids))
+                parsed.long[row_index] = (audio, self._long_options(spec, options, prompt))
             else:
-                parsed.short.append(ShortRequest(audio=audio, spec=spec, options=options, prompt_ids=prompt_ids,
+                parsed.short.append(ShortRequest(audio=audio, spec=spec, options=options, prompt_ids=prompt,
                                                  word_timestamps=words))
         return parsed
 
