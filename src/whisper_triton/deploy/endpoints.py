@@ -71,6 +71,9 @@ class EndpointMixin(DeployerBase):
             variant["ModelDataDownloadTimeoutInSeconds"] = e.model_data_download_timeout_s
         if e.volume_size_gb is not None:
             variant["VolumeSizeInGB"] = e.volume_size_gb
+        ami = e.resolved_inference_ami()
+        if ami is not None:  # the host's NVIDIA driver: SageMaker's default on ml.g5 (470) is too old for the image
+            variant["InferenceAmiVersion"] = ami
         request: dict[str, Any] = {
             "EndpointConfigName": config_name,
             "ProductionVariants": [variant],

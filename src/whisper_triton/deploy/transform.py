@@ -7,7 +7,7 @@ from typing import Any
 from .aws import parse_s3_uri
 from .base import DeployerBase
 from .errors import aws_error_text
-from .options import NAME_RE, EndpointOptions, TransformOptions
+from .options import NAME_RE, TRANSFORM_AMI_VERSIONS, EndpointOptions, TransformOptions
 from .resources import Resource, deployment_tags, tag_list, unique_suffix
 
 
@@ -40,6 +40,8 @@ class TransformMixin(DeployerBase):
         else:
             self._check_model(options.model, problems)
         self._check_endpoint(EndpointOptions(instance_type=options.instance_type, initial_instance_count=options.instance_count), problems)
+        self._check_ami(options.transform_ami_version, options.instance_type, TRANSFORM_AMI_VERSIONS,
+                        "transform_ami_version", "--transform-ami-version", problems)
         if not 1 <= options.max_payload_mb <= 100:
             problems.append(("max_payload_mb must be 1-100.", "Pass --max-payload-mb between 1 and 100.", "max_payload_mb"))
         self._raise(problems)
@@ -55,6 +57,10 @@ class TransformMixin(DeployerBase):
             }
             if options.content_type:
                 transform_input["ContentType"] = options.content_type
+            resources: dict[str, Any] = {"InstanceType": options.instance_type, "InstanceCount": options.instance_count}
+            ami = options.resolved_transform_ami()
+            if ami is not None:  # the host's NVIDIA driver (SageMaker's batch default is 470)
+                resources["TransformAmiVersion"] = ami
             response = self._step(
                 f"Creating transform job {job_name}",
                 "Check --instance-type (transform quota in this region) and the model.",
@@ -67,7 +73,7 @@ class TransformMixin(DeployerBase):
                 ModelClientConfig={"InvocationsTimeoutInSeconds": options.invocation_timeout_s, "InvocationsMaxRetries": 1},
                 TransformInput=transform_input,
                 TransformOutput={"S3OutputPath": options.output_path, "Accept": options.accept, "AssembleWith": "None"},
-                TransformResources={"InstanceType": options.instance_type, "InstanceCount": options.instance_count},
+                TransformResources=resources,
                 Tags=tag_list(tags),
             )
         self.progress(f"started transform job {job_name} over {options.input_prefix} -> {options.output_path}")

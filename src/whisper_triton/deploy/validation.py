@@ -8,7 +8,17 @@ import re
 from .aws import parse_s3_uri
 from .base import DeployerBase
 from .errors import DeployError, aws_error_text
-from .options import NAME_RE, AutoscalingOptions, DeploymentOptions, EndpointOptions, ModelOptions
+from .options import (
+    AMI_AUTO,
+    AMI_NONE,
+    INFERENCE_AMI_VERSIONS,
+    NAME_RE,
+    AutoscalingOptions,
+    DeploymentOptions,
+    EndpointOptions,
+    ModelOptions,
+    is_gpu_instance,
+)
 
 ROLE_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 TOPIC_RE = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[\w-]+$")
@@ -29,6 +39,8 @@ class ValidationMixin(DeployerBase):
             ))
         self._check_model(options.model, problems)
         self._check_endpoint(options.endpoint, problems)
+        self._check_ami(options.endpoint.inference_ami_version, options.endpoint.instance_type, INFERENCE_AMI_VERSIONS,
+                        "inference_ami_version", "--inference-ami-version", problems)
         if options.async_inference is not None:
             a = options.async_inference
             for param, uri in (("output_path", a.output_path), ("failure_path", a.failure_path)):
@@ -170,6 +182,25 @@ class ValidationMixin(DeployerBase):
         ):
             if value is not None and not 60 <= value <= bound:
                 problems.append((f"{param} is {value}; SageMaker accepts 60 to {bound} seconds.", "Pass a value in range.", param))
+
+    @staticmethod
+    def _check_ami(value: str, instance_type: str, known: dict[str, str], param: str, flag: str, problems: list) -> None:
+        """An AMI version SageMaker knows, and a GPU AMI only on a GPU instance type."""
+        if value in (AMI_AUTO, AMI_NONE, "", None):
+            return
+        names = ", ".join(f"{name} ({driver})" for name, driver in known.items())
+        if value not in known:
+            problems.append((
+                f"{value!r} is not a SageMaker AMI version for this ({param}).",
+                f"Pass {flag} with one of: {names}; or {AMI_AUTO} (the project's default on GPU instances) or {AMI_NONE}.",
+                param,
+            ))
+        elif "gpu" in value and not is_gpu_instance(instance_type):
+            problems.append((
+                f"{value} is a GPU AMI, but {instance_type} has no NVIDIA GPU.",
+                f"Drop {flag} (or pass {AMI_NONE}) for CPU instance types, or choose an ml.g*/ml.p* instance type.",
+                param,
+            ))
 
     @staticmethod
     def _check_autoscaling(scaling: AutoscalingOptions, is_async: bool, endpoint: EndpointOptions, problems: list) -> None:
