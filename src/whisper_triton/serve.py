@@ -12,6 +12,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .cuda_compat import enable_forward_compatibility
 from .model_source import model_repository
 from .settings import Settings, load_settings
 from .triton_server import TritonPorts, TritonServer, TritonStartError
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     settings = apply_cli_overrides(args)
+    enable_forward_compatibility(os.environ)  # the Triton child inherits it; a no-op without an NVIDIA driver
     return Supervisor(settings).run()
 
 

@@ -13,6 +13,23 @@ from pathlib import Path
 MANIFEST_NAME = "manifest.json"
 
 
+def release_of(version: str) -> str:
+    """The release a version belongs to: '0.17.0.post1' and '0.17.0+cu128' -> '0.17.0'.
+
+    PyPI only has tensorrt-llm 0.17.0.post1 (a repackaging of the same build), so versions are
+    compared by release numbers, never as strings."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version.strip()).base_version
+    except InvalidVersion:
+        return version.strip()
+
+
+def same_release(a: str, b: str) -> bool:
+    return release_of(a) == release_of(b)
+
+
 @dataclass
 class BuildConfig:
     """One build configuration for the encoder and decoder engines (rendered into trtllm-build flags)."""
