@@ -36,9 +36,11 @@ class BuildConfig:
 
     max_batch_size: int = 8
     max_beam_width: int = 4
-    max_output_len: int = 448  # new tokens; Whisper's decoder context
-    max_prompt_len: int = 32  # decoder input (prompt) tokens
-    n_mels: int = 128
+    max_output_len: int = 448  # new tokens at most; prompt + new tokens share Whisper's 448 positions
+    # decoder input (prompt) tokens: <|startofprev|>, up to 223 tokens of previous text (openai-whisper's
+    # n_text_ctx // 2 - 1) and up to 4 start tokens (sot, language, task, notimestamps)
+    max_prompt_len: int = 228
+    n_mels: int | None = None  # None: the checkpoint's (80 up to large-v2, 128 for large-v3 and turbo)
     dtype: str = "float16"
     weight_only_precision: str | None = None  # None, "int8" or "int4"
     paged_kv_cache: bool = True
