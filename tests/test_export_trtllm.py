@@ -169,7 +169,7 @@ def test_bad_build_configs_are_refused(fp16_checkpoint, tmp_path):
     with pytest.raises(ExportError, match="paged_kv_cache"):
         build_engines(BuildConfig(n_mels=80, paged_kv_cache=False), fp16_checkpoint, tmp_path / "e")
     with pytest.raises(ExportError, match="leaves no room"):
-        build_engines(BuildConfig(max_prompt_len=448), fp16_checkpoint, tmp_path / "e")
+        build_engines(BuildConfig(n_mels=None, max_prompt_len=448), fp16_checkpoint, tmp_path / "e")
 
 
 def test_without_trtllm_build_it_stops_and_prints_the_commands(fp16_checkpoint, tmp_path, monkeypatch):
@@ -229,7 +229,7 @@ def _fake_build_tools(tmp_path, monkeypatch, version: str) -> None:
 def test_a_post_release_of_the_pin_builds_and_n_mels_comes_from_the_checkpoint(fp16_checkpoint, tmp_path, monkeypatch):
     """PyPI has only tensorrt-llm 0.17.0.post1: the same release as the pinned 0.17.0."""
     _fake_build_tools(tmp_path, monkeypatch, "0.17.0.post1")
-    manifest = build_engines(BuildConfig(), fp16_checkpoint, tmp_path / "engines")  # no n_mels given
+    manifest = build_engines(BuildConfig(n_mels=None), fp16_checkpoint, tmp_path / "engines")  # what the CLI passes
     assert manifest.tensorrt_llm_version == "0.17.0.post1"
     assert manifest.build.n_mels == 80 == EngineManifest.load(tmp_path / "engines").build.n_mels  # tiny.en's, not a default
     card = json.loads((tmp_path / "engines" / "whisper_model.json").read_text())
@@ -263,3 +263,15 @@ def test_build_refuses_a_different_tensorrt_llm_version(fp16_checkpoint, tmp_pat
     with pytest.raises(ExportError, match="0.18.2.*pins 0.17.0"):
         build_engines(BuildConfig(n_mels=80), fp16_checkpoint, tmp_path / "engines")
     assert not (tmp_path / "engines").exists()
+
+
+def test_the_cli_takes_n_mels_from_the_checkpoint_not_a_default(fp16_checkpoint, tmp_path, monkeypatch):
+    from whisper_triton.export import cli
+
+    assert cli.build_parser().parse_args(["build-engines", "--checkpoint", "c", "--output", "o"]).n_mels is None
+    _fake_build_tools(tmp_path, monkeypatch, TENSORRT_LLM_VERSION)
+    assert cli.main(["build-engines", "--checkpoint", str(fp16_checkpoint), "--output", str(tmp_path / "engines")]) == 0
+    assert EngineManifest.load(tmp_path / "engines").build.n_mels == 80
+    assert cli.main(["build-engines", "--checkpoint", str(fp16_checkpoint), "--output", str(tmp_path / "e128"),
+                     "--n-mels", "128"]) == 2  # said, and wrong: refused
+    assert not (tmp_path / "e128").exists()

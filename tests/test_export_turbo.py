@@ -69,7 +69,7 @@ def test_the_checkpoint_has_the_turbo_layout(turbo):
 
 
 def test_the_build_plan_takes_128_mels_from_the_checkpoint(turbo, tmp_path):
-    config = resolve_build_config(BuildConfig(), turbo["checkpoint"])  # nothing said about n_mels
+    config = resolve_build_config(BuildConfig(n_mels=None), turbo["checkpoint"])  # what the CLI passes by default
     assert config.n_mels == 128
     plan = build_plan(config, turbo["checkpoint"], tmp_path / "engines")
     assert plan.decoder[plan.decoder.index("--max_seq_len") + 1] == "448"
@@ -104,7 +104,7 @@ def _fake_trtllm_build(bin_dir):
 def test_both_model_repositories_carry_the_no_translate_declaration(turbo, tmp_path, monkeypatch):
     _fake_trtllm_build(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    manifest = build_engines(BuildConfig(), turbo["checkpoint"], tmp_path / "engines", ctranslate2_dir=turbo["ct2"])
+    manifest = build_engines(BuildConfig(n_mels=None), turbo["checkpoint"], tmp_path / "engines", ctranslate2_dir=turbo["ct2"])
     assert manifest.build.n_mels == 128 and manifest.model["translate"] is False
     assert manifest.model["layout"] == "large-v3-turbo"
     for engine_dir in (tmp_path / "engines", turbo["ct2"]):

@@ -40,7 +40,10 @@ class BuildConfig:
     # decoder input (prompt) tokens: <|startofprev|>, up to 223 tokens of previous text (openai-whisper's
     # n_text_ctx // 2 - 1) and up to 4 start tokens (sot, language, task, notimestamps)
     max_prompt_len: int = 228
-    n_mels: int | None = None  # None: the checkpoint's (80 up to large-v2, 128 for large-v3 and turbo)
+    # None: the checkpoint's (what `whisper-export` passes unless --n-mels is given). A value is checked
+    # against the checkpoint, never silently used; the default is large-v3's and turbo's 128 because
+    # readers of a manifest (engine limits) need a number
+    n_mels: int | None = 128
     dtype: str = "float16"
     weight_only_precision: str | None = None  # None, "int8" or "int4"
     paged_kv_cache: bool = True
