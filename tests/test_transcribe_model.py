@@ -51,7 +51,7 @@ def test_served_timestamps_follow_the_pauses(http_json, long_speech):
 def test_windows_of_a_file_are_batched(serve, long_speech):
     with grpcclient.InferenceServerClient(serve.grpc_url) as client:
         def stats():
-            model = client.get_inference_statistics("whisper").model_stats[0]
+            model = client.get_inference_statistics("whisper_window").model_stats[0]
             return model.inference_count, model.execution_count
 
         before = stats()

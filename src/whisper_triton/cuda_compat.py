@@ -113,13 +113,16 @@ def prepend_library_dir(existing: str, library_dir: Path) -> str:
     return os.pathsep.join([str(library_dir), *entries])
 
 
-def enable_forward_compatibility(environ: MutableMapping[str, str], *, version_file: Path = DRIVER_VERSION_FILE,
-                                 compat_root: Path = COMPAT_ROOT) -> CompatDecision:
+def enable_forward_compatibility(environ: MutableMapping[str, str] | None = None, *,
+                                 version_file: Path = DRIVER_VERSION_FILE, compat_root: Path = COMPAT_ROOT) -> CompatDecision:
     """Put the compat libraries first on `environ["LD_LIBRARY_PATH"]` when the driver needs them.
 
-    `environ` is the environment the Triton child inherits (serve passes `os.environ`); this
-    process itself loads no CUDA library, so only the child is affected.
+    `environ` (default: this process's environment, which the Triton child inherits) is changed
+    here and nowhere else: the dynamic loader's search path is not a setting of the project, so it
+    does not go through settings.py. This process itself loads no CUDA library; only the child is affected.
     """
+    if environ is None:
+        environ = os.environ
     library_dir = compat_library_dir(compat_root)
     decision = decide(host_driver_version(version_file), compat_driver_version(library_dir) if library_dir else None,
                       library_dir)

@@ -34,7 +34,7 @@ import numpy as np
 from ..export.manifest import EngineManifest
 from ..release import TENSORRT_LLM_VERSION, TRITON_IMAGE
 from ..tokenizer import WhisperTokenizer
-from .base import MAX_NEW_TOKENS, DecodeOptions, Hypothesis, check_batch
+from .base import MAX_NEW_TOKENS, DecodeOptions, EngineCapabilities, Hypothesis, check_batch
 
 logger = logging.getLogger(__name__)
 
@@ -343,6 +343,7 @@ class TensorRTLLMEngine:
     def __init__(
         self,
         model_dir: str | Path,
+        tokens=None,  # the special tokens (contract.capabilities.SpecialTokens); read from tokenizer.json here
         device: str = "cuda",
         compute_type: str | None = None,
         cpu_threads: int = 0,
@@ -383,6 +384,7 @@ class TensorRTLLMEngine:
         self.kv_cache_free_gpu_memory_fraction = kv_cache_free_gpu_memory_fraction
         self.cross_kv_cache_fraction = cross_kv_cache_fraction
         self._suppress_tokens = read_suppress_tokens(self.model_dir)
+        self.capabilities = self._capabilities()
 
         runtime_version, gpu_arch = self._platform()
         check_compatibility(self.manifest, runtime_version=runtime_version, gpu_arch=gpu_arch,
@@ -394,6 +396,19 @@ class TensorRTLLMEngine:
             self.model_dir, runtime_version, gpu_arch, self.n_mels, self.is_multilingual,
             self.max_batch_size, self.max_beam_width, self.limits.max_seq_len,
         )
+
+    def _capabilities(self) -> EngineCapabilities:
+        """What this engine gives today; the pipeline reports each missing rule in `info.not_applied`."""
+        missing = "the TensorRT-LLM runtime does not provide it yet"
+        return EngineCapabilities(
+            scores=True, no_speech_prob=False, language_probabilities=False, timestamp_rules=False,
+            suppress_blank=False, word_timestamps=False, encoder_reuse=False, max_beam_size=self.max_beam_width,
+            decoding_options=("beam_size", "max_new_tokens", "temperature", "repetition_penalty", "length_penalty"),
+            multilingual=self.is_multilingual, translate=self.is_multilingual, n_mels=self.n_mels, engine=self.name,
+            notes={"no_speech_prob": f"no <|nospeech|> probability: {missing}",
+                   "language_probabilities": "language from the top first tokens, not a softmax over languages",
+                   "timestamp_rules": f"openai-whisper's timestamp rules: {missing}",
+                   "word_timestamps": "no cross-attention alignment on this engine"})
 
     # ---- the three methods that touch tensorrt_llm / torch ---------------------------------------
     def _platform(self) -> tuple[str, str]:
