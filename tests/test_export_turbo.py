@@ -82,8 +82,10 @@ def test_the_ctranslate2_export_loads_decodes_and_cannot_translate(turbo):
     card = ModelCard.load(turbo["ct2"])
     assert card == ModelCard(n_mels=128, n_audio_layer=32, n_text_layer=4, n_vocab=51866, multilingual=True,
                              translate=False, layout="large-v3-turbo")
+    assert json.loads((turbo["ct2"] / "config.json").read_text())["translate"] is False  # where the engine reads it
     engine = load_engine("ctranslate2", str(turbo["ct2"]), cpu_threads=1)
     assert engine.n_mels == 128
+    assert engine.capabilities.multilingual and not engine.capabilities.translate  # declared, not guessed
     features = np.random.default_rng(0).uniform(-1.0, 1.0, (1, 128, 3000)).astype(np.float32)
     [hypothesis] = engine.generate(features, [[50258, 50259, 50360, 50364]], DecodeOptions(beam_size=1, max_new_tokens=5))
     assert 1 <= len(hypothesis.tokens) <= 5 and all(0 <= t < 51866 for t in hypothesis.tokens)
@@ -127,5 +129,9 @@ def test_the_turbo_layout_is_served_on_ctranslate2(turbo, tmp_path, speech_clips
                                     "X-Amzn-SageMaker-Custom-Attributes": "max_new_tokens=6,temperature=0"})
         assert reply.status_code == 200, reply.text + instance.log(40)
         assert reply.json()["language"] == "en" and isinstance(reply.json()["text"], str)
+        refused = httpx.post(instance.url + "/invocations?language=fr&task=translate", content=speech_clips[0].wav_bytes,
+                             timeout=180, headers={"Content-Type": "audio/wav"})
+        assert refused.status_code == 400, refused.text  # the model declares it cannot translate
+        assert "task" in refused.text and "Traceback" not in refused.text
     finally:
         instance.terminate()

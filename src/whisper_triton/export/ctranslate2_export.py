@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ def export_ctranslate2(config: CT2ExportConfig) -> Path:
             TransformersConverter(str(hf_dir), copy_files=copy_files).convert(str(staging), quantization=config.quantization, force=True)
         except (ValueError, OSError, RuntimeError) as exc:
             raise ExportError(f"CTranslate2 could not convert {hf_dir}: {exc}") from exc
+        declare_translate(staging, card.translate)
         model = ctranslate2.models.Whisper(str(staging), device="cpu", compute_type="float32")
         if model.n_mels != card.n_mels:  # (CTranslate2 4.8's is_multilingual reads False for every model)
             raise ExportError(f"The converted model has n_mels={model.n_mels}, the source {card.n_mels}.")
@@ -50,6 +52,15 @@ def export_ctranslate2(config: CT2ExportConfig) -> Path:
         mark_complete(staging, STEP, {**asdict(config), "model": asdict(card)})
     logger.info("CTranslate2 model written to %s (%s)", config.output_dir, config.quantization)
     return Path(config.output_dir)
+
+
+def declare_translate(model_dir: Path, translate: bool) -> None:
+    """Also state `translate` in the model's config.json, where the CTranslate2 engine reads it
+    (CTranslate2 ignores keys it does not know); whisper_model.json has the full card."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    config["translate"] = bool(translate)
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def ctranslate2_ready(output_dir: str | Path) -> bool:
