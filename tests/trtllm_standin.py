@@ -335,3 +335,75 @@ class StandInModelRunnerCpp:
         if banned:
             logits[:, banned] = -float("inf")
         return logits
+
+
+# ---- an engine directory and the engine on this stand-in (shared by the tests) -----------------
+GPU_ARCH = "sm_86"
+STANDIN_MAX_BATCH = 2  # smaller than the contract's test batch, so the engine must split it
+
+
+def write_engine_dir(root: Path, model_dir: Path, *, version: str | None = None, arch: str = GPU_ARCH,
+                     max_batch_size: int = STANDIN_MAX_BATCH, max_beam_width: int = 4, max_seq_len: int = 448,
+                     max_prompt_len: int = 32, dtype: str = "float16", ct2_copy: bool = False) -> Path:
+    """An engine directory as the export lays it out, minus the engine plans (the stand-in needs none).
+
+    Engine config.json files carry `build_config` and `pretrained_config` as trtllm-build writes them
+    (only the fields read here); `ctranslate2/` is the export's CTranslate2 copy of the same weights.
+    """
+    import shutil
+
+    from whisper_triton.export.manifest import BuildConfig, EngineManifest
+    from whisper_triton.features import N_FRAMES
+    from whisper_triton.release import TENSORRT_LLM_VERSION
+
+    root.mkdir(parents=True, exist_ok=True)
+    build = BuildConfig(max_batch_size=max_batch_size, max_beam_width=max_beam_width, max_output_len=max_seq_len,
+                        max_prompt_len=max_prompt_len, n_mels=80, dtype=dtype)
+    EngineManifest(tensorrt_llm_version=version or TENSORRT_LLM_VERSION, gpu_arch=arch, gpu_name="NVIDIA A10G",
+                   build=build, model={"name": "tiny.en", "is_multilingual": False, "vocab_size": 51864}).save(root)
+    for part, build_config, pretrained in (
+        ("encoder", {"max_batch_size": max_batch_size, "max_input_len": N_FRAMES},
+         {"architecture": "WhisperEncoder", "dtype": dtype, "n_mels": 80}),
+        ("decoder", {"max_batch_size": max_batch_size, "max_beam_width": max_beam_width,
+                     "max_input_len": max_prompt_len, "max_seq_len": max_seq_len},
+         {"architecture": "DecoderModel", "dtype": dtype, "vocab_size": 51864}),
+    ):
+        (root / part).mkdir(exist_ok=True)
+        (root / part / "config.json").write_text(json.dumps({"build_config": build_config,
+                                                             "pretrained_config": pretrained}))
+    if ct2_copy:
+        shutil.copytree(model_dir, root / "ctranslate2")
+    for name in ("tokenizer.json", "config.json"):
+        shutil.copy(model_dir / name, root / name)
+    return root
+
+
+def _engine_class():
+    from whisper_triton.engines.tensorrtllm_engine import TensorRTLLMEngine
+    from whisper_triton.release import TENSORRT_LLM_VERSION
+
+    class StandInRuntimeEngine(TensorRTLLMEngine):
+        """TensorRTLLMEngine on the CPU: platform probe, device and runner class are stand-ins, the rest is real."""
+
+        standin_platform = (TENSORRT_LLM_VERSION, GPU_ARCH)
+
+        def _platform(self):
+            return self.standin_platform
+
+        def _runner_class(self):
+            return StandInModelRunnerCpp
+
+        def _torch_device(self):
+            return torch.device("cpu")
+
+        def _aligner_device(self):
+            return "cpu", "float32"
+
+        @property
+        def calls(self) -> list[dict]:
+            return self._runner.calls
+
+    return StandInRuntimeEngine
+
+
+StandInRuntimeEngine = _engine_class()
