@@ -18,7 +18,6 @@ Below the contract: unit tests of the TensorRT-LLM engine's pure functions and r
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import subprocess
 import sys
@@ -35,7 +34,6 @@ from whisper_triton.engines.tensorrtllm_engine import (
     EngineCompatibilityError,
     EngineLimits,
     RuntimeOutput,
-    RuntimeRequest,
     TensorRTLLMEngine,
     TensorRTLLMUnavailableError,
     build_generate_request,
@@ -56,7 +54,7 @@ from whisper_triton.release import TENSORRT_LLM_VERSION
 from whisper_triton.settings import load_settings
 from whisper_triton.tokenizer import PromptSpec, WhisperTokenizer
 
-from trtllm_standin import (GPU_ARCH, STANDIN_MAX_BATCH, StandInModelRunnerCpp, StandInRuntimeEngine, StepModel,
+from trtllm_standin import (GPU_ARCH, StandInModelRunnerCpp, StandInRuntimeEngine, StepModel,
                             write_engine_dir)
 
 SENTENCES = [

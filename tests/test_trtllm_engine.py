@@ -293,3 +293,34 @@ def test_standin_calls_processors_at_every_step(runner, features):
     generated = int(out["sequence_lengths"][0, 0]) - 2
     assert [s[2] for s in seen] == [[2 + k] for k in range(len(seen))]
     assert len(seen) in (generated, generated + 1) and all(s[1] == (1, 1, 51864) and s[3] is None for s in seen)
+
+
+def test_language_detection_runs_through_the_hook(tmp_path, model_dir, step_model, features):
+    """A multilingual-layout engine asks one greedy step per window and reads openai's softmax over languages.
+
+    The vocabulary layout is the multilingual one (tests/multilingual.py) over tiny.en's logits: the
+    probabilities mean nothing, but they must be exactly the rule applied to the runtime's step logits.
+    """
+    import json
+
+    from multilingual import multilingual_tokenizer_json
+    from whisper_triton.engines.whisper_rules import language_probabilities
+
+    root = write_engine_dir(tmp_path / "ml", model_dir)
+    multilingual_tokenizer_json(model_dir / "tokenizer.json", root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["model"]["is_multilingual"] = True
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    engine = StandInRuntimeEngine(root)
+    assert engine.is_multilingual
+    detected = engine.detect_language(features[:2])
+    call = engine.calls[-1]
+    assert call["prompts"] == [[engine.tokenizer.sot]] * 2 and call["max_new_tokens"] == 1
+    assert call["sampling"]["num_beams"] == 1 and call["names"] == ["whisper_rules_0", "whisper_rules_1"]
+    for window, probabilities in zip(features[:2], detected):
+        audio = step_model.encode(torch.from_numpy(np.ascontiguousarray(window.T)).to(torch.float16))
+        logits = step_model.logits([[engine.tokenizer.sot]], audio)[0].numpy()
+        expected = language_probabilities(logits, engine.rule_tokens)
+        assert list(probabilities) == list(expected)
+        assert list(probabilities.values()) == pytest.approx(list(expected.values()), rel=1e-5, abs=1e-12)
+        assert sum(probabilities.values()) == pytest.approx(1.0)

@@ -156,7 +156,8 @@ def engine_dtype(encoder_config: dict | None, manifest: EngineManifest) -> str:
     dtype = ((encoder_config or {}).get("pretrained_config") or {}).get("dtype") or manifest.build.dtype
     if dtype not in FEATURE_DTYPES:
         raise EngineCompatibilityError(
-            f"The encoder engine's dtype is {dtype!r}; this server sends features as one of {', '.join(FEATURE_DTYPES)}. "
+            f"The encoder engine's dtype is {dtype!r}; this server sends features as one of "
+            f"{', '.join(FEATURE_DTYPES)}. "
             "Rebuild the engines with the project's export (--dtype float16 or bfloat16)."
         )
     return dtype
@@ -174,7 +175,7 @@ def engine_vocab_size(decoder_config: dict | None, manifest: EngineManifest, is_
 class RuntimeRequest:
     """One `ModelRunnerCpp.generate` call, as plain data."""
 
-    prompts: list[list[int]]  # decoder input ids per request (up to <|startoftranscript|> when the hook forces the rest)
+    prompts: list[list[int]]  # decoder input ids per request (up to <|startoftranscript|> when the hook forces)
     features: list[np.ndarray]  # per request [frames, n_mels]: float16, or float32 to be cast to `feature_dtype`
     encoder_output_lengths: list[int]  # per request, frames // 2
     max_new_tokens: int
@@ -287,7 +288,8 @@ def build_generate_request(features: np.ndarray, prompts: list[list[int]], optio
         sent, forced = fitted, [() for _ in fitted]
     too_long = [len(prompt) for prompt in sent if len(prompt) > limits.max_prompt_len]
     if too_long:
-        raise ValueError(f"a {max(too_long)}-token prompt is above the engine's max_prompt_len {limits.max_prompt_len}.")
+        raise ValueError(
+            f"a {max(too_long)}-token prompt is above the engine's max_prompt_len {limits.max_prompt_len}.")
     longest = max(len(prompt) + len(rest) for prompt, rest in zip(sent, forced))
     output_max = min(options.max_new_tokens, MAX_NEW_TOKENS, limits.max_seq_len - longest)
     if output_max < 1:
@@ -567,7 +569,7 @@ class TensorRTLLMEngine:
         cross_kv_cache_fraction: float = 0.5,
         device_id: int | None = None,
     ):
-        """`device_id`: the GPU this instance runs on (Triton's args["model_instance_device_id"]); None: the current one."""
+        """`device_id`: the GPU this instance runs on (Triton's args["model_instance_device_id"]); None: the current."""
         if device not in ("cuda", "auto"):
             raise TensorRTLLMUnavailableError(
                 f"The TensorRT-LLM engine runs only on an NVIDIA GPU, but device={device!r} was asked for. "

@@ -46,7 +46,8 @@ class RuleTokens:
     vocab_size: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, vocab_size: int, model_suppress: list[int] | tuple[int, ...] = ()) -> "RuleTokens":
+    def from_tokenizer(cls, tokenizer, vocab_size: int,
+                       model_suppress: list[int] | tuple[int, ...] = ()) -> "RuleTokens":
         """`vocab_size`: the model's (its logits' width; tokenizer.json lacks the timestamp tokens).
         `model_suppress`: the model's own suppress list (config.json `suppress_ids`), openai's "-1"."""
         specials = [tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev]
@@ -76,11 +77,14 @@ class RuleTokens:
 
 # ---- the rules (pure, in place) -----------------------------------------------------------------
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64 (rows of -inf except one finite value stay finite there)."""
-    values = np.asarray(logits, dtype=np.float64)
+    """Row-wise log-softmax in float32, as openai computes it (`F.log_softmax(logits.float())`).
+
+    Rows of -inf except one finite value stay finite there (0).
+    """
+    values = np.asarray(logits, dtype=np.float32)
     top = np.max(values, axis=-1, keepdims=True)
     shifted = values - top
-    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
 
 
 def suppress_blank(logits: np.ndarray, histories: list[list[int]], tokens: RuleTokens) -> None:
