@@ -324,3 +324,18 @@ def test_language_detection_runs_through_the_hook(tmp_path, model_dir, step_mode
         assert list(probabilities) == list(expected)
         assert list(probabilities.values()) == pytest.approx(list(expected.values()), rel=1e-5, abs=1e-12)
         assert sum(probabilities.values()) == pytest.approx(1.0)
+
+
+def test_a_batch_mixing_timestamp_modes_keeps_limits_and_scores(tmp_path, model_dir, tokenizer, step_model,
+                                                                features):
+    """Forced start sequences of different lengths in one batch: each hypothesis keeps max_new_tokens and a score."""
+    engine = StandInRuntimeEngine(write_engine_dir(tmp_path / "e", model_dir))
+    prompts = [tokenizer.prompt_ids(PromptSpec(language="en", timestamps=True)),
+               tokenizer.prompt_ids(PromptSpec(language="en"))]
+    with_ts, without = engine.generate(features[:2], prompts, DecodeOptions(max_new_tokens=5))
+    assert engine.calls[-1]["max_new_tokens"] == 6  # 5 + the one forced <|notimestamps|>
+    assert len(with_ts.tokens) == len(without.tokens) == 5
+    assert with_ts.tokens[0] >= tokenizer.timestamp_begin and without.tokens[0] < tokenizer.eot
+    assert with_ts.sum_logprob < 0 and without.sum_logprob < 0
+    full = engine.generate(features[1:2], prompts[1:], DecodeOptions())[0]
+    assert full.tokens[:5] == without.tokens and full.sum_logprob < without.sum_logprob

@@ -172,7 +172,11 @@ class StandInModelRunnerCpp:
           maintainer's answer; TensorRT-LLM PR #12366 changed that default in 2026);
         - output_ids [B, beams, max_seq_len] int32: the prompt, then the generated tokens, padded with
           end_id to max_seq_len; sequence_lengths [B, beams] count the prompt and generated tokens;
-        - bad_words_list: per request, words (token lists) that are never generated.
+        - bad_words_list: per request, words (token lists) that are never generated (applied after the
+          processors, in the sampling layers).
+        Not modelled: the per-token `log_probs` values (zeros of the right shape; the engine reads the
+        hook's scores instead), streaming, and whether the end token itself precedes the end_id padding
+        (the engine's parsing accepts both).
         """
         unknown = set(kwargs) - ACCEPTED_SAMPLING - {"skip_cross_attn_blocks", "draft_tokens_list",
                                                       "draft_logits_list"}
