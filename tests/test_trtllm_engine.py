@@ -339,3 +339,17 @@ def test_a_batch_mixing_timestamp_modes_keeps_limits_and_scores(tmp_path, model_
     assert with_ts.sum_logprob < 0 and without.sum_logprob < 0
     full = engine.generate(features[1:2], prompts[1:], DecodeOptions())[0]
     assert full.tokens[:5] == without.tokens and full.sum_logprob < without.sum_logprob
+
+
+def test_processor_accepts_one_row_for_several_beams(tmp_path, model_dir, step_model):
+    """At the context step the runtime may hand one logits row for beams that share the prompt."""
+    from whisper_triton.engines.whisper_rules import RequestPlan, RequestState
+
+    engine = StandInRuntimeEngine(write_engine_dir(tmp_path / "e", model_dir))
+    processor = engine._slots.processor_map()["whisper_rules_0"]
+    state = RequestState(plan=RequestPlan(forced=(engine.tokenizer.no_timestamps,)), tokens=engine.rule_tokens)
+    with engine._slots.bound([state], [[engine.tokenizer.sot]]):
+        logits = torch.randn(1, 1, 51864)
+        processor(7, logits, [[engine.tokenizer.sot]] * 3, None, None)
+    assert torch.isfinite(logits[0, 0]).nonzero().flatten().tolist() == [engine.tokenizer.no_timestamps]
+    assert state.no_speech_prob is not None

@@ -547,6 +547,9 @@ class TorchLogitsProcessor:
             vocab = min(self.slots.vocab_size, width)
             prompt_length = self.slots.prompt_lengths[self.slot]
             histories = [list(beam)[prompt_length:] for beam in token_ids]
+            if len(histories) != host.shape[0]:
+                # e.g. one context-step row for several beams that share the prompt: the rows lead
+                histories = (histories + histories[-1:] * host.shape[0])[: host.shape[0]]
             rows = host[:, :vocab]
             state.step(rows, histories)
             host[:, :vocab] = rows
