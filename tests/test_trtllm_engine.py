@@ -132,10 +132,9 @@ def test_engine_declares_the_rules_and_word_timestamps_with_the_copy(tmp_path, m
     assert caps.scores and caps.no_speech_prob and caps.timestamp_rules and caps.suppress_blank
     assert caps.language_probabilities and caps.max_beam_size == 4 and "patience" not in caps.decoding_options
     assert not caps.word_timestamps and "ctranslate2/" in caps.missing_reason("word_timestamps")
-    assert not bare.supports_word_timestamps
     assert EngineCapabilities.from_json(caps.to_json()) == caps
     with_copy = StandInRuntimeEngine(write_engine_dir(tmp_path / "copy", model_dir, ct2_copy=True))
-    assert with_copy.capabilities.word_timestamps and with_copy.supports_word_timestamps
+    assert with_copy.capabilities.word_timestamps
     assert with_copy._aligner is None  # loaded only when words are asked for
 
 
@@ -144,7 +143,7 @@ def test_alignment_is_engine_independent(tmp_path, model_dir, tokenizer, step_mo
     engine = StandInRuntimeEngine(write_engine_dir(tmp_path / "e", model_dir, ct2_copy=True))
     prompt = tokenizer.prompt_ids(PromptSpec(language="en"))
     hypotheses = engine.generate(features[:2], [prompt] * 2, DecodeOptions())
-    ct2 = CTranslate2Engine(model_dir, cpu_threads=2)
+    ct2 = CTranslate2Engine(model_dir, tokenizer.special_tokens(), cpu_threads=2)
     start_sequence = [tokenizer.sot, tokenizer.no_timestamps]
     for index, hypothesis in enumerate(hypotheses):
         text = [t for t in hypothesis.tokens if t < tokenizer.eot]

@@ -564,6 +564,7 @@ class TensorRTLLMEngine:
     def __init__(
         self,
         model_dir: str | Path,
+        tokens=None,
         device: str = "cuda",
         compute_type: str | None = None,
         cpu_threads: int = 0,
@@ -572,7 +573,9 @@ class TensorRTLLMEngine:
         cross_kv_cache_fraction: float = 0.5,
         device_id: int | None = None,
     ):
-        """`device_id`: the GPU this instance runs on (Triton's args["model_instance_device_id"]); None: the current."""
+        """`tokens`: the model's SpecialTokens (contract.capabilities), checked against the tokenizer read here
+        (the rules need more of it: the blank token, the non-speech list). `device_id`: the GPU this instance
+        runs on (Triton's args["model_instance_device_id"]); None: the current one."""
         if device not in ("cuda", "auto"):
             raise TensorRTLLMUnavailableError(
                 f"The TensorRT-LLM engine runs only on an NVIDIA GPU, but device={device!r} was asked for. "
@@ -599,6 +602,12 @@ class TensorRTLLMEngine:
         self.limits = engine_limits(self.manifest, decoder_config, encoder_config)
         model_info = self.manifest.model or {}
         self.tokenizer = WhisperTokenizer.from_model_dir(self.model_dir, model_info.get("is_multilingual"))
+        if tokens is not None and (tokens.sot, tokens.eot) != (self.tokenizer.sot, self.tokenizer.eot):
+            raise ValueError(
+                f"The special tokens given (sot {tokens.sot}, eot {tokens.eot}) are not this engine directory's "
+                f"(sot {self.tokenizer.sot}, eot {self.tokenizer.eot}): the tokenizer.json beside the engines must be "
+                "the model's."
+            )
         self.n_mels = self.limits.n_mels
         self.is_multilingual = self.tokenizer.is_multilingual
         self.max_batch_size = max_batch_size or self.limits.max_batch_size
@@ -644,10 +653,6 @@ class TensorRTLLMEngine:
             translate=bool(model_info.get("translate", self.is_multilingual)),
             n_mels=self.n_mels, engine=self.name, notes=notes,
         )
-
-    @property
-    def supports_word_timestamps(self) -> bool:
-        return self.capabilities.word_timestamps
 
     # ---- the methods that touch tensorrt_llm / torch ---------------------------------------------
     def _platform(self) -> tuple[str, str]:
@@ -776,8 +781,8 @@ class TensorRTLLMEngine:
         model = ctranslate2.models.Whisper(str(self.ct2_dir), device=device, device_index=self.device_id or 0,
                                            compute_type=compute_type, inter_threads=1)
         logger.info("word timestamps: CTranslate2 copy %s loaded on %s (%s)", self.ct2_dir, device, compute_type)
-        return CTranslate2Engine(self.ct2_dir, device=device, compute_type=compute_type,
-                                 max_batch_size=self.max_batch_size, model=model)
+        return CTranslate2Engine(self.ct2_dir, self.tokenizer.special_tokens(), device=device,
+                                 compute_type=compute_type, max_batch_size=self.max_batch_size, model=model)
 
     def align(self, features: np.ndarray, start_sequence: list[int], text_tokens: list[list[int]],
               num_frames: list[int]) -> list[TokenTimings]:
