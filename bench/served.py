@@ -6,7 +6,7 @@ What it measures (paired, interleaved rounds; medians), with and without timesta
   wall time, RTF, WER, ours/theirs ratio, CPU time of all processes per audio second;
 - Triton's statistics per model diffed around each request: executions, inferences, the batch
   sizes of the executions, queue and compute time; from them the stack's own time per audio second
-  (end to end minus the engine model's compute time);
+  (end to end minus the compute time of `whisper_window`, the model that runs the engine);
 - peak memory (RSS) of the whole served process tree (proxy, tritonserver, Python-backend stubs)
   and of the faster-whisper process, sampled while it runs;
 - short-request overhead at concurrency 1, 8 concurrent short requests vs sequential, and
@@ -47,7 +47,8 @@ from _path import ROOT  # the repository root, made importable
 
 logger = logging.getLogger("whisper_triton.bench")
 
-ENGINE_MODEL = "whisper"  # the Triton model whose compute time is the engine's
+ENGINE_MODEL = "whisper_window"  # the Triton model that runs the engine: its compute time is the engine's
+_STUB_MODELS = ("whisper_window", "whisper", "transcribe")
 MODES = {"timestamps": False, "no timestamps": True}  # mode -> without_timestamps
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -103,7 +104,8 @@ def window_count(body: bytes) -> int | None:
         from whisper_triton.vad import speech_spans
 
         options = TranscribeOptions()
-        return len(windows_from_speech(speech_spans(decode_audio(body), options.vad_options()), options.chunk_length))
+        vad = options.vad_options() if callable(options.vad_options) else options.vad_options
+        return len(windows_from_speech(speech_spans(decode_audio(body), vad), options.chunk_length))
     except Exception as exc:  # the pipeline's layout may move; the figure is then left out
         logger.warning("could not count windows (%s)", exc)
         return None
@@ -144,7 +146,7 @@ def role(pid: int) -> str:
     """What a process of the served tree is, from its command line."""
     cmdline = (_read(f"/proc/{pid}/cmdline") or "").replace("\0", " ")
     if "triton_python_backend_stub" in cmdline:
-        for model in ("whisper", "transcribe"):
+        for model in _STUB_MODELS:
             if f"/{model}/" in cmdline:
                 return f"stub:{model}"
         return "stub:other"

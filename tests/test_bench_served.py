@@ -30,7 +30,7 @@ def served():
 
 def triton_stats(executions: int, inferences: int, infer_ns: int, batches: dict[int, int], queue_ns: int = 0) -> dict:
     """The shape of Triton's statistics extension answer (GET /v2/models/stats) for one model."""
-    return {"name": "whisper", "version": "1", "last_inference": 1, "inference_count": inferences,
+    return {"name": "whisper_window", "version": "1", "last_inference": 1, "inference_count": inferences,
             "execution_count": executions,
             "inference_stats": {"success": {"count": inferences, "ns": infer_ns + queue_ns},
                                 "queue": {"count": inferences, "ns": queue_ns},
@@ -46,13 +46,13 @@ def test_statistics_are_diffed_per_model_and_batch_size(served):
     before = served.stats_snapshot({"model_stats": [triton_stats(3, 5, 1_000, {1: 1, 2: 2})]})
     after = served.stats_snapshot({"model_stats": [triton_stats(6, 17, 4_000, {1: 1, 2: 3, 8: 1, 2 + 1: 1},
                                                                 queue_ns=700)]})
-    diff = served.diff_stats(before, after)["whisper"]
+    diff = served.diff_stats(before, after)["whisper_window"]
     assert diff["executions"] == 3 and diff["inferences"] == 12
     assert diff["compute_infer_ns"] == 3_000 and diff["queue_ns"] == 700
     assert diff["execution_infer_ns"] == 300  # per execution: three more executions of 100 ns
     assert diff["batch_sizes"] == {2: 1, 3: 1, 8: 1}  # sizes that did not run in between are left out
-    total = served.add_stats(served.add_stats({}, {"whisper": diff}), {"whisper": diff})
-    assert total["whisper"]["inferences"] == 24 and total["whisper"]["batch_sizes"] == {2: 2, 3: 2, 8: 2}
+    total = served.add_stats(served.add_stats({}, {"whisper_window": diff}), {"whisper_window": diff})
+    assert total["whisper_window"]["inferences"] == 24 and total["whisper_window"]["batch_sizes"] == {2: 2, 3: 2, 8: 2}
 
 
 def test_proc_stat_parsing_survives_odd_command_names(served):
@@ -84,23 +84,23 @@ def test_percentile_is_a_measured_value(served):
 
 
 def sample(served, wall: float, engine_s: float, cpu: dict[str, float], batches: dict[int, int]):
-    stats = {"whisper": {"executions": sum(batches.values()), "inferences": sum(k * v for k, v in batches.items()),
+    stats = {"whisper_window": {"executions": sum(batches.values()), "inferences": sum(k * v for k, v in batches.items()),
                          "compute_infer_ns": int(engine_s * 1e9) * 8, "execution_infer_ns": int(engine_s * 1e9),
                          "queue_ns": 0, "batch_sizes": batches}}
     return served.Sample(wall, cpu, stats, "text")
 
 
 def test_served_row_splits_own_time_from_engine_time(served):
-    rows = [sample(served, 10.0, 9.0, {"proxy": 0.1, "stub:whisper": 18.0, "tritonserver": 0.1}, {8: 1, 4: 1}),
-            sample(served, 12.0, 10.0, {"proxy": 0.3, "stub:whisper": 20.0, "tritonserver": 0.1}, {8: 1, 4: 1}),
-            sample(served, 11.0, 10.5, {"proxy": 0.2, "stub:whisper": 19.0, "tritonserver": 0.2}, {8: 1, 4: 1})]
+    rows = [sample(served, 10.0, 9.0, {"proxy": 0.1, "stub:whisper_window": 18.0, "tritonserver": 0.1}, {8: 1, 4: 1}),
+            sample(served, 12.0, 10.0, {"proxy": 0.3, "stub:whisper_window": 20.0, "tritonserver": 0.1}, {8: 1, 4: 1}),
+            sample(served, 11.0, 10.5, {"proxy": 0.2, "stub:whisper_window": 19.0, "tritonserver": 0.2}, {8: 1, 4: 1})]
     row = served.served_row(rows, audio_seconds=100.0)
     assert row["rtf"] == pytest.approx(0.11)
     assert row["own_wall_ms_per_audio_s"] == pytest.approx(10.0)  # median of 1.0, 2.0, 0.5 s over 100 s
     assert row["cpu_ms_per_audio_s"] == pytest.approx(194.0)  # totals 18.2, 20.4, 19.4 s
     assert row["own_cpu_ms_per_audio_s"] == pytest.approx(4.0)  # 0.2, 0.4, 0.4 s outside the engine stub
-    assert row["triton_per_round"]["whisper"]["batch_sizes"] == {8: 1.0, 4: 1.0}
-    assert row["triton_per_round"]["whisper"]["inferences"] == 12.0
+    assert row["triton_per_round"]["whisper_window"]["batch_sizes"] == {8: 1.0, 4: 1.0}
+    assert row["triton_per_round"]["whisper_window"]["inferences"] == 12.0
 
 
 def test_report_renders_as_table_json_and_plot(served, tmp_path, capsys):
@@ -108,10 +108,10 @@ def test_report_renders_as_table_json_and_plot(served, tmp_path, capsys):
 
     long = served.Clip("long", b"", 100.0, " ".join(SENTENCES), "audio/flac")
     shorts = [served.Clip(f"short{i}", b"", 4.0, text, "audio/wav") for i, text in enumerate(SENTENCES[:2])]
-    ours_long = [[sample(served, 10.0, 9.0, {"stub:whisper": 18.0}, {8: 1})] for _ in range(3)]
+    ours_long = [[sample(served, 10.0, 9.0, {"stub:whisper_window": 18.0}, {8: 1})] for _ in range(3)]
     for rounds in ours_long:
         rounds[0].text = " ".join(SENTENCES)
-    ours_short = [[sample(served, 0.5, 0.4, {"stub:whisper": 0.8}, {1: 1}) for _ in shorts] for _ in range(3)]
+    ours_short = [[sample(served, 0.5, 0.4, {"stub:whisper_window": 0.8}, {1: 1}) for _ in shorts] for _ in range(3)]
     for rounds in ours_short:
         for s, clip in zip(rounds, shorts):
             s.text = clip.reference

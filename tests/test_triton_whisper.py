@@ -11,6 +11,8 @@ from tritonclient.utils import InferenceServerException
 from whisper_triton.evaluation import word_error_rate
 from whisper_triton.transcribe import ShortFormTranscriber, ShortRequest
 
+pytestmark = pytest.mark.triton  # starts a real tritonserver / serve
+
 PREFIX = b"<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"
 
 
@@ -81,7 +83,7 @@ def test_minimal_request_without_optional_inputs(client, speech_clips):
 
 def test_concurrent_requests_are_batched(client, serve, speech_clips):
     def stats():
-        model = client.get_inference_statistics("whisper").model_stats[0]
+        model = client.get_inference_statistics("whisper_window").model_stats[0]
         return model.inference_count, model.execution_count
 
     before = stats()
@@ -130,7 +132,7 @@ def test_padded_wav_longer_than_30_seconds_is_transcribed_whole(client, speech_c
 
 
 def prompt_request(clips: list[np.ndarray], prompts: list[list[int]]):
-    """Rows of WAV with one decoder prompt each (PROMPT_IDS -1 padded), as the `transcribe` model sends."""
+    """Rows of WAV with one decoder prompt each (PROMPT_IDS -1 padded), as `transcribe` sends to `whisper_window`."""
     wav = np.zeros((len(clips), max(c.size for c in clips)), dtype=np.float32)
     for row, clip in enumerate(clips):
         wav[row, : clip.size] = clip
@@ -157,10 +159,11 @@ def test_each_row_keeps_its_own_prompt(client, speech_clips, tokenizer):
     def tokens(result) -> list[list[int]]:
         return [[int(t) for t in row if t >= 0] for row in result.as_numpy("TOKENS")]
 
-    together = tokens(client.infer("whisper", prompt_request(clips, prompts)))
-    alone = [tokens(client.infer("whisper", prompt_request([clip], [prompt])))[0] for clip, prompt in zip(clips, prompts)]
+    together = tokens(client.infer("whisper_window", prompt_request(clips, prompts)))
+    alone = [tokens(client.infer("whisper_window", prompt_request([clip], [prompt])))[0]
+             for clip, prompt in zip(clips, prompts)]
     assert together == alone
     assert any(t >= tokenizer.timestamp_begin for t in together[0])  # the first row decoded with timestamps
     assert not any(t >= tokenizer.timestamp_begin for t in together[1])
     with pytest.raises(InferenceServerException, match="PROMPT_IDS"):
-        client.infer("whisper", prompt_request(clips + [clips[0]], prompts + [prompts[0][:1] + [10**6]]))
+        client.infer("whisper_window", prompt_request(clips + [clips[0]], prompts + [prompts[0][:1] + [10**6]]))
