@@ -23,6 +23,7 @@ from _path import ROOT  # the repository root, made importable
 from whisper_triton.audio import SAMPLE_RATE, decode_audio
 from whisper_triton.evaluation import word_error_rate
 from whisper_triton.settings import load_settings
+from whisper_triton.tokenizer import WhisperTokenizer
 from testkit.synthetic_speech import SENTENCES, long_recording, spoken_sentences
 
 logger = logging.getLogger("whisper_triton.bench")
@@ -66,7 +67,8 @@ def run(args: argparse.Namespace) -> dict:
     theirs_model = WhisperModel(str(model_dir), device="cpu", compute_type=args.compute_type, cpu_threads=threads)
     theirs = BatchedInferencePipeline(theirs_model)
     # the very same CTranslate2 model instance: engine speed is identical by construction
-    engine = CTranslate2Engine(model_dir, compute_type=args.compute_type, model=theirs_model.model)
+    engine = CTranslate2Engine(model_dir, WhisperTokenizer.from_model_dir(model_dir).special_tokens(),
+                               compute_type=args.compute_type, model=theirs_model.model)
     tokenizer = WhisperTokenizer.from_model_dir(model_dir, engine.is_multilingual)
     ours = LongFormTranscriber(EngineWindowDecoder(engine, tokenizer), tokenizer)
     assert isinstance(theirs_model.model, ctranslate2.models.Whisper)

@@ -123,7 +123,7 @@ class ServeProcess:
         return self.process.returncode
 
 
-def start_serve(tmp_dir: Path, extra_env: dict | None = None) -> ServeProcess:
+def start_serve(tmp_dir: Path, extra_env: dict | None = None, args: tuple[str, ...] = ()) -> ServeProcess:
     ports = [free_port() for _ in range(4)]
     env = dict(os.environ)
     env.update({
@@ -136,7 +136,7 @@ def start_serve(tmp_dir: Path, extra_env: dict | None = None) -> ServeProcess:
     })
     log_path = tmp_dir / f"serve-{ports[0]}.log"
     log = log_path.open("wb")
-    process = subprocess.Popen([str(ROOT / "serve")], env=env, stdout=log, stderr=subprocess.STDOUT,
+    process = subprocess.Popen([str(ROOT / "serve"), *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                                cwd=ROOT, start_new_session=True)
     return ServeProcess(process, *ports, log_path=log_path)
 

@@ -53,7 +53,7 @@ def engine_dir(tmp_path) -> Path:
 
 
 def test_render_parses_back_with_gpu_or_cpu_instance_group():
-    template = (default_template_dir() / "whisper" / "config.pbtxt").read_text()
+    template = (default_template_dir() / "whisper_window" / "config.pbtxt").read_text()
     original = text_format.Parse(template, model_config_pb2.ModelConfig())
     for device, kind in (("cuda", KIND.KIND_GPU), ("cpu", KIND.KIND_CPU)):
         values = RenderValues(max_batch_size=3, engine="tensorrtllm" if device == "cuda" else "ctranslate2",
@@ -63,7 +63,8 @@ def test_render_parses_back_with_gpu_or_cpu_instance_group():
         assert config.max_batch_size == 3
         assert [(g.kind, g.count) for g in config.instance_group] == [(kind, 1)]
         assert params(config) == {"engine": values.engine, "model_dir": "whisper/1/engine", "device": device,
-                                  "compute_type": values.compute_type, "cpu_threads": "2" if device == "cpu" else ""}
+                                  "compute_type": values.compute_type, "cpu_threads": "2" if device == "cpu" else "",
+                                  "encoder_cache_mb": ""}
         # everything else is the template's, field for field
         for name in ("name", "backend", "input", "output", "dynamic_batching"):
             assert getattr(config, name) == getattr(original, name), name
@@ -74,8 +75,8 @@ def test_ctranslate2_repository_layout_and_manifest(tmp_path):
     out = write_model_repository(ModelRepoConfig(model_dir=str(model), output_dir=str(tmp_path / "repo")))
     assert is_complete(out, "model-repo")
     assert {p.name for p in out.iterdir() if p.is_dir()} == template_models()  # every model of the template
-    config = parse(out / "whisper" / "config.pbtxt")
-    assert config.max_batch_size == parse(default_template_dir() / "whisper" / "config.pbtxt").max_batch_size
+    config = parse(out / "whisper_window" / "config.pbtxt")
+    assert config.max_batch_size == parse(default_template_dir() / "whisper_window" / "config.pbtxt").max_batch_size
     assert [(g.kind, g.count) for g in config.instance_group] == [(KIND.KIND_CPU, 1)]
     assert params(config)["engine"] == "ctranslate2" and params(config)["device"] == "cpu"
     assert params(config)["model_dir"] == ENGINE_SUBDIR
@@ -98,9 +99,12 @@ def test_ctranslate2_repository_layout_and_manifest(tmp_path):
 
 def test_tensorrtllm_repository_takes_the_engine_build(engine_dir, tmp_path):
     out = write_model_repository(ModelRepoConfig(model_dir=str(engine_dir), output_dir=str(tmp_path / "repo")))
-    config = parse(out / "whisper" / "config.pbtxt")
+    config = parse(out / "whisper_window" / "config.pbtxt")
     assert config.max_batch_size == 4
     assert [(g.kind, g.count) for g in config.instance_group] == [(KIND.KIND_GPU, 1)]
+    # no `gpus` list: Triton makes one instance on each GPU (model_instance_device_id tells it which),
+    # instead of every instance on GPU 0
+    assert [list(g.gpus) for g in config.instance_group] == [[]]
     assert params(config)["engine"] == "tensorrtllm" and params(config)["device"] == "cuda"
     assert (out / ENGINE_SUBDIR / "manifest.json").is_file() and (out / ENGINE_SUBDIR / "decoder" / "rank0.engine").is_file()
     manifest = json.loads((out / REPOSITORY_MANIFEST).read_text())
@@ -108,7 +112,7 @@ def test_tensorrtllm_repository_takes_the_engine_build(engine_dir, tmp_path):
 
     smaller = write_model_repository(ModelRepoConfig(model_dir=str(engine_dir), output_dir=str(tmp_path / "repo2"),
                                                      build=BuildConfig(max_batch_size=2, n_mels=128)))
-    assert parse(smaller / "whisper" / "config.pbtxt").max_batch_size == 2
+    assert parse(smaller / "whisper_window" / "config.pbtxt").max_batch_size == 2
 
 
 def test_batch_size_above_the_engine_and_wrong_n_mels_are_refused(engine_dir, tmp_path):
@@ -141,13 +145,14 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ExportError, match="not a Whisper model repository template"):
         write_model_repository(ModelRepoConfig(model_dir=str(bundled_tiny_en_dir()), output_dir=str(tmp_path / "d"),
                                                template_dir=str(tmp_path)))
-    with pytest.raises(ExportError, match="no whisper/config.pbtxt"):
+    with pytest.raises(ExportError, match="no whisper_window/config.pbtxt"):
         check_model_repository(tmp_path)
 
 
 def test_other_template_models_declaring_model_dir_share_it(tmp_path):
     template = tmp_path / "template"
-    shutil.copytree(default_template_dir() / "whisper", template / "whisper", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("whisper", "whisper_window"):
+        shutil.copytree(default_template_dir() / name, template / name, ignore=shutil.ignore_patterns("__pycache__"))
     (template / "helper" / "1").mkdir(parents=True)
     (template / "helper" / "config.pbtxt").write_text(
         'name: "helper"\nbackend: "python"\nparameters { key: "model_dir" value: { string_value: "" } }\n')
@@ -184,7 +189,7 @@ def test_cli_model_repo(tmp_path, engine_dir, caplog):
     out = tmp_path / "repo"
     assert cli.main(["model-repo", "--model-dir", str(bundled_tiny_en_dir()), "--output", str(out), "--max-batch-size", "4",
                      "--compute-type", "int8"]) == 0
-    config = parse(out / "whisper" / "config.pbtxt")
+    config = parse(out / "whisper_window" / "config.pbtxt")
     assert config.max_batch_size == 4 and params(config)["compute_type"] == "int8"
     assert cli.main(["model-repo", "--model-dir", str(engine_dir), "--output", str(tmp_path / "trt"),
                      "--max-batch-size", "16"]) == 2
@@ -193,10 +198,10 @@ def test_cli_model_repo(tmp_path, engine_dir, caplog):
 
 
 def test_whisper_model_loads_a_relative_model_dir(tmp_path):
-    from whisper_triton.triton_models.whisper_model import WhisperModel
+    from whisper_triton.triton_models.window_model import WindowModel
 
     out = write_model_repository(ModelRepoConfig(model_dir=str(bundled_tiny_en_dir()), output_dir=str(tmp_path / "repo")))
-    config = json_format.MessageToDict(parse(out / "whisper" / "config.pbtxt"), preserving_proto_field_name=True)
-    args = {"model_config": json.dumps(config), "model_repository": str(out / "whisper"), "model_version": "1"}
-    model = WhisperModel(None, args)  # the process' cwd is not the repository: only resolution finds the engine
+    config = json_format.MessageToDict(parse(out / "whisper_window" / "config.pbtxt"), preserving_proto_field_name=True)
+    args = {"model_config": json.dumps(config), "model_repository": str(out / "whisper_window"), "model_version": "1"}
+    model = WindowModel(None, args)  # the process' cwd is not the repository: only resolution finds the engine
     assert model.tokenizer is not None

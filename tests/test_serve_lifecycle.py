@@ -9,8 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import free_port, start_serve
-from whisper_triton.sagemaker_proxy import create_app
+from whisper_triton.http.app import create_app
 from whisper_triton.settings import load_settings
+
+pytestmark = pytest.mark.triton  # starts a real tritonserver / serve
 
 
 def children_of(pid: int) -> list[int]:

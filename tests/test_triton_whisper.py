@@ -11,6 +11,8 @@ from tritonclient.utils import InferenceServerException
 from whisper_triton.evaluation import word_error_rate
 from whisper_triton.transcribe import ShortFormTranscriber, ShortRequest
 
+pytestmark = pytest.mark.triton  # starts a real tritonserver / serve
+
 PREFIX = b"<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"
 
 
@@ -81,7 +83,7 @@ def test_minimal_request_without_optional_inputs(client, speech_clips):
 
 def test_concurrent_requests_are_batched(client, serve, speech_clips):
     def stats():
-        model = client.get_inference_statistics("whisper").model_stats[0]
+        model = client.get_inference_statistics("whisper_window").model_stats[0]
         return model.inference_count, model.execution_count
 
     before = stats()

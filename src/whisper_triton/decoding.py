@@ -5,30 +5,10 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 
+from .contract.options import QualityThresholds
+from .contract.results import Segment, Word  # noqa: F401  (re-exported: the pipeline's vocabulary)
+
 TIME_PRECISION = 0.02  # seconds per timestamp token step
-
-
-@dataclass
-class Word:
-    start: float
-    end: float
-    word: str
-    probability: float
-
-
-@dataclass
-class Segment:
-    id: int
-    start: float
-    end: float
-    text: str
-    tokens: list[int] = field(default_factory=list)
-    avg_logprob: float = 0.0
-    compression_ratio: float = 0.0
-    no_speech_prob: float = 0.0
-    temperature: float = 0.0
-    language: str | None = None
-    words: list[Word] | None = None
 
 
 @dataclass
@@ -68,13 +48,6 @@ def compression_ratio(text: str) -> float:
     if not data:
         return 0.0
     return len(data) / len(zlib.compress(data))
-
-
-@dataclass(frozen=True)
-class QualityThresholds:
-    compression_ratio: float | None = 2.4
-    log_prob: float | None = -1.0
-    no_speech: float | None = 0.6
 
 
 def is_silence(no_speech_prob: float | None, avg_logprob: float | None, thresholds: QualityThresholds) -> bool:

@@ -1,17 +1,12 @@
 """Errors that carry an HTTP status, so every layer reports bad input the same way.
 
-The same error crosses process boundaries (Python backend -> Triton -> proxy) as a message
-string; `encode`/`decode` keep its status, type and parameter intact on the way.
+The same error crosses process boundaries (Python backend -> Triton -> proxy) as a Triton error
+message written and read by `contract.tensors.encode_error` / `decode_error`.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
-
-_WIRE_PREFIX = "whisper_triton_error:"
-_WIRE_RE = re.compile(re.escape(_WIRE_PREFIX) + r"(\{.*\})", re.DOTALL)
 
 
 @dataclass
@@ -28,27 +23,6 @@ class WhisperTritonError(Exception):
 
     def to_dict(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param}}
-
-    def encode(self) -> str:
-        """A one-line message for Triton errors that `decode` turns back into this error."""
-        payload = {"status": self.status, "type": self.type, "param": self.param, "message": self.message}
-        return f"{self.message} {_WIRE_PREFIX}{json.dumps(payload)}"
-
-    @classmethod
-    def decode(cls, text: str) -> "WhisperTritonError | None":
-        match = _WIRE_RE.search(text or "")
-        if not match:
-            return None
-        try:
-            payload = json.loads(match.group(1))
-        except ValueError:
-            return None
-        return cls(
-            message=payload.get("message", text),
-            param=payload.get("param"),
-            status=int(payload.get("status", 400)),
-            type=payload.get("type", "invalid_request_error"),
-        )
 
 
 class InvalidAudioError(WhisperTritonError):

@@ -2,40 +2,43 @@
 temperature fallback -> segments (and words) on the file's timeline.
 
 It drives any window decoder: `transcribe.EngineWindowDecoder` in-process, or the Triton
-`whisper` model through BLS (`triton_models/transcribe_model.py`), so it works the same on
+`whisper_window` model through BLS (`triton_models/transcribe_model.py`), so it works the same on
 every engine.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from .audio import SAMPLE_RATE
-from .decoding import (DecodeAttempt, QualityThresholds, Segment, Word, attempt_failed, compression_ratio, is_silence,
-                       select_attempt, split_on_timestamps)
-from .engines.base import MAX_BEAM_SIZE, MAX_NEW_TOKENS, DecodeOptions, Hypothesis, TokenTimings
+from .contract.capabilities import EngineCapabilities
+from .contract.options import DecodeOptions, QualityThresholds, TranscribeOptions
+from .contract.results import Segment, TranscriptionInfo, TranscriptionResult, Word
+from .decoding import DecodeAttempt, attempt_failed, compression_ratio, is_silence, select_attempt, split_on_timestamps
+from .engines.base import Hypothesis, TokenTimings
 from .errors import invalid_parameter
 from .segmenter import Window, fixed_windows, windows_from_speech
 from .tokenizer import PromptSpec, WhisperTokenizer
 from .transcribe import WindowOutput, unsupported_word_timestamps
-from .vad import VadOptions, speech_spans
+from .vad import speech_spans
+
+__all__ = ["LongFormTranscriber", "TranscribeOptions", "TranscriptionResult", "WindowDecoder", "not_applied"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 MAX_FOLLOW_UPS = 2  # times the rest of a window may be decoded again
 JUNCTION_MARGIN_S = 0.2  # timestamp slack around a left-out pause
 UNCOVERED_SPEECH_S = 1.5  # speech left after the last segment that counts as dropped
-MAX_BATCH_SIZE = 64
 
 
 class WindowDecoder(Protocol):
-    is_multilingual: bool
-    supports_word_timestamps: bool
+    """Decodes windows (<= 30 s): in-process (`transcribe.EngineWindowDecoder`) or through Triton."""
+
+    capabilities: EngineCapabilities
 
     def decode(self, audios: list[np.ndarray], prompts: list[list[int]], options: DecodeOptions,
                word_timestamps: bool = False) -> list[WindowOutput]: ...
@@ -43,123 +46,25 @@ class WindowDecoder(Protocol):
     def detect_language(self, audios: list[np.ndarray]) -> list[dict[str, float]]: ...
 
 
-@dataclass
-class TranscribeOptions:
-    """Options of one long-form transcription; names as faster-whisper / openai-whisper users know them."""
-
-    language: str | None = None
-    task: str = "transcribe"
-    vad: bool = True
-    chunk_length: float = 30.0
-    batch_size: int = 8
-    beam_size: int = 1
-    temperature: list[float] | float = field(default_factory=lambda: list(DEFAULT_TEMPERATURES))
-    compression_ratio_threshold: float | None = 2.4
-    log_prob_threshold: float | None = -1.0
-    no_speech_threshold: float | None = 0.6
-    initial_prompt: str | None = None
-    hotwords: str | None = None
-    word_timestamps: bool = False
-    without_timestamps: bool = False
-    max_new_tokens: int = MAX_NEW_TOKENS
-    repetition_penalty: float = 1.0
-    language_detection: str = "file"  # or "chunk": detect per window
-    vad_threshold: float = 0.5
-    vad_min_silence_ms: int = 300
-    vad_speech_pad_ms: int = 300
-    vad_end_pad_ms: int = 100
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "TranscribeOptions":
-        known = {f.name for f in fields(cls)}
-        for key in raw:
-            if key not in known:
-                raise invalid_parameter(key, f"Unknown option {key!r}. Known options: {', '.join(sorted(known))}.")
-        try:
-            options = cls(**raw)
-        except TypeError as exc:
-            raise invalid_parameter("options", f"Invalid options: {exc}") from None
-        return options.validate()
-
-    def temperatures(self) -> list[float]:
-        values = self.temperature if isinstance(self.temperature, (list, tuple)) else [self.temperature]
-        return [float(t) for t in values]
-
-    def thresholds(self) -> QualityThresholds:
-        return QualityThresholds(self.compression_ratio_threshold, self.log_prob_threshold, self.no_speech_threshold)
-
-    def vad_options(self) -> VadOptions:
-        return VadOptions(threshold=self.vad_threshold, min_silence_ms=self.vad_min_silence_ms,
-                          speech_pad_ms=self.vad_speech_pad_ms, end_pad_ms=self.vad_end_pad_ms).validate()
-
-    def decode_options(self, temperature: float) -> DecodeOptions:
-        return DecodeOptions(beam_size=self.beam_size, max_new_tokens=self.max_new_tokens, temperature=temperature,
-                             repetition_penalty=self.repetition_penalty).validate()
-
-    def validate(self) -> "TranscribeOptions":
-        _check_type(self, "vad", bool)
-        _check_type(self, "word_timestamps", bool)
-        _check_type(self, "without_timestamps", bool)
-        _check_number(self, "chunk_length", 0.0, 30.0, low_open=True)
-        _check_number(self, "batch_size", 1, MAX_BATCH_SIZE, integer=True)
-        _check_number(self, "beam_size", 1, MAX_BEAM_SIZE, integer=True)
-        _check_number(self, "max_new_tokens", 1, MAX_NEW_TOKENS, integer=True)
-        _check_number(self, "repetition_penalty", 0.0, 10.0, low_open=True)
-        _check_number(self, "vad_threshold", 0.0, 1.0, low_open=True)
-        _check_number(self, "vad_min_silence_ms", 0, 10_000, integer=True)
-        _check_number(self, "vad_speech_pad_ms", 0, 2_000, integer=True)
-        _check_number(self, "vad_end_pad_ms", 0, 2_000, integer=True)
-        for name in ("compression_ratio_threshold", "no_speech_threshold"):
-            if getattr(self, name) is not None:
-                _check_number(self, name, 0.0, 1e6)
-        if self.log_prob_threshold is not None and not isinstance(self.log_prob_threshold, (int, float)):
-            raise invalid_parameter("log_prob_threshold", "log_prob_threshold must be a number or null.")
-        temperatures = self.temperature if isinstance(self.temperature, (list, tuple)) else [self.temperature]
-        if not temperatures or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 2
-                                   for t in temperatures):
-            raise invalid_parameter("temperature", "temperature must be a number or a list of numbers in [0, 2].")
-        if self.task not in ("transcribe", "translate"):
-            raise invalid_parameter("task", f"Unknown task {self.task!r}: use 'transcribe' or 'translate'.")
-        if self.language_detection not in ("file", "chunk"):
-            raise invalid_parameter("language_detection", "language_detection must be 'file' or 'chunk'.")
-        for name in ("initial_prompt", "hotwords", "language"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise invalid_parameter(name, f"{name} must be a string.")
-        return self
+# rule of the pipeline -> the capability it needs (for `info.not_applied`)
+RULE_NEEDS = {
+    "no_speech": "no_speech_prob",  # silence: no-speech probability high and decode not confident
+    "log_prob_fallback": "scores",  # decode again at a higher temperature when avg_logprob is low
+    "timestamp_rules": "timestamp_rules",  # openai-whisper's rules while decoding timestamps
+    "language_probability": "language_probabilities",
+}
 
 
-def _check_type(options, name: str, kind: type) -> None:
-    if not isinstance(getattr(options, name), kind):
-        raise invalid_parameter(name, f"{name} must be {kind.__name__}, got {getattr(options, name)!r}.")
-
-
-def _check_number(options, name: str, low, high, integer: bool = False, low_open: bool = False) -> None:
-    value = getattr(options, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and int(value) != value):
-        raise invalid_parameter(name, f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}.")
-    if value < low or value > high or (low_open and value == low):
-        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise invalid_parameter(name, f"{name} must be in {bound}, got {value}.")
-
-
-@dataclass
-class TranscriptionResult:
-    text: str
-    language: str
-    language_probability: float
-    duration: float
-    segments: list[Segment]
-
-    def to_dict(self, words: bool = False) -> dict:
-        result = asdict(self)
-        for segment in result["segments"]:
-            segment.pop("tokens", None)
-            if not words:
-                segment.pop("words", None)
-            if segment.get("language") is None:
-                segment.pop("language", None)
-        return result
+def not_applied(capabilities: EngineCapabilities, options: TranscribeOptions) -> dict[str, str]:
+    """The rules this request asks for that the engine cannot apply, with why."""
+    wanted = {
+        "no_speech": options.no_speech_threshold is not None,
+        "log_prob_fallback": options.log_prob_threshold is not None and len(options.temperature) > 1,
+        "timestamp_rules": not options.without_timestamps,
+        "language_probability": options.language is None and capabilities.multilingual,
+    }
+    return {rule: capabilities.missing_reason(RULE_NEEDS[rule]) for rule, asked in wanted.items()
+            if asked and not getattr(capabilities, RULE_NEEDS[rule])}
 
 
 @dataclass(eq=False)
@@ -178,38 +83,47 @@ class LongFormTranscriber:
         self.tokenizer = tokenizer
 
     def check(self, options: TranscribeOptions) -> TranscribeOptions:
-        """Refuse what this model/engine cannot do, naming the option."""
-        options.validate()
+        """Refuse what this model and engine cannot do, naming the option: once, before any audio work."""
+        capabilities = self.decoder.capabilities
         if options.language is not None:
             options.language = self.tokenizer.validate_language(options.language)
         self.tokenizer.validate_task(options.task)
-        if options.word_timestamps and not self.decoder.supports_word_timestamps:
-            raise unsupported_word_timestamps(getattr(self.decoder, "engine_name", "this"))
+        if options.task == "translate" and not capabilities.translate:
+            raise invalid_parameter("task", "This model cannot translate (it was not trained to: large-v3-turbo and "
+                                    "English-only models). Use task 'transcribe', or serve a model that translates.")
+        if options.word_timestamps and not capabilities.word_timestamps:
+            raise unsupported_word_timestamps(capabilities)
+        if options.beam_size > capabilities.max_beam_size:
+            raise invalid_parameter("beam_size", f"beam_size must be at most {capabilities.max_beam_size} on this "
+                                    f"engine, got {options.beam_size}.")
         return options
 
     def windows(self, audio: np.ndarray, options: TranscribeOptions) -> list[Window]:
         if not options.vad:
             return fixed_windows(audio.size, options.chunk_length)
-        return windows_from_speech(speech_spans(audio, options.vad_options()), options.chunk_length)
+        return windows_from_speech(speech_spans(audio, options.vad_options), options.chunk_length)
 
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions | None = None) -> TranscriptionResult:
         options = self.check(options or TranscribeOptions())
         duration = round(audio.size / SAMPLE_RATE, 3)
+        info = TranscriptionInfo(engine=self.decoder.capabilities.engine,
+                                 not_applied=not_applied(self.decoder.capabilities, options))
         windows = self.windows(audio, options)
         if not windows:  # no speech at all: nothing to decode, nothing to invent
-            return TranscriptionResult("", options.language or "en", 1.0 if options.language else 0.0, duration, [])
+            return TranscriptionResult("", options.language or "en", 1.0 if options.language else 0.0, duration, [],
+                                       info)
         jobs = [_WindowJob(w, w.extract(audio), options.language or "") for w in windows]
         language, probability = self._assign_languages(jobs, options)
         jobs = self._decode_until_covered(jobs, options, audio)
         segments = self._segments(jobs, options)
         text = "".join(segment.text for segment in segments).strip()
-        return TranscriptionResult(text, language, probability, duration, segments)
+        return TranscriptionResult(text, language, probability, duration, segments, info)
 
     # ---- languages ------------------------------------------------------------------------
     def _assign_languages(self, jobs: list[_WindowJob], options: TranscribeOptions) -> tuple[str, float]:
         if options.language:
             return options.language, 1.0
-        if not self.decoder.is_multilingual:
+        if not self.decoder.capabilities.multilingual:
             for job in jobs:
                 job.language = "en"
             return "en", 1.0
@@ -264,7 +178,7 @@ class LongFormTranscriber:
 
     def _uncovered(self, job: _WindowJob, options: TranscribeOptions) -> Window | None:
         hypothesis = job.output.hypothesis
-        if is_silence(hypothesis.no_speech_prob, hypothesis.avg_logprob, options.thresholds()):
+        if is_silence(hypothesis.no_speech_prob, hypothesis.avg_logprob, options.thresholds):
             return None
         pieces = split_on_timestamps(hypothesis.tokens, self.tokenizer.timestamp_begin, self.tokenizer.eot,
                                      job.window.duration)
@@ -274,7 +188,7 @@ class LongFormTranscriber:
         return rest if rest is not None and rest.duration >= UNCOVERED_SPEECH_S else None
 
     def _decode_with_fallback(self, jobs: list[_WindowJob], options: TranscribeOptions) -> None:
-        thresholds = options.thresholds()
+        thresholds = options.thresholds
         tried: dict[_WindowJob, list[tuple[WindowOutput, DecodeAttempt]]] = {job: [] for job in jobs}
         pending = list(jobs)
         temperatures = options.temperatures()
@@ -323,7 +237,7 @@ class LongFormTranscriber:
 
     # ---- segments -------------------------------------------------------------------------
     def _segments(self, jobs: list[_WindowJob], options: TranscribeOptions) -> list[Segment]:
-        thresholds = options.thresholds()
+        thresholds = options.thresholds
         segments: list[Segment] = []
         for job in jobs:
             hypothesis = job.output.hypothesis

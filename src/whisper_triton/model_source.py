@@ -98,3 +98,42 @@ def choose_model_source(settings: Settings, default_repository: Path) -> ModelSo
 def model_repository(settings: Settings, default_repository: Path) -> Path:
     """The repository directory Triton should load (see the module docstring for the order)."""
     return choose_model_source(settings, default_repository).repository
+
+
+# ---- the copy Triton loads -------------------------------------------------------------------------
+def model_parameters(config_path: Path) -> dict[str, str]:
+    """A model's non-empty config.pbtxt parameters, a relative `model_dir` made absolute."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    values = {key: value.string_value for key, value in config.parameters.items() if value.string_value}
+    if values.get("model_dir") and not Path(values["model_dir"]).is_absolute():
+        values["model_dir"] = str((config_path.parent.parent / values["model_dir"]).resolve())
+    return values
+
+
+def render_repository(source: Path, target: Path, settings: Settings) -> Path:
+    """`source` as Triton should load it, in `target`: each model's config.pbtxt with the parameters it
+    declares set to the resolved settings (so the models see what serve decided), everything else
+    linked, not copied (engines can be gigabytes)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    values = settings.model_parameters()
+    if values.get("model_dir"):
+        values["model_dir"] = str(Path(values["model_dir"]).resolve())
+    target.mkdir(parents=True, exist_ok=True)
+    for model in sorted(p for p in source.iterdir() if (p / "config.pbtxt").is_file()):
+        (target / model.name).mkdir(exist_ok=True)
+        for entry in model.iterdir():
+            if entry.name != "config.pbtxt" and not (target / model.name / entry.name).exists():
+                (target / model.name / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+        config = text_format.Parse((model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        for key in config.parameters:
+            if key in values:
+                config.parameters[key].string_value = values[key]
+        (target / model.name / "config.pbtxt").write_text(text_format.MessageToString(config))
+    logger.info("model repository %s rendered into %s (%s)", source, target,
+                ", ".join(f"{k}={v}" for k, v in values.items() if v))
+    return target

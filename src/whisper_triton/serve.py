@@ -5,25 +5,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
-from .model_source import model_repository
-from .settings import Settings, load_settings
+from .contract.tensors import MODELS, WHISPER_WINDOW
+from .cuda_compat import enable_forward_compatibility
+from .model_source import model_parameters, model_repository, render_repository
+from .settings import Settings, load_settings, resolve_settings
 from .triton_server import TritonPorts, TritonServer, TritonStartError
 
 logger = logging.getLogger("whisper_triton.serve")
 
-MODELS = ["whisper", "transcribe"]
-
 
 def default_model_repository() -> Path:
-    # the repository sits at the project root, next to src/ (editable installs and the GPU image)
-    return Path(__file__).resolve().parents[2] / "model_repo_whisper_trtllm"
+    """The repository shipped with the project: `WHISPER_TRITON_MODEL_REPOSITORY`, else
+    `./model_repo_whisper_trtllm` in the working directory (the project root, and /app in the image)."""
+    return Path.cwd() / "model_repo_whisper_trtllm"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,14 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def apply_cli_overrides(args: argparse.Namespace) -> Settings:
-    overrides = {"model_dir": args.model_dir, "engine": args.engine, "port": args.port}
-    settings = load_settings(**overrides)
-    # the Triton model reads the same settings from its environment
-    for name, value in overrides.items():
-        if value not in (None, ""):
-            os.environ[f"WHISPER_TRITON_{name.upper()}"] = str(value)
-    return settings
+def cli_overrides(args: argparse.Namespace) -> dict:
+    return {"model_dir": args.model_dir, "engine": args.engine, "port": args.port}
 
 
 def maybe_start_ssh(settings: Settings) -> bool:
@@ -70,8 +64,9 @@ def maybe_start_ssh(settings: Settings) -> bool:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, cli: dict | None = None):
         self.settings = settings
+        self.cli = cli or {}
         self.exit_code = 0
         self.stopping = threading.Event()
         self.triton: TritonServer | None = None
@@ -112,17 +107,22 @@ class Supervisor:
         ports = TritonPorts(settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port)
         if self.stopping.is_set():  # SIGTERM while the repository was being fetched
             return
-        self.triton = TritonServer(repository.resolve(), workdir, ports, settings.triton_home, settings.triton_log_verbose)
+        # command line > the repository's own parameters > environment, rendered for the models to read
+        engine_config = repository / WHISPER_WINDOW / "config.pbtxt"
+        parameters = model_parameters(engine_config) if engine_config.is_file() else {}
+        resolved = resolve_settings(cli=self.cli, model_parameters=parameters)
+        rendered = render_repository(repository.resolve(), workdir / "repository", resolved)
+        self.triton = TritonServer(rendered, workdir, ports, settings.triton_home, settings.triton_log_verbose)
         self.triton.start()
         try:
-            self.triton.wait_ready(MODELS, settings.triton_startup_timeout_s)
+            self.triton.wait_ready(list(MODELS), settings.triton_startup_timeout_s)
         except KeyboardInterrupt:
             logger.info("stopped before Triton was ready")
 
     def _serve_http(self) -> None:
         import uvicorn
 
-        from .sagemaker_proxy import create_app
+        from .http.app import create_app
 
         app = create_app(self.settings)
         config = uvicorn.Config(app, host=self.settings.bind_host, port=self.settings.port,
@@ -158,8 +158,9 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    settings = apply_cli_overrides(args)
-    return Supervisor(settings).run()
+    cli = cli_overrides(args)
+    enable_forward_compatibility()  # LD_LIBRARY_PATH for the Triton child; a no-op without an NVIDIA driver
+    return Supervisor(load_settings(**cli), cli).run()
 
 
 if __name__ == "__main__":

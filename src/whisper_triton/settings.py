@@ -1,8 +1,16 @@
 """The one place that reads environment variables.
 
 Every setting has a `WHISPER_TRITON_` environment variable (SageMaker's own variables keep their
-AWS names); the README lists them all. Triton `config.pbtxt` parameters use the same field names
-and win over the environment when they are set.
+AWS names); the README lists them all. Triton `config.pbtxt` parameters use the same field names.
+
+Precedence, in one function (`resolve_settings`), highest first:
+    1. the command line of `serve` (`--model-dir`, `--engine`, `--port`)
+    2. the model configuration: non-empty `config.pbtxt` parameters (e.g. written by `whisper-export`)
+    3. the environment (`WHISPER_TRITON_*`, SageMaker's variables)
+    4. the defaults below (the embedded model, CTranslate2 on CPU)
+`serve` resolves them once and renders the result into the `config.pbtxt` of the repository copy that
+Triton loads (`MODEL_PARAMETERS`), so the Triton models, which apply the same function to their own
+parameters, see exactly what `serve` decided; nothing travels through `os.environ`.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ class Settings(BaseSettings):
     # TensorRT-LLM engine: GPU memory for the KV cache, and the cross-attention share of it
     kv_cache_free_gpu_memory_fraction: float = Field(default=0.8, gt=0, lt=1)
     cross_kv_cache_fraction: float = Field(default=0.5, gt=0, lt=1)
+    # host memory for encoder outputs kept for reuse (detection, fallback, alignment); 0 turns it off
+    encoder_cache_mb: int = Field(default=256, ge=0)
 
     # Triton
     triton_home: str = ""  # empty: /opt/tritonserver, else the nvidia-pytriton wheel
@@ -85,6 +95,10 @@ class Settings(BaseSettings):
     def cpu_thread_count(self) -> int:
         return self.cpu_threads or (os.cpu_count() or 1)
 
+    def model_parameters(self) -> dict[str, str]:
+        """The values `serve` renders into each model's config.pbtxt parameters."""
+        return {name: str(getattr(self, name)) for name in MODEL_PARAMETERS}
+
     def engine_options(self) -> dict:
         """Keyword arguments of `engines.load_engine` for the configured engine."""
         options: dict = {"device": self.device, "compute_type": self.compute_type,
@@ -95,7 +109,20 @@ class Settings(BaseSettings):
         return options
 
 
+# the settings a Triton model's config.pbtxt may carry as parameters (same names as the fields)
+MODEL_PARAMETERS = ("engine", "model_dir", "device", "compute_type", "cpu_threads", "encoder_cache_mb")
+
+
+def _given(values: dict | None) -> dict:
+    return {k: v for k, v in (values or {}).items() if v not in (None, "")}
+
+
+def resolve_settings(cli: dict | None = None, model_parameters: dict | None = None) -> Settings:
+    """Command line > model configuration > environment > defaults (the module docstring says why)."""
+    parameters = {k: v for k, v in _given(model_parameters).items() if k in MODEL_PARAMETERS}
+    return Settings(**{**parameters, **_given(cli)})
+
+
 def load_settings(**overrides) -> Settings:
-    """Settings from the environment, with explicit non-empty overrides (e.g. Triton parameters)."""
-    clean = {k: v for k, v in overrides.items() if v not in (None, "")}
-    return Settings(**clean)
+    """Settings from the environment, with explicit non-empty overrides (tests, tools)."""
+    return resolve_settings(cli=overrides)

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from .contract.capabilities import SpecialTokens
+from .contract.options import MAX_PROMPT_TOKENS
 from .errors import invalid_parameter
 
-MAX_PROMPT_TOKENS = 223  # half of Whisper's 448-token context, as openai-whisper limits prompts
 _SPECIAL_RE = re.compile(r"<\|[^|<>]*\|>")
 TASKS = ("transcribe", "translate")
 _LANGUAGE_LIKE = re.compile(r"^[a-z]{2,3}$")  # an unknown code is reported as a bad language
@@ -109,6 +110,11 @@ class WhisperTokenizer:
     def language_by_id(self) -> dict[int, str]:
         return {token_id: code for code, token_id in self.language_ids.items()}
 
+    def special_tokens(self) -> SpecialTokens:
+        return SpecialTokens(sot=self.sot, eot=self.eot, no_timestamps=self.no_timestamps, no_speech=self.no_speech,
+                             transcribe=self.transcribe, translate=self.translate, sot_prev=self.sot_prev,
+                             language_ids=dict(self.language_ids))
+
     # ---- text -----------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -159,46 +165,47 @@ class WhisperTokenizer:
         return prompt
 
     def parse_text_prefix(self, text_prefix: str) -> PromptSpec:
-        """Read a NVIDIA-style TEXT_PREFIX such as
-        `<|startoftranscript|><|en|><|transcribe|><|notimestamps|>` into a PromptSpec.
+        """`read_text_prefix`, with its language and task checked against this model: a multilingual
+        prefix on an English-only model is accepted as long as it asks for English."""
+        spec = read_text_prefix(text_prefix)
+        return PromptSpec(language=self.validate_language(spec.language), task=self.validate_task(spec.task),
+                          timestamps=spec.timestamps, previous_text=spec.previous_text)
 
-        Works for either vocabulary: language and task tokens are checked against the model, so a
-        multilingual prefix on an English-only model is accepted as long as it asks for English.
-        """
-        text_prefix = (text_prefix or "").strip()
-        if not text_prefix:
-            return PromptSpec()
-        previous_text = None
-        if "<|startofprev|>" in text_prefix:
-            before, _, after = text_prefix.partition("<|startofprev|>")
-            previous_text, sep, rest = after.partition("<|startoftranscript|>")
-            text_prefix = before + sep + rest
-        language, task, timestamps = None, "transcribe", True
-        seen_sot = False
-        for token in _SPECIAL_RE.findall(text_prefix):
-            name = token[2:-2]
-            if name == "startoftranscript":
-                seen_sot = True
-            elif name == "notimestamps":
-                timestamps = False
-            elif name in TASKS:
-                task = name
-            elif name in self.language_ids or _LANGUAGE_LIKE.match(name):
-                language = name
-            else:
-                raise invalid_parameter(
-                    "TEXT_PREFIX", f"Unexpected token {token} in the text prefix. Expected "
-                    "<|startoftranscript|>, a language, a task and optionally <|notimestamps|>."
-                )
-        leftover = _SPECIAL_RE.sub("", text_prefix).strip()
-        if leftover or not seen_sot:
+
+def read_text_prefix(text_prefix: str) -> PromptSpec:
+    """Read a NVIDIA-style TEXT_PREFIX such as `<|startoftranscript|><|en|><|transcribe|><|notimestamps|>`
+    into a PromptSpec, without a vocabulary (the `whisper` front routes rows with it); the language
+    is checked by the model that decodes (`WhisperTokenizer.parse_text_prefix`)."""
+    text_prefix = (text_prefix or "").strip()
+    if not text_prefix:
+        return PromptSpec()
+    previous_text = None
+    if "<|startofprev|>" in text_prefix:
+        before, _, after = text_prefix.partition("<|startofprev|>")
+        previous_text, sep, rest = after.partition("<|startoftranscript|>")
+        text_prefix = before + sep + rest
+    language, task, timestamps = None, "transcribe", True
+    seen_sot = False
+    for token in _SPECIAL_RE.findall(text_prefix):
+        name = token[2:-2]
+        if name == "startoftranscript":
+            seen_sot = True
+        elif name == "notimestamps":
+            timestamps = False
+        elif name in TASKS:
+            task = name
+        elif _LANGUAGE_LIKE.match(name):
+            language = name
+        else:
             raise invalid_parameter(
-                "TEXT_PREFIX", f"Malformed text prefix {text_prefix!r}: it must start with "
-                "<|startoftranscript|> and hold only special tokens (previous text goes after <|startofprev|>)."
+                "TEXT_PREFIX", f"Unexpected token {token} in the text prefix. Expected "
+                "<|startoftranscript|>, a language, a task and optionally <|notimestamps|>."
             )
-        return PromptSpec(
-            language=self.validate_language(language),
-            task=self.validate_task(task),
-            timestamps=timestamps,
-            previous_text=previous_text.strip() if previous_text else None,
+    leftover = _SPECIAL_RE.sub("", text_prefix).strip()
+    if leftover or not seen_sot:
+        raise invalid_parameter(
+            "TEXT_PREFIX", f"Malformed text prefix {text_prefix[:80]!r}: it must start with "
+            "<|startoftranscript|> and hold only special tokens (previous text goes after <|startofprev|>)."
         )
+    return PromptSpec(language=language, task=task, timestamps=timestamps,
+                      previous_text=previous_text.strip() if previous_text else None)

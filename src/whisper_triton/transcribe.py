@@ -8,14 +8,16 @@ in-process, or the `whisper` model through Triton from the `transcribe` model.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .audio import SAMPLE_RATE
-from .engines.base import DecodeOptions, Engine, Hypothesis, TokenTimings, supports_word_timestamps
+from .contract.capabilities import EngineCapabilities
+from .engines.base import DecodeOptions, Engine, Hypothesis, TokenTimings
 from .errors import PayloadTooLargeError, WhisperTritonError
 from .features import CHUNK_SECONDS, N_SAMPLES, HOP_LENGTH, batch_log_mel
 from .tokenizer import PromptSpec, WhisperTokenizer
@@ -33,38 +35,87 @@ class WindowOutput:
     timings: TokenTimings | None = None  # for the hypothesis' text tokens, when asked
 
 
-class EngineWindowDecoder:
-    """Audio windows -> engine calls, in-process."""
+class EncoderCache:
+    """Encoder outputs of recent windows, keyed by their samples, bounded in bytes.
 
-    def __init__(self, engine: Engine, tokenizer: WhisperTokenizer):
+    A window is often decoded more than once: language detection first, then transcription, then
+    a fallback temperature or alignment, each possibly in another request (the `transcribe` model
+    sends every attempt to `whisper_window` on its own). Keyed by content, a hit is always right."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(audio: np.ndarray) -> bytes:
+        data = np.ascontiguousarray(audio, dtype=np.float32)
+        return hashlib.blake2b(data.tobytes(), digest_size=16).digest() + data.size.to_bytes(8, "little")
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: bytes, value: np.ndarray) -> None:
+        if key in self._items or value.nbytes > self.max_bytes:
+            return
+        self._items[key] = value
+        self._bytes += value.nbytes
+        while self._bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= old.nbytes
+
+
+class EngineWindowDecoder:
+    """Audio windows -> engine calls, in-process; one encoder pass per window where the engine can."""
+
+    def __init__(self, engine: Engine, tokenizer: WhisperTokenizer, encoder_cache_bytes: int = 256 << 20):
         self.engine = engine
         self.tokenizer = tokenizer
+        self.capabilities: EngineCapabilities = engine.capabilities
+        self.cache = EncoderCache(encoder_cache_bytes) if self.capabilities.encoder_reuse else None
 
     @property
     def is_multilingual(self) -> bool:
         return self.engine.is_multilingual
 
-    @property
-    def supports_word_timestamps(self) -> bool:
-        return supports_word_timestamps(self.engine)
-
     def features(self, audios: list[np.ndarray]) -> np.ndarray:
         return batch_log_mel(audios, self.engine.n_mels)
 
+    def inputs(self, audios: list[np.ndarray]) -> np.ndarray:
+        """What the engine decodes from: its encoder output where it can reuse one, else log-mel."""
+        if self.cache is None:
+            return self.features(audios)
+        keys = [self.cache.key(audio) for audio in audios]
+        found = {key: self.cache.get(key) for key in set(keys)}
+        missing = [key for key, value in found.items() if value is None]
+        self.cache.hits += len(keys) - sum(1 for key in keys if found[key] is None)
+        if missing:
+            self.cache.misses += len(missing)
+            first = {key: audios[keys.index(key)] for key in missing}
+            encoded = self.engine.encode(self.features(list(first.values())))
+            for key, value in zip(first, encoded):
+                found[key] = value
+                self.cache.put(key, value)
+        return np.stack([found[key] for key in keys])
+
     def decode(self, audios: list[np.ndarray], prompts: list[list[int]], options: DecodeOptions,
-               word_timestamps: bool = False, features: np.ndarray | None = None) -> list[WindowOutput]:
+               word_timestamps: bool = False, inputs: np.ndarray | None = None) -> list[WindowOutput]:
         if not audios:
             return []
-        if word_timestamps and not self.supports_word_timestamps:
-            raise unsupported_word_timestamps(getattr(self.engine, "name", "this engine"))
-        features = self.features(audios) if features is None else features
-        hypotheses = self.engine.generate(features, prompts, options)
+        if word_timestamps and not self.capabilities.word_timestamps:
+            raise unsupported_word_timestamps(self.capabilities)
+        inputs = self.inputs(audios) if inputs is None else inputs
+        hypotheses = self.engine.generate(inputs, prompts, options)
         outputs = [WindowOutput(h) for h in hypotheses]
         if word_timestamps:
-            self._align(features, audios, prompts, outputs)
+            self._align(inputs, audios, prompts, outputs)
         return outputs
 
-    def _align(self, features, audios, prompts, outputs: list[WindowOutput]) -> None:
+    def _align(self, inputs, audios, prompts, outputs: list[WindowOutput]) -> None:
         for index, output in enumerate(outputs):
             text = [t for t in output.hypothesis.tokens if t < self.tokenizer.eot]
             if not text:
@@ -72,24 +123,24 @@ class EngineWindowDecoder:
                 continue
             start_sequence = self.start_sequence(prompts[index])
             frames = max(1, min(audios[index].size, N_SAMPLES) // HOP_LENGTH)
-            output.timings = self.engine.align(features[index : index + 1], start_sequence, [text], [frames])[0]
+            output.timings = self.engine.align(inputs[index : index + 1], start_sequence, [text], [frames])[0]
 
     def start_sequence(self, prompt: list[int]) -> list[int]:
         """<|startoftranscript|> and what follows it, without <|notimestamps|> (alignment wants text only)."""
         tail = prompt[prompt.index(self.tokenizer.sot):] if self.tokenizer.sot in prompt else prompt
         return [t for t in tail if t != self.tokenizer.no_timestamps]
 
-    def detect_language(self, audios: list[np.ndarray], features: np.ndarray | None = None) -> list[dict[str, float]]:
+    def detect_language(self, audios: list[np.ndarray], inputs: np.ndarray | None = None) -> list[dict[str, float]]:
         if not self.is_multilingual:
             return [{"en": 1.0} for _ in audios]
-        features = self.features(audios) if features is None else features
-        return self.engine.detect_language(features)
+        inputs = self.inputs(audios) if inputs is None else inputs
+        return self.engine.detect_language(inputs)
 
 
-def unsupported_word_timestamps(engine_name: str) -> WhisperTritonError:
+def unsupported_word_timestamps(capabilities: EngineCapabilities) -> WhisperTritonError:
     return WhisperTritonError(
-        message=f"Word timestamps need cross-attention alignment, which the {engine_name} engine does not "
-        "provide. Drop word_timestamps, or serve with the ctranslate2 engine.",
+        message=f"Word timestamps need cross-attention alignment, which the {capabilities.engine or 'served'} "
+        "engine does not provide here. Drop word_timestamps, or serve with the ctranslate2 engine.",
         param="word_timestamps", status=422, type="unsupported_option",
     )
 
@@ -113,14 +164,27 @@ class ShortResult:
     no_speech_prob: float | None = None
     language_probability: float = 1.0
     timings: TokenTimings | None = None
+    language_probabilities: dict[str, float] | None = None  # the whole distribution, where detected
 
 
 class ShortFormTranscriber:
     """Runs a batch of single-window requests through one engine in as few calls as possible."""
 
-    def __init__(self, engine: Engine, tokenizer: WhisperTokenizer):
-        self.decoder = EngineWindowDecoder(engine, tokenizer)
+    def __init__(self, engine: Engine, tokenizer: WhisperTokenizer, encoder_cache_bytes: int = 256 << 20):
+        self.decoder = EngineWindowDecoder(engine, tokenizer, encoder_cache_bytes)
         self.tokenizer = tokenizer
+
+    def detect(self, requests: list[ShortRequest]) -> list[ShortResult]:
+        """Language detection alone (no `generate`): what a client asking only for languages gets."""
+        audible = [r for r in requests if not _is_silent(r.audio)]
+        detected = iter(self.decoder.detect_language([r.audio for r in audible]) if audible else [])
+        results = []
+        for request in requests:
+            probs = next(detected) if not _is_silent(request.audio) else {request.spec.language or "en": 0.0}
+            language = max(probs, key=probs.get)
+            results.append(ShortResult("", language, _duration(request.audio), language_probability=float(probs[language]),
+                                       language_probabilities=probs))
+        return results
 
     def transcribe(self, requests: list[ShortRequest]) -> list[ShortResult]:
         for request in requests:
@@ -144,14 +208,14 @@ class ShortFormTranscriber:
 
     def _transcribe_audible(self, requests: list[ShortRequest], indices: list[int], results: list) -> None:
         audios = [r.audio for r in requests]
-        features = self.decoder.features(audios)
-        languages, probabilities = self._languages(features, audios, requests)
+        inputs = self.decoder.inputs(audios)  # one encoder pass for detection, decoding and alignment
+        languages, probabilities = self._languages(inputs, audios, requests)
         groups: dict[tuple[DecodeOptions, bool], list[int]] = defaultdict(list)
         for position, request in enumerate(requests):
             groups[(request.options, request.word_timestamps)].append(position)
         for (options, words), positions in groups.items():
             prompts = [self._prompt(requests[p], languages[p]) for p in positions]
-            outputs = self.decoder.decode([audios[p] for p in positions], prompts, options, words, features[positions])
+            outputs = self.decoder.decode([audios[p] for p in positions], prompts, options, words, inputs[positions])
             for position, output in zip(positions, outputs):
                 results[indices[position]] = self._result(output, languages[position], probabilities[position],
                                                           audios[position])
@@ -165,14 +229,14 @@ class ShortFormTranscriber:
                 return self.tokenizer.language_by_id[token]
         return None
 
-    def _languages(self, features: np.ndarray, audios, requests: list[ShortRequest]) -> tuple[list[str], list[float]]:
+    def _languages(self, inputs: np.ndarray, audios, requests: list[ShortRequest]) -> tuple[list[str], list[float]]:
         languages = [r.spec.language or self._prompt_language(r.prompt_ids) for r in requests]
         probabilities = [1.0] * len(requests)
         if not self.tokenizer.is_multilingual:
             return [language or "en" for language in languages], probabilities
         to_detect = [i for i, language in enumerate(languages) if language is None]
         if to_detect:
-            detected = self.decoder.detect_language([audios[i] for i in to_detect], features[to_detect])
+            detected = self.decoder.detect_language([audios[i] for i in to_detect], inputs[to_detect])
             for i, probs in zip(to_detect, detected):
                 languages[i] = max(probs, key=probs.get)
                 probabilities[i] = float(probs[languages[i]])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import SAMPLE_RATE
-from .errors import invalid_parameter
+from .contract.options import VadOptions
 
 logger = logging.getLogger(__name__)
 
@@ -23,23 +23,6 @@ FRAME = 512  # samples per VAD frame at 16 kHz (32 ms)
 CONTEXT = 64  # samples of the previous frame the model sees first
 BLOCK_FRAMES = 512  # frames per onnxruntime call (~16 s)
 MODEL_FILE = "silero_vad_16k_sequence.onnx"
-
-
-@dataclass(frozen=True)
-class VadOptions:
-    threshold: float = 0.5
-    min_speech_ms: int = 250
-    min_silence_ms: int = 300  # a pause this long ends a speech segment
-    speech_pad_ms: int = 300  # before speech: soft onsets (s, f, h) sit below the VAD threshold
-    end_pad_ms: int = 100  # after speech: endings are sharper; less trailing silence in a window
-
-    def validate(self) -> "VadOptions":
-        if not 0.0 < self.threshold < 1.0:
-            raise invalid_parameter("vad_threshold", f"vad_threshold must be in (0, 1), got {self.threshold}.")
-        for name in ("min_speech_ms", "min_silence_ms", "speech_pad_ms", "end_pad_ms"):
-            if getattr(self, name) < 0:
-                raise invalid_parameter(f"vad_{name}", f"vad_{name} must be >= 0, got {getattr(self, name)}.")
-        return self
 
 
 @dataclass(frozen=True)

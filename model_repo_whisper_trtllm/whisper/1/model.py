@@ -1,4 +1,5 @@
-"""Triton Python-backend entry for `whisper`; the logic lives in the whisper_triton package."""
+"""Triton Python-backend entry for `whisper` (NVIDIA's I/O, a front that routes rows); the logic
+lives in the whisper_triton package."""
 
 import triton_python_backend_utils as pb_utils
 

@@ -45,3 +45,22 @@ class EngineCapabilities:
 
     def missing_reason(self, capability: str) -> str:
         return self.notes.get(capability, f"the {self.engine or 'serving'} engine does not provide {capability}")
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The special-token ids an engine needs, read once from the model's tokenizer and handed to
+    the engine, so no engine builds a tokenizer of its own."""
+
+    sot: int
+    eot: int
+    no_timestamps: int
+    no_speech: int
+    transcribe: int
+    translate: int
+    sot_prev: int
+    language_ids: dict[str, int] = field(default_factory=dict)  # code -> token id, in vocabulary order
+
+    @property
+    def timestamp_begin(self) -> int:
+        return self.no_timestamps + 1

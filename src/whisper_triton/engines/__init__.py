@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..contract.capabilities import SpecialTokens
 from .base import DecodeOptions, Engine, Hypothesis
 
 ENGINES = ("ctranslate2", "tensorrtllm")
 
 
-def load_engine(name: str, model_dir: str, **kwargs) -> Engine:
+def load_engine(name: str, model_dir: str, tokens: SpecialTokens | None = None, **kwargs) -> Engine:
+    """The engine `name` on `model_dir`; `tokens` from the model's tokenizer (read here when not given)."""
+    if tokens is None:
+        from ..tokenizer import WhisperTokenizer
+
+        tokens = WhisperTokenizer.from_model_dir(Path(model_dir)).special_tokens()
     if name == "ctranslate2":
         from .ctranslate2_engine import CTranslate2Engine
 
-        return CTranslate2Engine(model_dir, **kwargs)
+        return CTranslate2Engine(model_dir, tokens, **kwargs)
     if name == "tensorrtllm":
         from .tensorrtllm_engine import TensorRTLLMEngine
 
-        return TensorRTLLMEngine(model_dir, **kwargs)
+        return TensorRTLLMEngine(model_dir, tokens, **kwargs)
     raise ValueError(f"Unknown engine {name!r}: choose one of {', '.join(ENGINES)}.")
 
 

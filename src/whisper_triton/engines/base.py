@@ -7,39 +7,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..errors import invalid_parameter
+from ..contract.capabilities import EngineCapabilities
+from ..contract.options import MAX_BEAM_SIZE, MAX_NEW_TOKENS, DecodeOptions
 
-MAX_NEW_TOKENS = 448  # Whisper's decoder context
-MAX_BEAM_SIZE = 16
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    beam_size: int = 1
-    max_new_tokens: int = MAX_NEW_TOKENS
-    temperature: float = 0.0
-    repetition_penalty: float = 1.0
-    patience: float = 1.0
-    length_penalty: float = 1.0
-    suppress_blank: bool = True
-
-    def validate(self, max_beam_size: int = MAX_BEAM_SIZE) -> "DecodeOptions":
-        """Return self, or raise a 4xx error that names the first bad option."""
-        if not 1 <= self.beam_size <= max_beam_size:
-            raise invalid_parameter("beam_size", f"beam_size must be between 1 and {max_beam_size}, got {self.beam_size}.")
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise invalid_parameter(
-                "max_new_tokens", f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {self.max_new_tokens}."
-            )
-        if not 0.0 <= self.temperature <= 2.0:
-            raise invalid_parameter("temperature", f"temperature must be between 0 and 2, got {self.temperature}.")
-        if not 0.0 < self.repetition_penalty <= 10.0:
-            raise invalid_parameter(
-                "repetition_penalty", f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}."
-            )
-        if not 0.0 < self.patience <= 10.0:
-            raise invalid_parameter("patience", f"patience must be in (0, 10], got {self.patience}.")
-        return self
+__all__ = ["MAX_BEAM_SIZE", "MAX_NEW_TOKENS", "DecodeOptions", "EngineCapabilities", "Engine", "Hypothesis",
+           "TokenTimings", "check_batch"]
 
 
 @dataclass
@@ -69,6 +41,7 @@ class Engine(Protocol):
     is_multilingual: bool
     max_batch_size: int
     name: str
+    capabilities: EngineCapabilities  # what it can do; the pipeline reads this, never the name
 
     def generate(self, features: np.ndarray, prompts: list[list[int]], options: DecodeOptions) -> list[Hypothesis]:
         """features [B, n_mels, 3000]; prompts: B token-id lists; returns B hypotheses."""
@@ -78,10 +51,10 @@ class Engine(Protocol):
         """For each of B windows: language code -> probability, most likely first."""
         ...
 
-
-def supports_word_timestamps(engine) -> bool:
-    """Word timestamps need cross-attention alignment: an optional engine capability, `align()`."""
-    return bool(getattr(engine, "supports_word_timestamps", False)) and callable(getattr(engine, "align", None))
+    # Optional, as declared in `capabilities`:
+    # - encoder_reuse: `encode(features) -> encoded` once; `generate`, `detect_language` and `align`
+    #   then accept `encoded` in place of the features (faster-whisper reuses one encoder pass so).
+    # - word_timestamps: `align(features, start_sequence, text_tokens, num_frames) -> [TokenTimings]`.
 
 
 @dataclass

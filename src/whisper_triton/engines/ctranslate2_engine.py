@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from ..contract.capabilities import EngineCapabilities, SpecialTokens
 from .base import DecodeOptions, Hypothesis, TokenTimings, check_batch
 
 logger = logging.getLogger(__name__)
@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 _POSITIONS = 448  # decoder positions: prompt + generated tokens must fit
 MULTILINGUAL_VOCABULARY = 51865  # English-only Whisper vocabularies have 51,864 tokens
 _SECONDS_PER_FRAME = 0.02  # one encoder output frame (two mel frames)
+ENCODED_FRAMES = 1500  # encoder output frames of a 30 s window
 
 
 class CTranslate2Engine:
@@ -24,13 +25,15 @@ class CTranslate2Engine:
     def __init__(
         self,
         model_dir: str | Path,
+        tokens: SpecialTokens,
         device: str = "cpu",
         compute_type: str = "float32",
         cpu_threads: int = 0,
         max_batch_size: int = 8,
         model=None,
     ):
-        """`model`: an already loaded `ctranslate2.models.Whisper` of `model_dir` to share."""
+        """`tokens`: the model's special tokens (from its tokenizer); `model`: an already loaded
+        `ctranslate2.models.Whisper` of `model_dir` to share."""
         import ctranslate2
 
         model_dir = Path(model_dir)
@@ -48,20 +51,38 @@ class CTranslate2Engine:
         self.is_multilingual = _vocabulary_size(model_dir) >= MULTILINGUAL_VOCABULARY
         self.max_batch_size = max_batch_size
         self._suppress_tokens = _suppress_tokens(model_dir)
-        self.sot = _token_id(model_dir, "<|startoftranscript|>")
+        self.tokens = tokens
+        self.sot = tokens.sot
+        self.capabilities = EngineCapabilities(
+            word_timestamps=True, encoder_reuse=True, multilingual=self.is_multilingual,
+            translate=self.is_multilingual and _model_config(model_dir).get("translate", True) is not False,
+            n_mels=self.n_mels, engine=self.name,
+        )
         logger.info(
             "CTranslate2 Whisper loaded from %s (device=%s, compute_type=%s, n_mels=%d, multilingual=%s)",
             model_dir, device, compute_type, self.n_mels, self.is_multilingual,
         )
 
     def _storage(self, features: np.ndarray):
+        """Log-mel [B, n_mels, frames] or encoder output [B, 1500, width]: CTranslate2 takes either."""
         import ctranslate2
 
-        return ctranslate2.StorageView.from_array(np.ascontiguousarray(features, dtype=np.float32))
+        keep = features.dtype in (np.float16, np.float32)  # encoder output stays in the model's dtype
+        return ctranslate2.StorageView.from_array(np.ascontiguousarray(features, dtype=None if keep else np.float32))
+
+    def encode(self, features: np.ndarray) -> np.ndarray:
+        """One encoder pass, [B, 1500, width] on the host, for generate / detect / align to reuse."""
+        check_batch(features, [[self.sot]] * features.shape[0], self.n_mels)
+        return np.asarray(self.model.encode(self._storage(features.astype(np.float32)), to_cpu=True))
+
+    def _check(self, inputs: np.ndarray, prompts: list[list[int]]) -> None:
+        """Log-mel [B, n_mels, frames], or this engine's encoder output [B, 1500, width]."""
+        encoded = inputs.ndim == 3 and inputs.shape[1] == ENCODED_FRAMES
+        check_batch(inputs, prompts, ENCODED_FRAMES if encoded else self.n_mels)
 
     def generate(self, features: np.ndarray, prompts: list[list[int]], options: DecodeOptions) -> list[Hypothesis]:
-        check_batch(features, prompts, self.n_mels)
-        options.validate()
+        self._check(features, prompts)
+        options.check_beam(self.capabilities.max_beam_size)
         results: list[Hypothesis | None] = [None] * len(prompts)
         # CTranslate2 batches only prompts with <|startoftranscript|> at the same position
         for indices in self._prompt_groups(prompts).values():
@@ -98,17 +119,16 @@ class CTranslate2Engine:
         )
         return [_hypothesis(result, options.length_penalty, new_tokens) for result in results]
 
-    supports_word_timestamps = True
-
     def align(self, features: np.ndarray, start_sequence: list[int], text_tokens: list[list[int]],
               num_frames: list[int]) -> list[TokenTimings]:
         """Per-token start/end (seconds) and probability from cross-attention alignment."""
-        check_batch(features, [start_sequence] * features.shape[0], self.n_mels)
+        self._check(features, [start_sequence] * features.shape[0])
         results = self.model.align(self._storage(features), start_sequence, text_tokens, num_frames,
                                    median_filter_width=7)
         return [_token_timings(result, len(tokens)) for result, tokens in zip(results, text_tokens)]
 
     def detect_language(self, features: np.ndarray) -> list[dict[str, float]]:
+        self._check(features, [[self.sot]] * features.shape[0])
         if not self.is_multilingual:
             return [{"en": 1.0} for _ in range(features.shape[0])]
         if not self.model.is_multilingual:
@@ -117,17 +137,11 @@ class CTranslate2Engine:
         results = self.model.detect_language(self._storage(features))
         return [{token.strip("<|>"): float(prob) for token, prob in result} for result in results]
 
-    @cached_property
-    def _tokenizer(self):
-        from ..tokenizer import WhisperTokenizer
-
-        return WhisperTokenizer.from_model_dir(self.model_dir, self.is_multilingual)
-
     def _detect_from_logits(self, features: np.ndarray) -> list[dict[str, float]]:
-        tokenizer = self._tokenizer
-        codes = list(tokenizer.language_ids)
-        ids = np.array([tokenizer.language_ids[code] for code in codes])
-        results = self.model.generate(self._storage(features), [[tokenizer.sot]] * features.shape[0],
+        """A softmax over the language tokens only, at the first step after <|startoftranscript|>."""
+        codes = list(self.tokens.language_ids)
+        ids = np.array([self.tokens.language_ids[code] for code in codes])
+        results = self.model.generate(self._storage(features), [[self.sot]] * features.shape[0],
                                       max_length=2, beam_size=1, return_logits_vocab=True)
         detected = []
         for result in results:
@@ -183,11 +197,9 @@ def _vocabulary_size(model_dir: Path) -> int:
     raise FileNotFoundError(f"{model_dir} has no vocabulary.json or vocabulary.txt beside model.bin.")
 
 
-def _token_id(model_dir: Path, token: str) -> int | None:
-    from tokenizers import Tokenizer
-
-    path = model_dir / "tokenizer.json"
-    return Tokenizer.from_file(str(path)).token_to_id(token) if path.is_file() else None
+def _model_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _suppress_tokens(model_dir: Path) -> list[int]:

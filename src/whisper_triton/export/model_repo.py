@@ -32,11 +32,13 @@ from pathlib import Path
 from ..release import TENSORRT_LLM_VERSION, TRITON_CONTAINER_RELEASE, TRITON_IMAGE, TRITON_SERVER_VERSION
 from .common import ExportError, atomic_output_dir, file_table, is_complete, list_files, mark_complete
 from .manifest import MANIFEST_NAME, BuildConfig, EngineManifest
+from ..contract.tensors import WHISPER_WINDOW
 
 logger = logging.getLogger(__name__)
 
 STEP = "model-repo"
-WHISPER_MODEL = "whisper"
+WHISPER_MODEL = "whisper"  # the front every repository has (NVIDIA's I/O)
+ENGINE_MODEL = WHISPER_WINDOW  # the model that runs the engine: its config gets the engine's values
 CONFIG_NAME = "config.pbtxt"
 ENGINE_SUBDIR = f"{WHISPER_MODEL}/1/engine"  # where the model lives, relative to the repository root
 REPOSITORY_MANIFEST = "repository_manifest.json"
@@ -46,8 +48,12 @@ _SKIPPED_NAMES = {"__pycache__", ".ipynb_checkpoints"}
 
 
 def default_template_dir() -> Path:
-    """The repository template shipped with the project (next to src/, as in the GPU image)."""
-    return Path(__file__).resolve().parents[3] / "model_repo_whisper_trtllm"
+    """The repository template: WHISPER_TRITON_MODEL_REPOSITORY (`./serve` and the image set it), else
+    ./model_repo_whisper_trtllm in the working directory (the project root)."""
+    from ..settings import load_settings
+
+    configured = load_settings().model_repository
+    return Path(configured) if configured else Path.cwd() / "model_repo_whisper_trtllm"
 
 
 # ---- load-time resolution (called by the Triton models) --------------------------------------------
@@ -203,6 +209,8 @@ def effective_build(config: ModelRepoConfig, facts: ModelFacts, template_batch: 
         build = replace(build, max_batch_size=config.max_batch_size)
     if config.n_mels is not None:
         build = replace(build, n_mels=config.n_mels)
+    elif build.n_mels is None:  # a build config that leaves n_mels to the model
+        build = replace(build, n_mels=facts.n_mels)
     check_build(build, facts)
     return build
 
@@ -251,12 +259,20 @@ def render_whisper_config(template_text: str, values: RenderValues, source: str 
     _set_parameter(config, "compute_type", values.compute_type)
     _set_parameter(config, "cpu_threads", str(values.cpu_threads) if values.cpu_threads else "")
     del config.instance_group[:]
+    # KIND_GPU without `gpus`: Triton makes `count` instances on EACH visible GPU and hands each its
+    # args["model_instance_device_id"], so ml.g5.12xlarge (4 A10G) runs 4 engines, one per GPU
     group = config.instance_group.add()
     group.count = values.instance_count
     group.kind = model_config_pb2.ModelInstanceGroup.Kind.Value(values.instance_kind)
     header = (f"Rendered by `whisper-export model-repo` from the template's {source}: engine {values.engine}, "
               f"model in {values.model_dir} (relative to the repository root).")
     return format_config(config, header)
+
+
+def render_batch_size_only(template_text: str, max_batch_size: int, source: str) -> str:
+    config = parse_config(template_text, source)
+    config.max_batch_size = max_batch_size
+    return format_config(config, f"Rendered by `whisper-export model-repo` from the template's {source}.")
 
 
 def render_model_dir_only(template_text: str, model_dir: str, source: str) -> str:
@@ -299,8 +315,10 @@ def write_model_configs(template_dir: Path, staging: Path, values: RenderValues)
         _copy_tree(model, staging / model.name)
         source = f"{model.name}/{CONFIG_NAME}"
         text = (model / CONFIG_NAME).read_text()
-        if model.name == WHISPER_MODEL:
+        if model.name == ENGINE_MODEL:
             rendered = render_whisper_config(text, values, source)
+        elif model.name == WHISPER_MODEL:  # the front never sends more rows than the engine takes
+            rendered = render_batch_size_only(text, values.max_batch_size, source)
         elif MODEL_DIR_PARAMETER in parse_config(text, source).parameters:
             rendered = render_model_dir_only(text, values.model_dir, source)
         else:
@@ -339,9 +357,9 @@ def write_model_repository(config: ModelRepoConfig) -> Path:
     """Lay out the repository in `config.output_dir` (atomically; nothing half-written on error)."""
     model_dir = Path(config.model_dir).absolute()
     template_dir = Path(config.template_dir) if config.template_dir else default_template_dir()
-    whisper_template = template_dir / WHISPER_MODEL / CONFIG_NAME
+    whisper_template = template_dir / ENGINE_MODEL / CONFIG_NAME
     if not whisper_template.is_file():
-        raise ExportError(f"{template_dir} is not a Whisper model repository template (no {WHISPER_MODEL}/{CONFIG_NAME}).")
+        raise ExportError(f"{template_dir} is not a Whisper model repository template (no {ENGINE_MODEL}/{CONFIG_NAME}).")
     facts = read_model_facts(model_dir, config.engine)
     build = effective_build(config, facts, parse_config(whisper_template.read_text(), str(whisper_template)).max_batch_size)
     values = render_values(config, facts, build)
@@ -367,9 +385,9 @@ def check_model_repository(repository: str | Path) -> None:
     """Refuse, before Triton starts, a repository without whisper/config.pbtxt or whose relative
     `model_dir` points at nothing (e.g. an incomplete copy)."""
     repository = Path(repository)
-    config_path = repository / WHISPER_MODEL / CONFIG_NAME
+    config_path = repository / ENGINE_MODEL / CONFIG_NAME
     if not config_path.is_file():
-        raise ExportError(f"{repository} is not a Whisper model repository (no {WHISPER_MODEL}/{CONFIG_NAME}); "
+        raise ExportError(f"{repository} is not a Whisper model repository (no {ENGINE_MODEL}/{CONFIG_NAME}); "
                           "lay one out with `whisper-export model-repo`.")
     config = parse_config(config_path.read_text(), str(config_path))
     value = config.parameters[MODEL_DIR_PARAMETER].string_value if MODEL_DIR_PARAMETER in config.parameters else ""

@@ -1,211 +1,174 @@
-"""Triton Python-backend model `whisper`: NVIDIA's Whisper I/O on top of any engine.
+"""Triton Python-backend model `whisper`: NVIDIA's Whisper I/O, a thin front that routes rows.
 
-Inputs (batch dimension first): WAV FP32 [-1] (zero-padded is fine), WAV_LENS INT32 [1] (true
-sample count, optional), TEXT_PREFIX STRING [1] (optional, e.g.
-`<|startoftranscript|><|en|><|transcribe|><|notimestamps|>`). Optional extras: decoding options
-BEAM_SIZE, MAX_NEW_TOKENS (INT32 [1]), TEMPERATURE, REPETITION_PENALTY (FP32 [1]); PROMPT_IDS
-(INT32 [-1], a ready decoder prompt that replaces TEXT_PREFIX) and WORD_TIMESTAMPS (BOOL [1]).
-Outputs: TRANSCRIPTS STRING [1], and for clients that ask: LANGUAGE, LANGUAGE_PROB, TOKENS,
-AVG_LOGPROB, NO_SPEECH_PROB, TOKEN_TIMES (start, end pairs), TOKEN_PROBS.
-
-All windows (<= 30 s) of one `execute()` go to the engine together; a row whose WAV_LENS is over
-30 s is transcribed with the long-form pipeline (VAD, windows, stitching) on the same engine.
+gRPC clients in any language (NVIDIA's Whisper clients, perf_analyzer) call `whisper` with
+`contract.tensors.WHISPER_SPEC`. Rows of at most 30 s go on, together, to `whisper_window` (the only
+model that runs the engine); longer rows go to `transcribe` (long-form: VAD, windows, stitching),
+each as its own request, so one long file never holds up the windows of everyone else. The front
+loads no engine and no tokenizer; it answers each request as soon as its rows are back.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..engines import load_engine
-from ..engines.base import DecodeOptions
+from ..audio import SAMPLE_RATE
+from ..contract.options import DecodeOptions, validated
+from ..contract.tensors import (NVIDIA_OPTION_FIELDS, TRANSCRIBE, WHISPER_SPEC as SPEC, WHISPER_WINDOW_SPEC as WINDOW,
+                                decode_error, padded)
 from ..errors import WhisperTritonError, invalid_parameter
 from ..features import N_SAMPLES
-from ..longform import LongFormTranscriber, TranscribeOptions
-from ..settings import Settings, load_settings
-from ..tokenizer import WhisperTokenizer
-from ..transcribe import ShortFormTranscriber, ShortRequest, ShortResult, unsupported_word_timestamps
-from .common import error_response, input_array, internal_error, ragged, strings
+from ..tokenizer import PromptSpec, read_text_prefix
+from .common import (error_response, first_value, input_array, internal_error, requested_outputs, rows_of, tensor,
+                     text_prefixes)
 
 logger = logging.getLogger(__name__)
 
-_OPTION_INPUTS = {
-    "BEAM_SIZE": ("beam_size", int),
-    "MAX_NEW_TOKENS": ("max_new_tokens", int),
-    "TEMPERATURE": ("temperature", float),
-    "REPETITION_PENALTY": ("repetition_penalty", float),
-}
+MAX_IN_FLIGHT = 32  # BLS calls of one instance at once (windows and long rows of all its requests)
 
 
-@dataclass
-class ParsedRequest:
-    short: list[ShortRequest]  # rows of at most 30 s
-    long: dict[int, tuple[np.ndarray, TranscribeOptions]]  # row index -> (audio, options) for longer rows
-    rows: int
+def float_wav(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
+    """A WAV file (IEEE float, mono) of `samples`, for the `transcribe` model's AUDIO input."""
+    data = np.ascontiguousarray(samples, dtype="<f4").tobytes()
+    header = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE"
+    header += b"fmt " + struct.pack("<IHHIIHH", 16, 3, 1, rate, rate * 4, 4, 32)
+    return header + b"data" + struct.pack("<I", len(data)) + data
 
 
-def settings_from_model_config(model_config: dict, model_directory: str | Path) -> Settings:
-    """Settings from the environment, overridden by the model's non-empty config.pbtxt parameters
-    (a relative `model_dir` is relative to the repository, as the export lays it out)."""
-    from ..export.model_repo import resolve_model_dir_parameter
-
-    model_config = resolve_model_dir_parameter(model_config, model_directory)
-    parameters = model_config.get("parameters", {}) or {}
-    overrides = {key: value.get("string_value", "") for key, value in parameters.items()}
-    known = set(Settings.model_fields)
-    return load_settings(**{key: value for key, value in overrides.items() if key in known})
+def long_row_options(spec: PromptSpec, options: DecodeOptions, given: set[str]) -> dict:
+    """The `transcribe` options of a long row: its TEXT_PREFIX and the decoding inputs it was sent."""
+    values: dict = {"task": spec.task, "without_timestamps": not spec.timestamps}
+    if spec.language:
+        values["language"] = spec.language
+    if spec.previous_text:
+        values["initial_prompt"] = spec.previous_text
+    for name in ("beam_size", "max_new_tokens", "repetition_penalty"):
+        if name in given:
+            values[name] = getattr(options, name)
+    if "temperature" in given and options.temperature > 0:
+        values["temperature"] = [options.temperature]
+    return values
 
 
 class WhisperModel:
-    """Everything the Triton model does, given the backend utilities module `pb_utils`."""
-
     def __init__(self, pb_utils, args: dict):
         self.pb = pb_utils
-        model_config = json.loads(args["model_config"])
-        self.settings = settings_from_model_config(model_config, args["model_repository"])
-        max_batch_size = int(model_config.get("max_batch_size", 1)) or 1
-        model_dir = self.settings.resolved_model_dir()
-        engine = load_engine(self.settings.engine, str(model_dir), max_batch_size=max_batch_size,
-                             **self.settings.engine_options())
-        if max_batch_size > engine.max_batch_size:
-            raise ValueError(
-                f"config.pbtxt max_batch_size {max_batch_size} is above the engine's {engine.max_batch_size}: "
-                "lower max_batch_size or rebuild the engine for a larger batch."
-            )
-        self.tokenizer = WhisperTokenizer.from_model_dir(model_dir, engine.is_multilingual)
-        self.short = ShortFormTranscriber(engine, self.tokenizer)
-        self.long = LongFormTranscriber(self.short.decoder, self.tokenizer)
-        logger.info("whisper model ready: engine=%s model_dir=%s", self.settings.engine, model_dir)
+        self._requests = ThreadPoolExecutor(max_workers=16, thread_name_prefix="front")
+        self._calls = ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT, thread_name_prefix="front-bls")
+        logger.info("whisper front ready: rows <= 30 s -> %s, longer rows -> %s", WINDOW.name, TRANSCRIBE)
 
-    # ---- request parsing ----------------------------------------------------------------
-    def _options(self, request) -> DecodeOptions:
+    def execute(self, requests: list) -> list:
+        return list(self._requests.map(self._answer, requests))
+
+    def _answer(self, request):
+        try:
+            return self._route(request)
+        except WhisperTritonError as exc:
+            return error_response(self.pb, exc)
+        except Exception as exc:  # answer every request; never take the stub down
+            logger.exception("routing a whisper request failed")
+            return error_response(self.pb, internal_error(exc, "The whisper model"))
+
+    # ---- parsing ------------------------------------------------------------------------
+    def _decode_options(self, request) -> tuple[DecodeOptions, set[str]]:
         values = {}
-        for name, (field, cast) in _OPTION_INPUTS.items():
-            array = input_array(self.pb, request, name)
-            if array is not None and array.size:
-                values[field] = cast(array.reshape(-1)[0])
-        return DecodeOptions(**values).validate()
+        for name, field in NVIDIA_OPTION_FIELDS.items():
+            value = first_value(self.pb, request, name)
+            if value is not None:
+                values[field] = value.item() if hasattr(value, "item") else value
+        try:
+            return validated(DecodeOptions, values), set(values)
+        except WhisperTritonError as exc:  # name the tensor the client sent, not our field
+            names = {field: name for name, field in NVIDIA_OPTION_FIELDS.items()}
+            raise invalid_parameter(names.get(exc.param, exc.param), exc.message) from None
 
-    def _prompt_ids(self, request) -> list[int] | None:
-        array = input_array(self.pb, request, "PROMPT_IDS")
-        if array is None or array.size == 0:
-            return None
-        ids = [int(t) for t in array.reshape(-1) if t >= 0]
-        vocabulary = self.tokenizer.timestamp_begin + 1501
-        if not ids or any(t >= vocabulary for t in ids) or self.tokenizer.sot not in ids:
-            raise invalid_parameter("PROMPT_IDS", "PROMPT_IDS must be token ids of this model's vocabulary "
-                                    "holding <|startoftranscript|>.")
-        return ids
-
-    def _flag(self, request, name: str) -> bool:
-        array = input_array(self.pb, request, name)
-        return bool(array is not None and array.size and bool(array.reshape(-1)[0]))
-
-    def parse(self, request) -> ParsedRequest:
-        wav = input_array(self.pb, request, "WAV")
-        if wav is None or wav.size == 0:
-            raise invalid_parameter("WAV", "WAV is empty: send 16 kHz mono float32 samples.")
-        wav = wav.reshape(wav.shape[0], -1) if wav.ndim > 1 else wav.reshape(1, -1)
-        lens = input_array(self.pb, request, "WAV_LENS")
-        lengths = [wav.shape[1]] * wav.shape[0] if lens is None else [int(n) for n in lens.reshape(-1)]
-        if len(lengths) != wav.shape[0]:
-            raise invalid_parameter("WAV_LENS", f"WAV_LENS has {len(lengths)} values for {wav.shape[0]} WAV rows.")
-        prefixes = input_array(self.pb, request, "TEXT_PREFIX")
-        texts = [b""] * wav.shape[0] if prefixes is None else list(prefixes.reshape(-1))
-        if len(texts) == 1 and wav.shape[0] > 1:
-            texts = texts * wav.shape[0]
-        options = self._options(request)
-        prompt_ids = self._prompt_ids(request)
-        words = self._flag(request, "WORD_TIMESTAMPS")
-        if words and not self.short.decoder.supports_word_timestamps:
-            raise unsupported_word_timestamps(self.settings.engine)
-        parsed = ParsedRequest(short=[], long={}, rows=wav.shape[0])
-        for row_index, (row, length, prefix) in enumerate(zip(wav, lengths, texts)):
-            if not 0 < length <= row.size:
-                raise invalid_parameter("WAV_LENS", f"WAV_LENS {length} is outside 1..{row.size} (the WAV length).")
-            audio = np.ascontiguousarray(row[:length], dtype=np.float32)
-            spec = self.tokenizer.parse_text_prefix(prefix.decode("utf-8", "replace") if isinstance(prefix, bytes)
-                                                    else str(prefix))
-            if length > N_SAMPLES:
-                parsed.long[row_index] = (audio, self._long_options(spec, options, prompt_ids))
-            else:
-                parsed.short.append(ShortRequest(audio=audio, spec=spec, options=options, prompt_ids=prompt_ids,
-                                                 word_timestamps=words))
-        return parsed
-
-    def _long_options(self, spec, options: DecodeOptions, prompt_ids) -> TranscribeOptions:
-        if prompt_ids is not None:
+    # ---- routing ------------------------------------------------------------------------
+    def _route(self, request):
+        outputs = requested_outputs(request, SPEC.output_names)
+        rows = rows_of(input_array(self.pb, request, "WAV"), input_array(self.pb, request, "WAV_LENS"))
+        prefixes = text_prefixes(input_array(self.pb, request, "TEXT_PREFIX"), len(rows))
+        options, given = self._decode_options(request)
+        prompt_ids = input_array(self.pb, request, "PROMPT_IDS")
+        words = first_value(self.pb, request, "WORD_TIMESTAMPS")
+        short = [i for i, row in enumerate(rows) if row.size <= N_SAMPLES]
+        long = [i for i, row in enumerate(rows) if row.size > N_SAMPLES]
+        if long and prompt_ids is not None and prompt_ids.size:
             raise invalid_parameter("PROMPT_IDS", "PROMPT_IDS applies to one window; send WAV of at most 30 s, "
                                     "or use TEXT_PREFIX for longer audio.")
-        return TranscribeOptions(language=spec.language, task=spec.task, beam_size=options.beam_size,
-                                 max_new_tokens=options.max_new_tokens, repetition_penalty=options.repetition_penalty,
-                                 initial_prompt=spec.previous_text,
-                                 temperature=options.temperature if options.temperature > 0 else
-                                 TranscribeOptions().temperature)
+        specs = {i: read_text_prefix(prefixes[i]) for i in long}
+        jobs = {}
+        if short:
+            window_request = self._window_request([rows[i] for i in short], [prefixes[i] for i in short], options,
+                                                  prompt_ids, words, outputs)
+            jobs["short"] = self._calls.submit(self._exec, window_request)
+        for i in long:
+            jobs[i] = self._calls.submit(self._exec, self._long_request(rows[i], long_row_options(specs[i], options, given)))
+        replies = {key: job.result() for key, job in jobs.items()}
+        return self._response(rows, short, replies, outputs)
 
-    # ---- execution ----------------------------------------------------------------------
-    def execute(self, requests: list) -> list:
-        responses: list = [None] * len(requests)
-        parsed: list[tuple[int, ParsedRequest]] = []
-        for index, request in enumerate(requests):
-            try:
-                parsed.append((index, self.parse(request)))
-            except WhisperTritonError as exc:
-                responses[index] = error_response(self.pb, exc)
-        short_items = [item for _, p in parsed for item in p.short]
-        try:
-            short_results = self.short.transcribe(short_items) if short_items else []
-        except Exception as exc:  # the model must answer every request, never crash the stub
-            logger.exception("engine failed on a batch of %d windows", len(short_items))
-            for index, _ in parsed:
-                responses[index] = error_response(self.pb, internal_error(exc, "The engine"))
-            return responses
-        position = 0
-        for index, p in parsed:
-            results = short_results[position : position + len(p.short)]
-            position += len(p.short)
-            try:
-                responses[index] = self._response(self._merge_rows(p, results))
-            except WhisperTritonError as exc:
-                responses[index] = error_response(self.pb, exc)
-            except Exception as exc:
-                logger.exception("long-form transcription failed")
-                responses[index] = error_response(self.pb, internal_error(exc, "Long-form transcription"))
-        return responses
-
-    def _merge_rows(self, parsed: ParsedRequest, short_results: list[ShortResult]) -> list[ShortResult]:
-        rows: list[ShortResult] = []
-        short_iter = iter(short_results)
-        for row in range(parsed.rows):
-            if row in parsed.long:
-                audio, options = parsed.long[row]
-                result = self.long.transcribe(audio, options)
-                rows.append(ShortResult(result.text, result.language, result.duration,
-                                        language_probability=result.language_probability))
-            else:
-                rows.append(next(short_iter))
-        return rows
-
-    def _response(self, results: list[ShortResult]):
+    def _window_request(self, rows, prefixes, options: DecodeOptions, prompt_ids, words, outputs: set[str]):
         pb = self.pb
-        timings = [r.timings for r in results]
-        times = [[v for pair in zip(t.starts, t.ends) for v in pair] if t else [] for t in timings]
-        tensors = [
-            pb.Tensor("TRANSCRIPTS", strings([r.text for r in results])),
-            pb.Tensor("LANGUAGE", strings([r.language for r in results])),
-            pb.Tensor("LANGUAGE_PROB", np.array([[r.language_probability] for r in results], dtype=np.float32)),
-            pb.Tensor("TOKENS", ragged([r.tokens for r in results], np.int32, -1)),
-            pb.Tensor("AVG_LOGPROB", np.array([[_number(r.avg_logprob)] for r in results], dtype=np.float32)),
-            pb.Tensor("NO_SPEECH_PROB", np.array([[_number(r.no_speech_prob)] for r in results], dtype=np.float32)),
-            pb.Tensor("TOKEN_TIMES", ragged(times, np.float32, -1.0)),
-            pb.Tensor("TOKEN_PROBS", ragged([t.probabilities if t else [] for t in timings], np.float32, -1.0)),
-        ]
-        return pb.InferenceResponse(output_tensors=tensors)
+        lengths = np.array([[row.size] for row in rows], dtype=WINDOW.input("WAV_LENS").numpy_dtype)
+        wav = np.zeros((len(rows), int(lengths.max())), dtype=WINDOW.input("WAV").numpy_dtype)
+        for index, row in enumerate(rows):
+            wav[index, : row.size] = row
+        tensors = [pb.Tensor("WAV", wav), pb.Tensor("WAV_LENS", lengths),
+                   pb.Tensor("TEXT_PREFIX", np.array([[p.encode()] for p in prefixes], dtype=object)),
+                   pb.Tensor("DECODE_OPTIONS", np.array([[options.model_dump_json().encode()]] * len(rows), dtype=object))]
+        if prompt_ids is not None and prompt_ids.size:
+            tensors.append(pb.Tensor("PROMPT_IDS", np.broadcast_to(prompt_ids.reshape(1, -1),
+                                                                   (len(rows), prompt_ids.size)).astype(np.int32)))
+        if words is not None:
+            tensors.append(pb.Tensor("WORD_TIMESTAMPS", np.array([[bool(words)]] * len(rows), dtype=bool)))
+        asked = [name for name in WINDOW.output_names if name in outputs]
+        return pb.InferenceRequest(model_name=WINDOW.name, inputs=tensors, requested_output_names=asked)
+
+    def _long_request(self, row: np.ndarray, options: dict):
+        pb = self.pb
+        tensors = [pb.Tensor("AUDIO", np.array([float_wav(row)], dtype=object)),
+                   pb.Tensor("OPTIONS", np.array([json.dumps(options).encode()], dtype=object))]
+        return pb.InferenceRequest(model_name=TRANSCRIBE, inputs=tensors, requested_output_names=["RESULT"])
+
+    def _exec(self, bls_request) -> dict[str, np.ndarray]:
+        response = bls_request.exec()
+        if response.has_error():
+            message = response.error().message()
+            raise decode_error(message) or WhisperTritonError(
+                "The whisper model's backend failed; retry, and check the server log if it persists.", None, 500,
+                "engine_error")
+        return {t.name(): t.as_numpy() for t in response.output_tensors()}
+
+    # ---- answer -------------------------------------------------------------------------
+    def _response(self, rows, short: list[int], replies: dict, outputs: set[str]):
+        per_row: list[dict] = []
+        window = replies.get("short", {})
+        position = {row: k for k, row in enumerate(short)}
+        for index in range(len(rows)):
+            if index in position:
+                per_row.append({name: value[position[index]] for name, value in window.items()})
+            else:
+                result = json.loads(replies[index]["RESULT"].reshape(-1)[0])
+                per_row.append({"TRANSCRIPTS": result["text"], "LANGUAGE": result["language"],
+                                "LANGUAGE_PROB": result["language_probability"]})
+        tensors = [self._column(SPEC.output(name), per_row) for name in SPEC.output_names if name in outputs]
+        return self.pb.InferenceResponse(output_tensors=tensors)
+
+    def _column(self, spec, per_row: list[dict]):
+        """One output for every row: window rows as `whisper_window` gave them, long rows from their result."""
+        if spec.dims == (-1,):
+            values = [[v for v in row[spec.name].reshape(-1) if v != spec.pad] if spec.name in row else []
+                      for row in per_row]
+            return self.pb.Tensor(spec.name, padded(values, spec))
+        values = []
+        for row in per_row:
+            value = row.get(spec.name, float("nan"))
+            value = value.reshape(-1)[0] if isinstance(value, np.ndarray) else value
+            values.append(value.decode("utf-8") if isinstance(value, bytes) else value)
+        return tensor(self.pb, spec, values)
 
 
-def _number(value: float | None) -> float:
-    return float("nan") if value is None else float(value)
+__all__ = ["WhisperModel", "float_wav", "long_row_options"]

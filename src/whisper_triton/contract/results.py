@@ -1,0 +1,58 @@
+"""The transcription result, as every route renders it (JSON, text, WebVTT, SRT).
+
+`info` says what was done, as faster-whisper's `TranscriptionInfo` does: the engine, and each rule
+of the pipeline that could not be applied on it (`not_applied`: rule -> why), so a degraded result
+is never silent."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Word:
+    start: float
+    end: float
+    word: str
+    probability: float
+
+
+@dataclass
+class Segment:
+    id: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int] = field(default_factory=list)
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+    temperature: float = 0.0
+    language: str | None = None
+    words: list[Word] | None = None
+
+
+@dataclass
+class TranscriptionInfo:
+    engine: str = ""
+    not_applied: dict[str, str] = field(default_factory=dict)  # rule -> why it could not be applied
+
+
+@dataclass
+class TranscriptionResult:
+    text: str
+    language: str
+    language_probability: float
+    duration: float
+    segments: list[Segment]
+    info: TranscriptionInfo = field(default_factory=TranscriptionInfo)
+
+    def to_dict(self, words: bool = False) -> dict:
+        result = asdict(self)
+        for segment in result["segments"]:
+            segment.pop("tokens", None)
+            if not words:
+                segment.pop("words", None)
+            if segment.get("language") is None:
+                segment.pop("language", None)
+        return result

@@ -1,0 +1,111 @@
+"""HTTP request -> (audio bytes, options): size cap before the body is read whole, Content-Type,
+Accept, JSON and base64, options from query, SageMaker custom attributes and JSON fields, all parsed
+by the one request model (`contract.options`)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from ..contract.options import TranscribeOptions, parse_options
+from ..errors import InvalidAudioError, PayloadTooLargeError, WhisperTritonError, invalid_parameter
+from ..formats import FORMATS
+from ..settings import Settings
+
+_AUDIO_TYPES = ("application/octet-stream",)
+
+
+@dataclass
+class Invocation:
+    audio: bytes
+    options: TranscribeOptions
+
+
+def media_type(header: str | None) -> str:
+    return (header or "").split(";")[0].strip().lower()
+
+
+def custom_attributes(header: str | None) -> dict[str, str]:
+    """`X-Amzn-SageMaker-Custom-Attributes: language=de,task=translate` (SageMaker passes it through)."""
+    pairs = {}
+    for part in re.split(r"[,;]", header or ""):
+        key, sep, value = part.partition("=")
+        if sep and key.strip():
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def choose_output_type(accept: str | None) -> str:
+    """The first supported type in the Accept header; JSON when the client accepts anything."""
+    if not accept:
+        return "application/json"
+    for part in accept.split(","):
+        media = media_type(part)
+        if media in FORMATS:
+            return media
+        if media in ("*/*", "application/*", ""):
+            return "application/json"
+        if media == "text/*":
+            return "text/plain"
+    raise WhisperTritonError(
+        message=f"Cannot answer with {accept!r}: use Accept {', '.join(FORMATS)}.",
+        param="Accept", status=406, type="not_acceptable",
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (before it is read whole)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"The body is {int(declared)} bytes; the limit is {limit} bytes.", param="body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"The body is over the limit of {limit} bytes.", param="body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_invocation(request: Request, settings: Settings) -> Invocation:
+    content_type = media_type(request.headers.get("content-type"))
+    body = await read_body(request, settings.body_limit())
+    raw_options: dict = {**custom_attributes(request.headers.get("x-amzn-sagemaker-custom-attributes")),
+                         **dict(request.query_params)}
+    if content_type == "application/json":
+        audio_bytes, json_options = parse_json_body(body)
+        raw_options.update(json_options)
+    elif content_type in _AUDIO_TYPES or content_type.startswith(("audio/", "video/")) or not content_type:
+        # boto3 sends no Content-Type when the caller gives none: treat the body as audio
+        audio_bytes = body
+    else:
+        raise WhisperTritonError(
+            message=f"Unsupported Content-Type {content_type!r}: send audio/* or application/octet-stream "
+            'with the file\'s bytes, or application/json {"audio": "<base64>"}.',
+            param="Content-Type", status=415, type="unsupported_media_type",
+        )
+    if not audio_bytes:
+        raise InvalidAudioError("The request body is empty: send the audio file's bytes.")
+    return Invocation(audio=audio_bytes, options=parse_options(raw_options))
+
+
+def parse_json_body(body: bytes) -> tuple[bytes, dict]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid_parameter("body", f"The body is not valid JSON ({exc}).") from None
+    if not isinstance(payload, dict):
+        raise invalid_parameter("body", 'The JSON body must be an object: {"audio": "<base64>", ...}.')
+    encoded = payload.pop("audio", None)
+    if not isinstance(encoded, str) or not encoded:
+        raise invalid_parameter("audio", 'The JSON body needs "audio": the audio file\'s bytes in base64.')
+    try:
+        audio = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid_parameter("audio", '"audio" is not valid base64.') from None
+    return audio, payload

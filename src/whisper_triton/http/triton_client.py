@@ -1,0 +1,70 @@
+"""One shared async gRPC client to Triton's models, for every HTTP route."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+
+from ..contract.options import TranscribeOptions
+from ..contract.tensors import MODELS, TRANSCRIBE_SPEC, decode_error
+from ..errors import WhisperTritonError
+
+PING_TIMEOUT_S = 1.5  # SageMaker wants /ping answered within 2 s
+
+
+class TritonClient:
+    def __init__(self, url: str, timeout_s: float):
+        import tritonclient.grpc.aio as grpcclient
+
+        self._grpc = grpcclient
+        self.client = grpcclient.InferenceServerClient(url=url)
+        self.timeout_s = timeout_s
+
+    async def ready(self) -> bool:
+        async def check() -> bool:
+            if not await self.client.is_server_ready():
+                return False
+            return all([await self.client.is_model_ready(name) for name in MODELS])
+
+        try:
+            return await asyncio.wait_for(check(), timeout=PING_TIMEOUT_S)
+        except Exception:  # any failure to answer in time means not ready
+            return False
+
+    def _string_input(self, name: str, value: bytes):
+        tensor = self._grpc.InferInput(name, [1], TRANSCRIBE_SPEC.input(name).client_dtype)
+        tensor.set_data_from_numpy(np.array([value], dtype=object))
+        return tensor
+
+    async def transcribe(self, audio: bytes, options: TranscribeOptions) -> dict:
+        """The `transcribe` model's RESULT for one file; only the options the caller set are sent."""
+        from tritonclient.utils import InferenceServerException
+
+        inputs = [self._string_input("AUDIO", audio),
+                  self._string_input("OPTIONS", json.dumps(options.wire()).encode())]
+        try:
+            result = await self.client.infer(TRANSCRIBE_SPEC.name, inputs,
+                                             outputs=[self._grpc.InferRequestedOutput("RESULT")],
+                                             client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            raise from_triton(exc) from None
+        return json.loads(result.as_numpy("RESULT").reshape(-1)[0])
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def from_triton(exc) -> WhisperTritonError:
+    message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+    decoded = decode_error(message or "")
+    if decoded is not None:
+        return decoded
+    status = str(exc.status() or "")
+    if "UNAVAILABLE" in status:
+        return WhisperTritonError("Triton is not available; retry shortly.", None, 503, "service_unavailable")
+    if "DEADLINE_EXCEEDED" in status:
+        return WhisperTritonError("Transcription took longer than the request timeout.", None, 504, "timeout")
+    return WhisperTritonError("The transcription backend failed; retry, and check the server log if it persists.",
+                              None, 500, "engine_error")

@@ -1,0 +1,163 @@
+"""Triton Python-backend model `whisper_window`: the window decoder, the only model that runs the engine.
+
+Every row is one window of at most 30 s (`contract.tensors.WHISPER_WINDOW_SPEC`). All rows of one
+`execute()` go to the engine together (grouped by decoding options), each encoded once. A request
+gets the outputs it asked for and only those are computed: CAPABILITIES alone never calls the
+engine; language outputs alone run detection, not `generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..contract.options import DecodeOptions, validated
+from ..contract.tensors import WHISPER_WINDOW_SPEC as SPEC
+from ..engines import load_engine
+from ..errors import PayloadTooLargeError, WhisperTritonError, invalid_parameter
+from ..features import N_SAMPLES
+from ..tokenizer import PromptSpec, WhisperTokenizer
+from ..transcribe import ShortFormTranscriber, ShortRequest, ShortResult, unsupported_word_timestamps
+from .common import (error_response, first_value, input_array, internal_error, max_batch_size, model_settings,
+                     requested_outputs, rows_of, tensor, text, text_prefixes)
+
+logger = logging.getLogger(__name__)
+
+LANGUAGE_OUTPUTS = {"LANGUAGE", "LANGUAGE_PROB", "LANGUAGE_PROBS"}
+
+
+@dataclass
+class ParsedRequest:
+    rows: list[ShortRequest]
+    outputs: set[str]
+
+    @property
+    def info_only(self) -> bool:
+        return self.outputs <= {"CAPABILITIES"}
+
+    @property
+    def detect_only(self) -> bool:
+        return self.outputs <= LANGUAGE_OUTPUTS | {"CAPABILITIES"}
+
+
+class WindowModel:
+    """Everything the Triton model does, given the backend utilities module `pb_utils`."""
+
+    def __init__(self, pb_utils, args: dict):
+        self.pb = pb_utils
+        self.settings = model_settings(args)
+        batch = max_batch_size(args)
+        model_dir = self.settings.resolved_model_dir()
+        self.tokenizer = WhisperTokenizer.from_model_dir(model_dir)
+        options = self.settings.engine_options()
+        if "model_instance_device_id" in args and self.settings.engine == "tensorrtllm":
+            options["device_id"] = int(args["model_instance_device_id"])  # one instance per GPU, on its GPU
+        engine = load_engine(self.settings.engine, str(model_dir), tokens=self.tokenizer.special_tokens(),
+                             max_batch_size=batch, **options)
+        if batch > engine.max_batch_size:
+            raise ValueError(
+                f"config.pbtxt max_batch_size {batch} is above the engine's {engine.max_batch_size}: "
+                "lower max_batch_size or rebuild the engine for a larger batch."
+            )
+        self.capabilities = engine.capabilities
+        self.short = ShortFormTranscriber(engine, self.tokenizer, self.settings.encoder_cache_mb << 20)
+        logger.info("whisper_window ready: engine=%s model_dir=%s capabilities=%s", self.settings.engine, model_dir,
+                    self.capabilities.to_json())
+
+    # ---- request parsing ----------------------------------------------------------------
+    def _options(self, request) -> DecodeOptions:
+        raw = text(first_value(self.pb, request, "DECODE_OPTIONS"))
+        if not raw.strip():
+            return DecodeOptions()
+        try:
+            values = json.loads(raw)
+        except ValueError as exc:
+            raise invalid_parameter("DECODE_OPTIONS", f"DECODE_OPTIONS is not valid JSON ({exc}).") from None
+        return validated(DecodeOptions, values).check_beam(self.capabilities.max_beam_size)
+
+    def _prompt_ids(self, request) -> list[int] | None:
+        array = input_array(self.pb, request, "PROMPT_IDS")
+        if array is None or array.size == 0:
+            return None
+        ids = [int(t) for t in array.reshape(-1) if t >= 0]
+        vocabulary = self.tokenizer.timestamp_begin + 1501
+        if not ids or any(t >= vocabulary for t in ids) or self.tokenizer.sot not in ids:
+            raise invalid_parameter("PROMPT_IDS", "PROMPT_IDS must be token ids of this model's vocabulary "
+                                    "holding <|startoftranscript|>.")
+        return ids
+
+    def parse(self, request) -> ParsedRequest:
+        outputs = requested_outputs(request, SPEC.output_names)
+        if outputs <= {"CAPABILITIES"}:
+            return ParsedRequest([], outputs)
+        rows = rows_of(input_array(self.pb, request, "WAV"), input_array(self.pb, request, "WAV_LENS"))
+        prefixes = text_prefixes(input_array(self.pb, request, "TEXT_PREFIX"), len(rows))
+        options = self._options(request)
+        prompt_ids = self._prompt_ids(request)
+        words = bool(first_value(self.pb, request, "WORD_TIMESTAMPS"))
+        if words and not self.capabilities.word_timestamps:
+            raise unsupported_word_timestamps(self.capabilities)
+        parsed = ParsedRequest([], outputs)
+        for audio, prefix in zip(rows, prefixes):
+            if audio.size > N_SAMPLES:
+                raise PayloadTooLargeError(f"A WAV row is {audio.size / 16000:.1f} s long; whisper_window decodes "
+                                           "windows of at most 30 s. Send long audio to `whisper` or `transcribe`.",
+                                           param="WAV")
+            spec = self.tokenizer.parse_text_prefix(prefix) if prefix.strip() else PromptSpec()
+            parsed.rows.append(ShortRequest(audio=audio, spec=spec, options=options, prompt_ids=prompt_ids,
+                                            word_timestamps=words))
+        return parsed
+
+    # ---- execution ----------------------------------------------------------------------
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        parsed: list[tuple[int, ParsedRequest]] = []
+        for index, request in enumerate(requests):
+            try:
+                parsed.append((index, self.parse(request)))
+            except WhisperTritonError as exc:
+                responses[index] = error_response(self.pb, exc)
+        detect = [row for _, p in parsed if p.detect_only and not p.info_only for row in p.rows]
+        decode = [row for _, p in parsed if not p.detect_only for row in p.rows]
+        try:
+            languages = self.short.detect(detect) if detect else []
+            results = self.short.transcribe(decode) if decode else []
+        except WhisperTritonError as exc:
+            for index, _ in parsed:
+                responses[index] = error_response(self.pb, exc)
+            return responses
+        except Exception as exc:  # the model must answer every request, never crash the stub
+            logger.exception("engine failed on a batch of %d windows", len(detect) + len(decode))
+            for index, _ in parsed:
+                responses[index] = error_response(self.pb, internal_error(exc, "The engine"))
+            return responses
+        detected, decoded = iter(languages), iter(results)
+        for index, p in parsed:
+            source = detected if p.detect_only else decoded
+            responses[index] = self._response([next(source) for _ in p.rows], p.outputs)
+        return responses
+
+    def _response(self, results: list[ShortResult], outputs: set[str]):
+        values = {
+            "TRANSCRIPTS": lambda: [r.text for r in results],
+            "LANGUAGE": lambda: [r.language for r in results],
+            "LANGUAGE_PROB": lambda: [r.language_probability for r in results],
+            "LANGUAGE_PROBS": lambda: [json.dumps(r.language_probabilities or {r.language: r.language_probability})
+                                       for r in results],
+            "TOKENS": lambda: [r.tokens for r in results],
+            "AVG_LOGPROB": lambda: [_number(r.avg_logprob) for r in results],
+            "NO_SPEECH_PROB": lambda: [_number(r.no_speech_prob) for r in results],
+            "TOKEN_TIMES": lambda: [[v for pair in zip(r.timings.starts, r.timings.ends) for v in pair]
+                                    if r.timings else [] for r in results],
+            "TOKEN_PROBS": lambda: [r.timings.probabilities if r.timings else [] for r in results],
+            "CAPABILITIES": lambda: [self.capabilities.to_json()] * max(1, len(results)),
+        }
+        tensors = [tensor(self.pb, SPEC.output(name), values[name]()) for name in SPEC.output_names if name in outputs]
+        return self.pb.InferenceResponse(output_tensors=tensors)
+
+
+def _number(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
