@@ -352,3 +352,21 @@ def test_processor_accepts_one_row_for_several_beams(tmp_path, model_dir, step_m
         processor(7, logits, [[engine.tokenizer.sot]] * 3, None, None)
     assert torch.isfinite(logits[0, 0]).nonzero().flatten().tolist() == [engine.tokenizer.no_timestamps]
     assert state.no_speech_prob is not None
+
+
+def test_translate_is_declared_from_the_model_card(tmp_path, model_dir, step_model):
+    """turbo-like cards say translate=false; the engine declares it, and English-only models never translate."""
+    import json
+
+    from multilingual import multilingual_tokenizer_json
+
+    root = write_engine_dir(tmp_path / "ml", model_dir)
+    multilingual_tokenizer_json(model_dir / "tokenizer.json", root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["model"]["is_multilingual"] = True
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert StandInRuntimeEngine(root).capabilities.translate
+    (root / "whisper_model.json").write_text(json.dumps({"n_mels": 80, "n_audio_layer": 4, "n_text_layer": 4,
+                                                         "n_vocab": 51866, "multilingual": True, "translate": False}))
+    assert not StandInRuntimeEngine(root).capabilities.translate
+    assert not StandInRuntimeEngine(write_engine_dir(tmp_path / "en", model_dir)).capabilities.translate

@@ -639,9 +639,18 @@ class TensorRTLLMEngine:
             max_beam_size=self.max_beam_width,
             decoding_options=("beam_size", "max_new_tokens", "temperature", "repetition_penalty", "length_penalty"),
             multilingual=self.is_multilingual,
-            translate=bool(model_info.get("translate", self.is_multilingual)),
+            translate=self._can_translate(model_info),
             n_mels=self.n_mels, engine=self.name, notes=notes,
         )
+
+    def _can_translate(self, model_info: dict) -> bool:
+        """The export's model card (whisper_model.json) says; else the manifest; else multilingual models can."""
+        from ..export.model_card import ModelCard
+
+        card = ModelCard.load(self.model_dir)
+        if card is not None:
+            return bool(card.translate) and self.is_multilingual
+        return bool(model_info.get("translate", self.is_multilingual)) and self.is_multilingual
 
     # ---- the methods that touch tensorrt_llm / torch ---------------------------------------------
     def _platform(self) -> tuple[str, str]:
