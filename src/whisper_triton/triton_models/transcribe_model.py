@@ -2,9 +2,10 @@
 
 Long-form transcription for any gRPC/HTTP client, without our Python package: decode, VAD,
 windows, then the windows of a file go to `whisper_window` as BLS requests of up to its
-max_batch_size rows each, all in flight at once (one engine batch per request; Triton's dynamic
-batcher still packs requests of several files together). Timestamps, temperature fallback and stitching run here, above the engine, so they work
-on every engine. Its I/O is `contract.tensors.TRANSCRIBE_SPEC`; options are `contract.options`.
+max_batch_size rows each (which it declares in CAPABILITIES), all in flight at once: one engine
+batch per request, and Triton's dynamic batcher still packs requests of several files together.
+Timestamps, temperature fallback and stitching run here, above the engine, so they work on every
+engine. Its I/O is `contract.tensors.TRANSCRIBE_SPEC`; options are `contract.options`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -33,26 +33,15 @@ logger = logging.getLogger(__name__)
 _WORD_OUTPUTS = ["TOKEN_TIMES", "TOKEN_PROBS"]
 
 
-def window_max_batch_size(repository: Path, model_name: str = WINDOW.name) -> int:
-    """`whisper_window`'s max_batch_size from its config.pbtxt: the most rows one request may carry."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    path = repository / model_name / "config.pbtxt"
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    return max(1, int(config.max_batch_size))
-
-
 class TritonWindowDecoder:
     """Decodes windows by sending them to `whisper_window` as BLS requests of up to `max_batch_size`
     rows each, all in flight at once: a batch of windows is one request, so its first window never
     runs alone while the rest queue (Triton's dynamic batcher still packs requests of other files)."""
 
-    def __init__(self, pb_utils, tokenizer: WhisperTokenizer, model_name: str = WINDOW.name, max_batch_size: int = 1):
+    def __init__(self, pb_utils, tokenizer: WhisperTokenizer, model_name: str = WINDOW.name):
         self.pb = pb_utils
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.max_batch_size = max(1, max_batch_size)
         self._pool = ThreadPoolExecutor(max_workers=MAX_BATCH_SIZE, thread_name_prefix="bls")
         self._capabilities: EngineCapabilities | None = None
         self._lock = threading.Lock()
@@ -91,7 +80,7 @@ class TritonWindowDecoder:
     def _run_all(self, audios: list[np.ndarray], prompts: list[list[int]] | None, options: DecodeOptions | None,
                  words: bool, outputs: list[str]) -> list[dict[str, np.ndarray]]:
         """Replies row by row, from requests of up to max_batch_size rows each."""
-        size = self.max_batch_size
+        size = max(1, self.capabilities.max_batch_size)  # declared by whisper_window
         requests = [self._request(audios[first : first + size], None if prompts is None else prompts[first : first + size],
                                   options, words, outputs) for first in range(0, len(audios), size)]
         replies = list(self._pool.map(self._exec, requests))
@@ -151,8 +140,7 @@ class TranscribeModel:
         self.settings = model_settings(args)
         model_dir = self.settings.resolved_model_dir()
         self.tokenizer = WhisperTokenizer.from_model_dir(model_dir)
-        rows = window_max_batch_size(Path(args["model_repository"]).parent)
-        self.pipeline = LongFormTranscriber(TritonWindowDecoder(pb_utils, self.tokenizer, max_batch_size=rows),
+        self.pipeline = LongFormTranscriber(TritonWindowDecoder(pb_utils, self.tokenizer),
                                             self.tokenizer)
         logger.info("transcribe model ready (tokenizer from %s)", model_dir)
 

@@ -8,6 +8,7 @@ engine; language outputs alone run detection, not `generate`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -62,7 +63,8 @@ class WindowModel:
                 f"config.pbtxt max_batch_size {batch} is above the engine's {engine.max_batch_size}: "
                 "lower max_batch_size or rebuild the engine for a larger batch."
             )
-        self.capabilities = engine.capabilities
+        # the batch this model takes is part of what it declares: transcribe sends requests of that many rows
+        self.capabilities = dataclasses.replace(engine.capabilities, max_batch_size=batch)
         self.short = ShortFormTranscriber(engine, self.tokenizer, self.settings.encoder_cache_mb << 20)
         logger.info("whisper_window ready: engine=%s model_dir=%s capabilities=%s", self.settings.engine, model_dir,
                     self.capabilities.to_json())
