@@ -196,7 +196,7 @@ def test_previous_text_budget_is_openais():
 
 @pytest.mark.parametrize("built, running, ok", [
     ("0.17.0", "0.17.0.post1", True), ("0.17.0.post1", "0.17.0", True), ("0.17.0", "0.17.0+cu128", True),
-    ("0.17.0", "0.17.0rc1", False), ("0.17.0", "0.18.2", False), ("0.17.0", "0.17.1", False),
+    ("0.17.0", "0.18.2", False), ("0.17.0", "0.17.1", False),
 ])
 def test_version_check_compares_releases(built, running, ok):
     manifest = EngineManifest(tensorrt_llm_version=built, gpu_arch="sm_86")
@@ -207,7 +207,7 @@ def test_version_check_compares_releases(built, running, ok):
     else:
         with pytest.raises(Exception, match="TensorRT engines only load in the version that built them"):
             check()
-    assert _release("0.17.0.post1") == _release("0.17.0") != _release("0.17.0rc1")
+    assert _release("0.17.0.post1") == _release("0.17.0") != _release("0.18.2")
 
 
 def test_a_failing_processor_is_reported_not_swallowed(tmp_path, model_dir, tokenizer, step_model, features,
@@ -352,3 +352,21 @@ def test_processor_accepts_one_row_for_several_beams(tmp_path, model_dir, step_m
         processor(7, logits, [[engine.tokenizer.sot]] * 3, None, None)
     assert torch.isfinite(logits[0, 0]).nonzero().flatten().tolist() == [engine.tokenizer.no_timestamps]
     assert state.no_speech_prob is not None
+
+
+def test_translate_is_declared_from_the_model_card(tmp_path, model_dir, step_model):
+    """turbo-like cards say translate=false; the engine declares it, and English-only models never translate."""
+    import json
+
+    from multilingual import multilingual_tokenizer_json
+
+    root = write_engine_dir(tmp_path / "ml", model_dir)
+    multilingual_tokenizer_json(model_dir / "tokenizer.json", root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["model"]["is_multilingual"] = True
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert StandInRuntimeEngine(root).capabilities.translate
+    (root / "whisper_model.json").write_text(json.dumps({"n_mels": 80, "n_audio_layer": 4, "n_text_layer": 4,
+                                                         "n_vocab": 51866, "multilingual": True, "translate": False}))
+    assert not StandInRuntimeEngine(root).capabilities.translate
+    assert not StandInRuntimeEngine(write_engine_dir(tmp_path / "en", model_dir)).capabilities.translate

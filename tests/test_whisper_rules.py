@@ -220,14 +220,16 @@ def _greedy_with_rules(step_model: StepModel, mel: np.ndarray, prompt: list[int]
     audio = step_model.encode(torch.from_numpy(mel.T.copy()))
     generated: list[int] = []
     ended = False
+    decoder = step_model.incremental(audio)
     for _ in range(sample_len + len(forced)):
-        logits = step_model.logits([sent + generated], audio).numpy().astype(np.float32)
+        logits = decoder.logits(sent + generated).numpy().astype(np.float32)
         state.step(logits, [generated])
         token = int(np.argmax(logits[0]))
         if token == rules.eot:
             ended = True
             break
         generated.append(token)
+    decoder.close()
     assert tuple(generated[: len(forced)]) == forced
     tokens = generated[len(forced):][:sample_len]
     return tokens, state.sum_logprob(tokens, ended), state.no_speech_prob

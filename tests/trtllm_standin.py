@@ -70,11 +70,35 @@ class StepModel:
                 self._encoded.pop(next(iter(self._encoded)))
         return self._encoded[key]
 
+    def incremental(self, audio: torch.Tensor) -> "IncrementalDecoder":
+        """A one-sequence decoder that keeps its key/value cache (openai's kv-cache hooks), for greedy loops."""
+        return IncrementalDecoder(self.model, audio)
+
     def logits(self, sequences: list[list[int]], audio: torch.Tensor) -> torch.Tensor:
         """Last-position logits [len(sequences), vocab] (float32) for equally long sequences."""
         with torch.no_grad():
             tokens = torch.tensor(sequences, dtype=torch.long)
             return self.model.logits(tokens, audio.expand(len(sequences), -1, -1))[:, -1].float()
+
+
+class IncrementalDecoder:
+    """Last-position logits of one growing sequence, feeding only the new tokens (as a KV-cached runtime does)."""
+
+    def __init__(self, model, audio: torch.Tensor):
+        self.model, self.audio = model, audio
+        self.cache, self.hooks = model.install_kv_cache_hooks()
+        self.fed = 0
+
+    def logits(self, sequence: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            tokens = torch.tensor([sequence[self.fed:]], dtype=torch.long)
+            self.fed = len(sequence)
+            return self.model.decoder(tokens, self.audio, kv_cache=self.cache)[:, -1].float()
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.cache.clear()
 
 
 class StandInModelRunnerCpp:
@@ -281,18 +305,23 @@ class StandInModelRunnerCpp:
         rng = np.random.default_rng(int(sampling.get("random_seed", 0) or 0))
         generated: list[int] = []
         score = 0.0
-        for _ in range(max_new_tokens):
-            logits = self._step_logits(request_id, [prompt + generated], audio, processor, banned)[0]
-            logprobs = torch.log_softmax(logits.double(), dim=-1)
-            if top_k == 1:
-                token = int(torch.argmax(logits))
-            else:
-                probs = torch.softmax(logits.double() / max(temperature, 1e-6), dim=-1).numpy()
-                token = int(rng.choice(len(probs), p=probs / probs.sum()))
-            score += float(logprobs[token])
-            if token == end_id:
-                break
-            generated.append(token)
+        decoder = model.incremental(audio)
+        try:
+            for _ in range(max_new_tokens):
+                logits = self._step_logits(request_id, [prompt + generated], audio, processor, banned,
+                                           decoder=decoder)[0]
+                logprobs = torch.log_softmax(logits.double(), dim=-1)
+                if top_k == 1:
+                    token = int(torch.argmax(logits))
+                else:
+                    probs = torch.softmax(logits.double() / max(temperature, 1e-6), dim=-1).numpy()
+                    token = int(rng.choice(len(probs), p=probs / probs.sum()))
+                score += float(logprobs[token])
+                if token == end_id:
+                    break
+                generated.append(token)
+        finally:
+            decoder.close()
         return [(generated, score)]
 
     def _beam_search(self, request_id, prompt, audio, processor, banned, max_new_tokens, end_id, beams,
@@ -330,8 +359,11 @@ class StandInModelRunnerCpp:
         pool = (pool + pool[:1] * beams)[:beams]
         return pool
 
-    def _step_logits(self, request_id, sequences, audio, processor, banned) -> torch.Tensor:
-        logits = self.step_model.logits(sequences, audio)  # [beams, vocab]
+    def _step_logits(self, request_id, sequences, audio, processor, banned, decoder=None) -> torch.Tensor:
+        if decoder is not None:
+            logits = decoder.logits(sequences[0])  # [1, vocab]
+        else:
+            logits = self.step_model.logits(sequences, audio)  # [beams, vocab]
         if processor is not None:
             view = logits[None]  # [1, beams, vocab]: the executor's per-request logits tensor
             processor(request_id, view, [list(s) for s in sequences], None, None)

@@ -36,7 +36,6 @@ import contextlib
 import json
 import logging
 import math
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ..contract.capabilities import EngineCapabilities
-from ..export.manifest import EngineManifest
+from ..export.manifest import EngineManifest, release_of, same_release
 from ..release import TENSORRT_LLM_VERSION, TRITON_IMAGE
 from ..tokenizer import MAX_PROMPT_TOKENS, WhisperTokenizer
 from .base import MAX_NEW_TOKENS, DecodeOptions, Hypothesis, TokenTimings, check_batch
@@ -97,30 +96,20 @@ def engine_limits(manifest: EngineManifest, decoder_config: dict | None = None,
         max_input_frames=int(encoder_build.get("max_input_len") or 3000),
         max_prompt_len=int(decoder_build.get("max_input_len") or build.max_prompt_len),
         max_seq_len=min(int(max_seq_len), _POSITIONS),
-        n_mels=int(build.n_mels),
+        # the encoder engine's own n_mels first (the checkpoint's), then the manifest's build
+        n_mels=int(((encoder_config or {}).get("pretrained_config") or {}).get("n_mels") or build.n_mels or 128),
     )
 
 
-_VERSION = re.compile(r"^v?(\d+(?:\.\d+)*)((?:a|b|rc)\d+)?(?:\.?post\d+)?(?:\.?dev\d+)?(?:\+.*)?$")
-
-
-def _release(version: str) -> tuple:
-    """Release numbers and pre-release tag: '0.17.0.post1' and '0.17.0+cu12' -> ((0, 17, 0), None).
-
-    Post releases and local builds repackage the same TensorRT-LLM (PyPI has only 0.17.0.post1 for the
-    pinned 0.17.0), so they compare equal; a release candidate does not. Unparseable strings compare
-    as themselves.
-    """
-    match = _VERSION.match(version.strip())
-    if not match:
-        return (version.strip(),)
-    return tuple(int(part) for part in match.group(1).split(".")), match.group(2)
+def _release(version: str) -> str:
+    """The release a version belongs to (export.manifest.release_of: '0.17.0.post1' -> '0.17.0')."""
+    return release_of(version)
 
 
 def check_compatibility(manifest: EngineManifest, *, runtime_version: str, gpu_arch: str,
                         max_batch_size: int | None, limits: EngineLimits) -> None:
     """Refuse, with the cause and the fix, engines that cannot run here or a batch they cannot take."""
-    if _release(manifest.tensorrt_llm_version) != _release(runtime_version):
+    if not same_release(manifest.tensorrt_llm_version, runtime_version):
         raise EngineCompatibilityError(
             f"These engines were built with TensorRT-LLM {manifest.tensorrt_llm_version}, but this server runs "
             f"TensorRT-LLM {runtime_version}; TensorRT engines only load in the version that built them. "
@@ -650,9 +639,18 @@ class TensorRTLLMEngine:
             max_beam_size=self.max_beam_width,
             decoding_options=("beam_size", "max_new_tokens", "temperature", "repetition_penalty", "length_penalty"),
             multilingual=self.is_multilingual,
-            translate=bool(model_info.get("translate", self.is_multilingual)),
+            translate=self._can_translate(model_info),
             n_mels=self.n_mels, engine=self.name, notes=notes,
         )
+
+    def _can_translate(self, model_info: dict) -> bool:
+        """The export's model card (whisper_model.json) says; else the manifest; else multilingual models can."""
+        from ..export.model_card import ModelCard
+
+        card = ModelCard.load(self.model_dir)
+        if card is not None:
+            return bool(card.translate) and self.is_multilingual
+        return bool(model_info.get("translate", self.is_multilingual)) and self.is_multilingual
 
     # ---- the methods that touch tensorrt_llm / torch ---------------------------------------------
     def _platform(self) -> tuple[str, str]:
