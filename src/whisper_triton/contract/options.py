@@ -59,7 +59,7 @@ class VadOptions(_Group):
     threshold: VadThreshold = 0.5
     min_speech_ms: Milliseconds = 250
     min_silence_ms: Milliseconds = 300  # a pause this long ends a speech segment
-    speech_pad_ms: PadMilliseconds = 300  # before speech: soft onsets (s, f, h) sit below the threshold
+    speech_pad_ms: PadMilliseconds = 400  # before speech: soft or quiet onsets (s, f, h) sit below the threshold (faster-whisper pads 400)
     end_pad_ms: PadMilliseconds = 100  # after speech: endings are sharper; less trailing silence
 
 
