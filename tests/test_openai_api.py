@@ -4,7 +4,6 @@ as the SDK's own exception classes. Also /metrics scraped after these requests."
 
 from __future__ import annotations
 
-import json
 import re
 
 import httpx
@@ -154,18 +153,19 @@ def test_metrics_after_requests(serve, client, clip):
         list(client.audio.transcriptions.create(model="whisper-1", file=f, stream=True))
     with pytest.raises(openai.NotFoundError):
         client.audio.transcriptions.create(model="nope", file=("a.wav", clip.wav_bytes))
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = httpx.get(serve.url + "/metrics", timeout=10).text
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    route = 'route="/v1/audio/transcriptions"'
-    assert samples[f'whisper_http_requests_total{{{route},method="POST",status="200"}}'] >= 2
-    assert samples[f'whisper_http_requests_total{{{route},method="POST",status="404"}}'] >= 1
-    assert samples[f'whisper_errors_total{{{route},type="model_not_found"}}'] >= 1
-    assert samples[f'whisper_audio_seconds_total{{{route}}}'] >= 2 * 3.0
-    assert samples[f'whisper_stream_first_segment_seconds_count{{{route}}}'] >= 1
-    assert samples[f'whisper_http_request_duration_seconds_count{{{route}}}'] >= 3
-    assert f'whisper_http_requests_in_flight{{{route}}}' in samples
-    assert json.dumps(samples)  # every sample parsed as a number
+    samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+    def value(name: str, **labels) -> float:
+        return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    route = "/v1/audio/transcriptions"
+    assert value("whisper_http_requests_total", route=route, method="POST", status="200") >= 2
+    assert value("whisper_http_requests_total", route=route, status="404") >= 1
+    assert value("whisper_errors_total", route=route, type="model_not_found") >= 1
+    assert value("whisper_audio_seconds_total", route=route) >= 2 * 3.0
+    assert value("whisper_stream_first_segment_seconds_count", route=route) >= 1
+    assert value("whisper_http_request_duration_seconds_count", route=route) >= 3
+    assert any(s.name == "whisper_http_requests_in_flight" and s.labels["route"] == route for s in samples)

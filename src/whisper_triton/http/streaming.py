@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
+import anyio
 from fastapi import Request
 
 logger = logging.getLogger(__name__)
@@ -50,16 +51,15 @@ async def first_chunk(chunks: AsyncGenerator[dict, None]) -> AsyncGenerator[dict
 
 
 async def until_disconnected(request: Request, chunks: AsyncGenerator) -> AsyncIterator:
-    """The items of `chunks` until it ends or the client leaves; leaving closes `chunks` at once."""
+    """The items of `chunks` until it ends or the client leaves; leaving closes `chunks` at once,
+    whether the watcher here notices it or the server cancels the answer (Starlette does on disconnect)."""
     watcher = asyncio.ensure_future(_disconnected(request))
+    step: asyncio.Future | None = None
     try:
         while True:
             step = asyncio.ensure_future(chunks.__anext__())
-            done, _ = await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if step not in done:  # the client left while Triton was decoding
-                step.cancel()
-                await asyncio.gather(step, return_exceptions=True)
-                logger.info("client disconnected mid-stream: decoding of its file cancelled")
+            await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():  # the client left while Triton was decoding
                 return
             try:
                 item = step.result()
@@ -67,8 +67,14 @@ async def until_disconnected(request: Request, chunks: AsyncGenerator) -> AsyncI
                 return
             yield item
     finally:
-        watcher.cancel()
-        await chunks.aclose()
+        # shielded: this runs inside a cancelled scope when the server cancelled the answer
+        with anyio.CancelScope(shield=True):
+            watcher.cancel()
+            if step is not None and not step.done():
+                step.cancel()  # cancels the gRPC stream, so Triton cancels the request
+                await asyncio.gather(step, return_exceptions=True)
+                logger.info("client disconnected mid-stream: decoding of its file cancelled")
+            await chunks.aclose()
 
 
 def json_lines(chunks: AsyncIterator[dict], on_first_segment=None, on_done=None) -> AsyncIterator[bytes]:
