@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..contract.options import PromptText, Temperature
+from ..errors import WhisperTritonError
 
 ResponseFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
 RESPONSE_FORMATS: tuple[str, ...] = ("json", "text", "srt", "verbose_json", "vtt")
@@ -137,6 +138,11 @@ def error_type(status: int) -> str:
     if status >= 500:
         return "server_error"
     return "invalid_request_error"
+
+
+def error_body(exc: WhisperTritonError) -> ErrorBody:
+    """OpenAI's error shape; `code` carries our error kind (e.g. payload_too_large, model_not_found)."""
+    return ErrorBody(error=ErrorInfo(message=exc.message, type=error_type(exc.status), param=exc.param, code=exc.type))
 
 
 def sse(event: BaseModel | dict) -> bytes:

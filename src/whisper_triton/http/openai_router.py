@@ -1,7 +1,7 @@
 """The routes of OpenAI's audio API, on the proxy's port: GET /v1/models, GET /v1/models/{id},
 POST /v1/audio/transcriptions, POST /v1/audio/translations. Thin: the form and the bodies are
 `openai_serving`'s, the shapes `openai_protocol`'s; errors under /v1 take OpenAI's error shape
-(`openai_error_body`, chosen by path in `app`)."""
+(`openai_protocol.error_body`, chosen by path in `app`)."""
 
 from __future__ import annotations
 
@@ -12,21 +12,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import WhisperTritonError
 from . import openai_serving as serving
-from .openai_protocol import MEDIA_TYPES, ErrorBody, ErrorInfo, error_type
+from .openai_protocol import MEDIA_TYPES, error_body
 from .streaming import first_chunk, until_disconnected
 
 OPENAI_PREFIX = "/v1"
 router = APIRouter(prefix=OPENAI_PREFIX)
 
 
-def openai_error_body(exc: WhisperTritonError) -> ErrorBody:
-    """OpenAI's error shape; `code` carries our error kind (e.g. payload_too_large, model_not_found)."""
-    return ErrorBody(error=ErrorInfo(message=exc.message, type=error_type(exc.status), param=exc.param,
-                                     code=exc.type))
-
-
 def openai_error_response(exc: WhisperTritonError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status, content=openai_error_body(exc).model_dump())
+    return JSONResponse(status_code=exc.status, content=error_body(exc).model_dump())
 
 
 async def models_of(request: Request) -> serving.ServedModels:

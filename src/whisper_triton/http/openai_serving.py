@@ -24,7 +24,7 @@ from ..formats import render
 from ..settings import Settings
 from .openai_protocol import (
     OPENAI_FIELDS, STREAMING_FORMATS, AudioRequest, ModelCard, ModelList, TextDeltaEvent, TextDoneEvent,
-    TranscriptionJson, TranscriptionSegment, TranscriptionVerbose, TranscriptionWord, Usage, sse,
+    TranscriptionJson, TranscriptionSegment, TranscriptionVerbose, TranscriptionWord, Usage, error_body, sse,
 )
 from .parsing import media_type
 
@@ -247,6 +247,4 @@ async def text_events(chunks: AsyncIterator[dict], on_first_segment=None,
                 yield sse(TextDoneEvent(text="".join(texts).strip(), usage=usage(chunk)))
                 return
     except WhisperTritonError as exc:
-        from .openai_router import openai_error_body
-
-        yield sse(openai_error_body(exc))
+        yield sse(error_body(exc))
