@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=6_291_456, gt=0)
     max_audio_seconds: float = Field(default=14_400.0, gt=0)  # 4 h; bodies are capped separately
     request_timeout_s: float = Field(default=3_600.0, gt=0)  # async / batch transform allow up to 1 h
+    # OpenAI audio API (/v1): the served model's id (empty: from its model_dir) and ids that name it too,
+    # so clients written for OpenAI (model="whisper-1") work unchanged
+    served_model_name: str = ""
+    model_aliases: str = "whisper-1"
 
     # SageMaker batch transform and debugging (SageMaker's own variable names)
     sagemaker_batch: bool = Field(default=False, validation_alias=AliasChoices("SAGEMAKER_BATCH", "WHISPER_TRITON_SAGEMAKER_BATCH"))

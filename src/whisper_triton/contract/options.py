@@ -116,6 +116,7 @@ class TranscribeOptions(BaseModel):
     initial_prompt: PromptText | None = Field(default=None, validation_alias=AliasChoices("initial_prompt", "prompt"))
     hotwords: PromptText | None = None
     word_timestamps: bool = False
+    include_tokens: bool = False  # each segment's token ids in the result (OpenAI's verbose_json has them)
     without_timestamps: bool = False
     max_new_tokens: NewTokens = _DECODE["max_new_tokens"].default
     repetition_penalty: RepetitionPenalty = _DECODE["repetition_penalty"].default

@@ -160,7 +160,8 @@ class TranscribeModel:
         options = self.pipeline.check(self.options(request))  # before any audio work
         data = first_value(self.pb, request, "AUDIO")
         audio = decode_audio(bytes(data or b""), max_seconds=self.settings.max_audio_seconds)
-        return self.pipeline.transcribe(audio, options).to_dict(words=options.word_timestamps)
+        result = self.pipeline.transcribe(audio, options)
+        return result.to_dict(words=options.word_timestamps, tokens=options.include_tokens)
 
     def execute(self, requests: list) -> list:
         responses = []
