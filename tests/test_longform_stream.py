@@ -5,7 +5,7 @@ text as `transcribe`, and the `cancelled` hook stopping the decoding between chu
 import pytest
 
 from whisper_triton.evaluation import word_error_rate
-from whisper_triton.longform import LongFormTranscriber, TranscribeOptions
+from whisper_triton.longform import MAX_FOLLOW_UPS, LongFormTranscriber, TranscribeOptions
 from whisper_triton.transcribe import EngineWindowDecoder
 
 
@@ -50,7 +50,9 @@ def test_cancelled_stops_between_chunks(decoder, tokenizer, long_speech):
     for chunk in pipeline.transcribe_iter(long_speech.samples, TranscribeOptions(temperature=[0.0]),
                                           cancelled=lambda: len(given) >= 1):
         given.append(chunk)
-    assert len(given) == 1 and not given[0].done and decoder.calls == [1]
+    # only the first chunk's window was decoded: once, plus the follow-ups of its own rest
+    assert len(given) == 1 and not given[0].done
+    assert decoder.calls and set(decoder.calls) == {1} and len(decoder.calls) <= 1 + MAX_FOLLOW_UPS
 
 
 def test_silence_is_one_empty_final_chunk(decoder, tokenizer):
