@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import WhisperTritonError
 from ..formats import FORMATS, render
 from ..settings import Settings
+from .guards import Admission, Guards
 from .parsing import choose_output_type, parse_invocation
 from .triton_client import TritonClient
 
@@ -21,15 +22,17 @@ logger = logging.getLogger(__name__)
 
 
 def error_response(exc: WhisperTritonError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status, content=exc.to_dict())
+    return JSONResponse(status_code=exc.status, content=exc.to_dict(), headers=exc.headers())
 
 
 def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
     url = triton_url or f"127.0.0.1:{settings.triton_grpc_port}"
 
+    admission = Admission(settings.max_requests_in_flight, settings.max_queued_audio_seconds, settings.retry_after_s)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.triton = TritonClient(url, settings.request_timeout_s)
+        app.state.triton = TritonClient(url, settings.request_timeout_s, admission)
         try:
             yield
         finally:
@@ -37,6 +40,8 @@ def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
 
     app = FastAPI(title="whisper-triton", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
+    app.state.admission = admission
+    app.add_middleware(Guards, settings=settings, admission=admission)  # request id, API key, load, disconnects
 
     @app.exception_handler(WhisperTritonError)
     async def _handle_known(request: Request, exc: WhisperTritonError):
