@@ -124,7 +124,8 @@ class Supervisor:
         from .http.app import create_app
 
         app = create_app(self.settings)
-        config = uvicorn.Config(app, host=self.settings.bind_host, port=self.settings.port,
+        # log_config=None: uvicorn's lines go through serve's handlers, with the request id
+        config = uvicorn.Config(app, host=self.settings.bind_host, port=self.settings.port, log_config=None,
                                 log_level="info", access_log=False, timeout_graceful_shutdown=10)
         self.http = uvicorn.Server(config)
         watcher = threading.Thread(target=self._watch_triton, name="triton-watch", daemon=True)
@@ -155,7 +156,11 @@ class Supervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .http.guards import install_request_id_logging
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    install_request_id_logging()  # every line says which request it belongs to ("-": none)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cli = cli_overrides(args)
     return Supervisor(load_settings(**cli), cli).run()

@@ -195,7 +195,7 @@ def validated(model: type[BaseModel], raw: dict) -> Any:
 def _first_error(exc: ValidationError, model: type[BaseModel]) -> WhisperTritonError:
     error = exc.errors(include_url=False)[0]
     location = error.get("loc") or ("options",)
-    param = shown_name(str(location[0]))  # the caller chose the name: never echo it at any length
+    param = shown_name(str(location[0])) or "options"  # the caller chose the name: never echo it at any length
     if error.get("type") == "extra_forbidden":
         known = ", ".join(sorted(set(model.model_fields) | ({"prompt"} if model is TranscribeOptions else set())))
         return invalid_parameter(param, f"Unknown option {param!r}. Known options: {known}.")
