@@ -170,8 +170,8 @@ class TranscribeModel:
                     output_tensors=[self.pb.Tensor("RESULT", np.array([json.dumps(result, ensure_ascii=False).encode()],
                                                                       dtype=object))]))
             except WhisperTritonError as exc:
-                if exc.status == 499:
-                    logger.info("request %s cancelled: decoding stopped", _request_id(request))
+                if exc.status == 499:  # a warning: the stub's log shows warnings and above
+                    logger.warning("request %s cancelled by its caller: decoding stopped", _request_id(request))
                 responses.append(error_response(self.pb, exc))
             except Exception as exc:  # answer every request; never take the stub down
                 logger.exception("transcription failed")
