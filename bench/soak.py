@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     process, url = start_serve(args.out / f"soak-{stamp}-serve.log")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # still stop serve
     try:
         report = run(args.requests, args.concurrency, url, process.pid, args.long_fraction, args.bad_fraction,
                      args.long_sentences)

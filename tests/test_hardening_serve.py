@@ -28,7 +28,7 @@ from whisper_triton.evaluation import word_error_rate
 pytestmark = pytest.mark.triton
 
 BOUND = 2
-DEADLINE_S = 20
+DEADLINE_S = 45  # short requests finish well within it even on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def hardened(tmp_path_factory):
         "WHISPER_TRITON_MAX_REQUESTS_IN_FLIGHT": str(BOUND),
         "WHISPER_TRITON_REQUEST_TIMEOUT_S": str(DEADLINE_S),
         "WHISPER_TRITON_RETRY_AFTER_S": "3",
+        "WHISPER_TRITON_MAX_BODY_BYTES": str(32 * 1024 * 1024),  # the long file below
     })
     try:
         instance.wait_ready()
@@ -115,41 +116,12 @@ def test_hostile_json_and_strings(http, speech_clips):
     assert reply.status_code == 200 and reply.headers["x-request-id"] == "caller-id-1"
 
 
-# ---- backpressure --------------------------------------------------------------------------------------
-def test_a_burst_far_over_the_bound_is_served_or_refused_never_lost(hardened, http, speech_clips):
-    clips = [speech_clips[k % len(speech_clips)] for k in range(20)]
-
-    def post(clip):
-        with httpx.Client(base_url=hardened.url, timeout=180) as client:
-            return clip, client.post("/invocations", content=clip.wav_bytes, headers={"Content-Type": "audio/wav"})
-
-    pings = []
-    with ThreadPoolExecutor(max_workers=len(clips) + 1) as pool:
-        futures = [pool.submit(post, clip) for clip in clips]
-        with httpx.Client(base_url=hardened.url, timeout=2.0) as pinger:  # SageMaker's /ping limit
-            while not all(f.done() for f in futures) and len(pings) < 200:
-                pings.append(pinger.get("/ping").status_code)
-                time.sleep(0.05)
-        results = [f.result() for f in futures]  # an exception (a timeout, a reset) fails the test
-    served = refused = 0
-    for clip, reply in results:
-        if reply.status_code == 200:
-            served += 1
-            assert word_error_rate(clip.text, reply.json()["text"]) <= 0.15
-        else:
-            refused += 1
-            assert_refused(reply, 503, None)
-            assert reply.json()["error"]["type"] == "service_unavailable" and reply.headers["retry-after"] == "3"
-    assert served >= BOUND and refused >= 1 and served + refused == len(clips)
-    assert pings and set(pings) == {200}
-    assert post_wav(http, speech_clips[0].wav_bytes).status_code == 200  # healthy after
-
-
 # ---- cancellation and deadlines --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def long_opus(long_speech) -> tuple[bytes, int]:
-    """About 7 minutes of speech as Ogg Opus, and its count of 30 s windows."""
-    samples = np.concatenate([long_speech.samples, long_speech.samples])
+    """About 21 minutes of speech as Ogg Opus, and its count of 30 s windows: at beam 10 and one window
+    a round, far more engine time than DEADLINE_S."""
+    samples = np.concatenate([long_speech.samples] * 6)
     return encode(samples, 16000, "ogg", "libopus", 1, 48000), int(np.ceil(samples.size / 16000 / 30))
 
 
@@ -186,7 +158,7 @@ def settled_count(instance, model: str, quiet_s: float = 4.0, timeout_s: float =
 def test_a_client_that_disconnects_stops_being_decoded(hardened, long_opus):
     body, windows = long_opus
     before = settled_count(hardened, "whisper_window")
-    sock = raw_post(hardened, body, "batch_size=1&beam_size=5", "gone-client-1")
+    sock = raw_post(hardened, body, "batch_size=1&beam_size=10", "gone-client-1")
     assert wait_until(lambda: stats(hardened, "whisper_window") > before, 120), hardened.log(3000)
     sock.close()  # the client goes away after its first window
     assert wait_until(lambda: "[gone-client-1]: client disconnected" in hardened.log(), 60), hardened.log(4000)
@@ -200,11 +172,41 @@ def test_a_client_that_disconnects_stops_being_decoded(hardened, long_opus):
 def test_a_request_past_its_deadline_is_a_504_and_stops(hardened, http, long_opus):
     body, windows = long_opus
     before = settled_count(hardened, "whisper_window")
-    reply = http.post("/invocations?batch_size=1&beam_size=5", content=body, headers={"Content-Type": "audio/ogg"})
+    reply = http.post("/invocations?batch_size=1&beam_size=10", content=body, headers={"Content-Type": "audio/ogg"})
     assert_refused(reply, 504, None)
     assert wait_until(lambda: hardened.log().count("cancelled by its caller") >= 2, 120), hardened.log(4000)
     decoded = settled_count(hardened, "whisper_window") - before
     assert decoded < windows, f"{decoded} of {windows} windows decoded past the deadline"
+
+
+# ---- backpressure --------------------------------------------------------------------------------------
+def test_a_burst_far_over_the_bound_is_served_or_refused_never_lost(hardened, http, speech_clips):
+    clips = [speech_clips[k % len(speech_clips)] for k in range(20)]
+
+    def post(clip):
+        with httpx.Client(base_url=hardened.url, timeout=180) as client:
+            return clip, client.post("/invocations", content=clip.wav_bytes, headers={"Content-Type": "audio/wav"})
+
+    pings = []
+    with ThreadPoolExecutor(max_workers=len(clips) + 1) as pool:
+        futures = [pool.submit(post, clip) for clip in clips]
+        with httpx.Client(base_url=hardened.url, timeout=2.0) as pinger:  # SageMaker's /ping limit
+            while not all(f.done() for f in futures) and len(pings) < 200:
+                pings.append(pinger.get("/ping").status_code)
+                time.sleep(0.05)
+        results = [f.result() for f in futures]  # an exception (a timeout, a reset) fails the test
+    served = refused = 0
+    for clip, reply in results:
+        if reply.status_code == 200:
+            served += 1
+            assert word_error_rate(clip.text, reply.json()["text"]) <= 0.15
+        else:
+            refused += 1
+            assert_refused(reply, 503, None)
+            assert reply.json()["error"]["type"] == "service_unavailable" and reply.headers["retry-after"] == "3"
+    assert served >= BOUND and refused >= 1 and served + refused == len(clips)
+    assert pings and set(pings) == {200}
+    assert post_wav(http, speech_clips[0].wav_bytes).status_code == 200  # healthy after
 
 
 # ---- faults (destructive: last) ---------------------------------------------------------------------------
@@ -230,35 +232,42 @@ def descendants(pid: int) -> list[tuple[int, str]]:
     return found
 
 
-def test_a_dead_window_stub_is_a_5xx_and_serve_recovers(hardened, http, speech_clips):
-    stubs = [pid for pid, args in descendants(hardened.process.pid)
-             if "triton_python_backend_stub" in args and "whisper_window" in args]
-    assert stubs, descendants(hardened.process.pid)
-    for pid in stubs:
-        os.kill(pid, signal.SIGKILL)
-    reply = post_wav(http, speech_clips[0].wav_bytes)
-    if reply.status_code != 200:  # the request that met the dead stub
-        assert 500 <= reply.status_code < 600
-        assert reply.json()["error"]["message"] and "Traceback" not in reply.text
-    recovered = wait_until(lambda: post_wav(http, speech_clips[0].wav_bytes).status_code == 200, 120, 2.0)
-    assert recovered or hardened.process.poll() not in (None, 0), hardened.log(4000)
-    if recovered:
-        reply = post_wav(http, speech_clips[0].wav_bytes)
-        assert word_error_rate(speech_clips[0].text, reply.json()["text"]) <= 0.15
-
-
-def test_triton_dying_mid_request_is_a_503_and_serve_exits_non_zero(hardened, long_opus):
+def test_a_dead_window_stub_ends_serve_non_zero_and_in_flight_gets_json(hardened, speech_clips, long_opus):
+    """Triton does not bring a killed stub back in time (requests to it hang), so serve stops Triton,
+    answers what is in flight with 503 JSON, and exits non-zero for the platform to restart it."""
     body, _ = long_opus
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        with httpx.Client(base_url=hardened.url, timeout=120) as client:
+    with ThreadPoolExecutor(max_workers=1) as pool, httpx.Client(base_url=hardened.url, timeout=120) as client:
+        before = stats(hardened, "whisper_window")
+        future = pool.submit(client.post, "/invocations?batch_size=1", content=body, headers={"Content-Type": "audio/ogg"})
+        assert wait_until(lambda: stats(hardened, "whisper_window") > before, 120)
+        stubs = [pid for pid, args in descendants(hardened.process.pid)
+                 if "triton_python_backend_stub" in args and "/whisper_window/" in args]
+        assert stubs, descendants(hardened.process.pid)
+        for pid in stubs:
+            os.kill(pid, signal.SIGKILL)
+        reply = future.result()
+    assert 500 <= reply.status_code < 600 and reply.json()["error"]["message"], reply.text
+    assert "Traceback" not in reply.text
+    assert hardened.process.wait(timeout=60) not in (None, 0)
+    assert "stub of model whisper_window died" in hardened.log()
+
+
+def test_triton_dying_mid_request_is_a_503_and_serve_exits_non_zero(tmp_path, long_opus):
+    body, _ = long_opus
+    instance = start_serve(tmp_path, {"WHISPER_TRITON_MAX_BODY_BYTES": str(32 * 1024 * 1024)})
+    try:
+        instance.wait_ready()
+        with ThreadPoolExecutor(max_workers=1) as pool, httpx.Client(base_url=instance.url, timeout=120) as client:
+            before = stats(instance, "whisper_window")
             future = pool.submit(client.post, "/invocations?batch_size=1", content=body,
                                  headers={"Content-Type": "audio/ogg"})
-            before = stats(hardened, "whisper_window")
-            assert wait_until(lambda: stats(hardened, "whisper_window") > before, 60)
-            for pid, args in descendants(hardened.process.pid):
+            assert wait_until(lambda: stats(instance, "whisper_window") > before, 120)
+            for pid, args in descendants(instance.process.pid):
                 if args.split() and args.split()[0].endswith("/tritonserver"):
                     os.kill(pid, signal.SIGKILL)
             reply = future.result()
-    assert_refused(reply, 503, None)
-    assert hardened.process.wait(timeout=30) not in (None, 0)
-    assert "tritonserver exited unexpectedly" in hardened.log()
+        assert_refused(reply, 503, None)
+        assert instance.process.wait(timeout=30) not in (None, 0)
+        assert "tritonserver exited unexpectedly" in instance.log()
+    finally:
+        instance.terminate()
