@@ -9,7 +9,6 @@ import logging
 import httpx
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 
 from whisper_triton.http.guards import REQUEST_ID, Admission, Guards, RequestIdFilter, request_id_from

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
