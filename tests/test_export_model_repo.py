@@ -102,6 +102,9 @@ def test_tensorrtllm_repository_takes_the_engine_build(engine_dir, tmp_path):
     config = parse(out / "whisper_window" / "config.pbtxt")
     assert config.max_batch_size == 4
     assert [(g.kind, g.count) for g in config.instance_group] == [(KIND.KIND_GPU, 1)]
+    # no `gpus` list: Triton makes one instance on each GPU (model_instance_device_id tells it which),
+    # instead of every instance on GPU 0
+    assert [list(g.gpus) for g in config.instance_group] == [[]]
     assert params(config)["engine"] == "tensorrtllm" and params(config)["device"] == "cuda"
     assert (out / ENGINE_SUBDIR / "manifest.json").is_file() and (out / ENGINE_SUBDIR / "decoder" / "rank0.engine").is_file()
     manifest = json.loads((out / REPOSITORY_MANIFEST).read_text())

@@ -150,7 +150,10 @@ def test_build_commands_cover_whisper_context_and_runtime_needs(fp16_checkpoint,
         return cmd[cmd.index(name) + 1]
 
     assert flag(enc, "--checkpoint_dir").endswith("ckpt/encoder") and flag(dec, "--output_dir").endswith("engines/decoder")
-    assert int(flag(dec, "--max_seq_len")) - int(flag(dec, "--max_input_len")) >= 448
+    # prompt + generated tokens share the decoder's 448-row position table: never more (prompt + 448
+    # would read past it), never the upstream README's 114
+    assert flag(dec, "--max_seq_len") == "448"
+    assert int(flag(dec, "--max_input_len")) == BuildConfig().max_prompt_len == 228  # 1 + 223 previous + 4 start tokens
     assert "114" not in dec
     assert flag(dec, "--kv_cache_type") == "paged" and flag(dec, "--remove_input_padding") == "enable"
     assert flag(enc, "--remove_input_padding") == "enable" and flag(enc, "--max_input_len") == "3000"
@@ -165,6 +168,8 @@ def test_bad_build_configs_are_refused(fp16_checkpoint, tmp_path):
         build_engines(BuildConfig(n_mels=128), fp16_checkpoint, tmp_path / "e")
     with pytest.raises(ExportError, match="paged_kv_cache"):
         build_engines(BuildConfig(n_mels=80, paged_kv_cache=False), fp16_checkpoint, tmp_path / "e")
+    with pytest.raises(ExportError, match="leaves no room"):
+        build_engines(BuildConfig(n_mels=None, max_prompt_len=448), fp16_checkpoint, tmp_path / "e")
 
 
 def test_without_trtllm_build_it_stops_and_prints_the_commands(fp16_checkpoint, tmp_path, monkeypatch):
@@ -174,7 +179,7 @@ def test_without_trtllm_build_it_stops_and_prints_the_commands(fp16_checkpoint, 
     message = str(info.value)
     assert "trtllm-build is not on PATH" in message
     assert f"trtllm-build --checkpoint_dir {fp16_checkpoint}/encoder" in message
-    assert "--max_seq_len 480" in message
+    assert "--max_seq_len 448" in message and "--max_seq_len 480" not in message
     assert not (tmp_path / "engines").exists()
 
 
@@ -209,6 +214,47 @@ def test_build_runs_trtllm_build_and_writes_the_manifest(fp16_checkpoint, tmp_pa
     assert engines_ready(tmp_path / "engines")
 
 
+def _fake_build_tools(tmp_path, monkeypatch, version: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    _fake_tool(bin_dir, "trtllm-build", f"""
+        echo "[TensorRT-LLM] TensorRT-LLM version: {version}"
+        while [ $# -gt 0 ]; do [ "$1" = "--output_dir" ] && out="$2"; shift; done
+        mkdir -p "$out" && echo "engine for $out" > "$out/rank0.engine" && echo '{{"version": "{version}"}}' > "$out/config.json"
+        """)
+    _fake_tool(bin_dir, "nvidia-smi", 'echo "8.6, NVIDIA A10G"\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_a_post_release_of_the_pin_builds_and_n_mels_comes_from_the_checkpoint(fp16_checkpoint, tmp_path, monkeypatch):
+    """PyPI has only tensorrt-llm 0.17.0.post1: the same release as the pinned 0.17.0."""
+    _fake_build_tools(tmp_path, monkeypatch, "0.17.0.post1")
+    manifest = build_engines(BuildConfig(n_mels=None), fp16_checkpoint, tmp_path / "engines")  # what the CLI passes
+    assert manifest.tensorrt_llm_version == "0.17.0.post1"
+    assert manifest.build.n_mels == 80 == EngineManifest.load(tmp_path / "engines").build.n_mels  # tiny.en's, not a default
+    card = json.loads((tmp_path / "engines" / "whisper_model.json").read_text())
+    assert card["translate"] is False and card["multilingual"] is False and card["n_mels"] == 80  # English-only
+
+
+def test_the_engine_directory_gets_the_tokenizer_and_a_ctranslate2_copy(fp16_checkpoint, tmp_path, monkeypatch):
+    from whisper_triton.export.ct2_weights import bundled_tiny_en_dir
+
+    _fake_build_tools(tmp_path, monkeypatch, TENSORRT_LLM_VERSION)
+    source = bundled_tiny_en_dir()
+    build_engines(BuildConfig(n_mels=80), fp16_checkpoint, tmp_path / "engines", ctranslate2_dir=source)
+    engines = tmp_path / "engines"
+    for name in ("tokenizer.json", "config.json"):
+        assert (engines / name).read_bytes() == (source / name).read_bytes()
+    assert (engines / "ctranslate2" / "model.bin").stat().st_size == (source / "model.bin").stat().st_size
+    assert "ctranslate2/model.bin" in EngineManifest.load(engines).files and engines_ready(engines)
+    from whisper_triton.engines import load_engine
+
+    aligner = load_engine("ctranslate2", str(engines / "ctranslate2"), cpu_threads=1)  # what the GPU engine aligns with
+    assert aligner.n_mels == 80
+    with pytest.raises(ExportError, match="not a CTranslate2 Whisper model"):
+        build_engines(BuildConfig(n_mels=80), fp16_checkpoint, tmp_path / "engines2", ctranslate2_dir=tmp_path)
+
+
 def test_build_refuses_a_different_tensorrt_llm_version(fp16_checkpoint, tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -217,3 +263,15 @@ def test_build_refuses_a_different_tensorrt_llm_version(fp16_checkpoint, tmp_pat
     with pytest.raises(ExportError, match="0.18.2.*pins 0.17.0"):
         build_engines(BuildConfig(n_mels=80), fp16_checkpoint, tmp_path / "engines")
     assert not (tmp_path / "engines").exists()
+
+
+def test_the_cli_takes_n_mels_from_the_checkpoint_not_a_default(fp16_checkpoint, tmp_path, monkeypatch):
+    from whisper_triton.export import cli
+
+    assert cli.build_parser().parse_args(["build-engines", "--checkpoint", "c", "--output", "o"]).n_mels is None
+    _fake_build_tools(tmp_path, monkeypatch, TENSORRT_LLM_VERSION)
+    assert cli.main(["build-engines", "--checkpoint", str(fp16_checkpoint), "--output", str(tmp_path / "engines")]) == 0
+    assert EngineManifest.load(tmp_path / "engines").build.n_mels == 80
+    assert cli.main(["build-engines", "--checkpoint", str(fp16_checkpoint), "--output", str(tmp_path / "e128"),
+                     "--n-mels", "128"]) == 2  # said, and wrong: refused
+    assert not (tmp_path / "e128").exists()

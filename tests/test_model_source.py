@@ -26,6 +26,8 @@ from whisper_triton.model_source import ModelSourceError, choose_model_source, d
 from whisper_triton.settings import load_settings
 from whisper_triton.tokenizer import PromptSpec, WhisperTokenizer
 
+pytestmark = pytest.mark.triton  # starts a real tritonserver / serve
+
 SPOKEN = "Please send me the report before the meeting on Monday morning."
 
 
@@ -65,8 +67,9 @@ def serve_env(tmp_path: Path, **extra: str) -> dict[str, str]:
             "WHISPER_TRITON_MODEL_CACHE_DIR": str(tmp_path / "cache"), "WHISPER_TRITON_CPU_THREADS": "2", **extra}
 
 
-def transcribe_with_serve(tmp_path: Path, env: dict[str, str], wav: Path) -> str:
-    instance = start_serve(tmp_path, env)
+def transcribe_with_serve(tmp_path: Path, env: dict[str, str], wav: Path, args: tuple[str, ...] = (),
+                          log: list | None = None) -> str:
+    instance = start_serve(tmp_path, env, args)
     try:
         instance.wait_ready()
         reply = httpx.post(instance.url + "/invocations", content=wav.read_bytes(), timeout=120,
@@ -75,6 +78,8 @@ def transcribe_with_serve(tmp_path: Path, env: dict[str, str], wav: Path) -> str
         return reply.json()["text"]
     finally:
         instance.terminate()
+        if log is not None:
+            log.append(instance.log())
 
 
 # ---- choosing the source, without Triton -------------------------------------------------------------
@@ -145,6 +150,25 @@ def test_laid_out_repository_serves_the_export(repository, speech, tmp_path):
     text = transcribe_with_serve(tmp_path, serve_env(tmp_path, WHISPER_TRITON_MODEL_REPOSITORY=str(repository)), speech)
     assert words(text) == words(original_transcript(speech))
     assert word_error_rate(SPOKEN, text) <= 0.15
+
+
+def test_serve_model_dir_wins_over_an_exported_repository(repository, speech, tmp_path):
+    """`serve --model-dir` on a repository whose config.pbtxt names its own model: the command line
+    wins (settings precedence), so the engine loads the given directory, not the repository's."""
+    import shutil
+
+    from whisper_triton.export.ct2_weights import bundled_tiny_en_dir
+
+    broken = tmp_path / "repo"
+    shutil.copytree(repository, broken, symlinks=True)
+    (broken / ENGINE_SUBDIR / "model.bin").unlink()  # the repository's own model cannot load any more
+    chosen = tmp_path / "chosen-model"
+    shutil.copytree(bundled_tiny_en_dir(), chosen)
+    log: list[str] = []
+    text = transcribe_with_serve(tmp_path, serve_env(tmp_path, WHISPER_TRITON_MODEL_REPOSITORY=str(broken)), speech,
+                                 args=("--model-dir", str(chosen)), log=log)
+    assert word_error_rate(SPOKEN, text) <= 0.15
+    assert f"model_dir={chosen}" in log[0]
 
 
 def test_serve_fetches_the_repository_from_s3(s3_endpoint, repository, speech, tmp_path):  # noqa: F811

@@ -14,6 +14,8 @@ from whisper_triton.longform import LongFormTranscriber, TranscribeOptions
 from whisper_triton.tokenizer import WhisperTokenizer
 from whisper_triton.transcribe import EngineWindowDecoder
 
+pytestmark = pytest.mark.triton  # starts a real tritonserver / serve
+
 
 @pytest.fixture(scope="module")
 def multilingual_dir(tmp_path_factory, model_dir):

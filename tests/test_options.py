@@ -105,3 +105,21 @@ def test_null_turns_a_quality_rule_off():
 def test_error_message_does_not_echo_huge_values():
     error = refused({"language": "x" * 10_000})
     assert len(error.message) < 300
+
+
+def test_length_penalty_reaches_the_engine_from_http(ct2_engine, tokenizer, speech_clips, monkeypatch):
+    """An option exposed in the request model alone reaches both engines: DecodeOptions carries every
+    decoding field the request has, the Triton path sends DecodeOptions whole (DECODE_OPTIONS)."""
+    from whisper_triton.engines.tensorrtllm_engine import sampling_settings
+    from whisper_triton.longform import LongFormTranscriber
+    from whisper_triton.transcribe import EngineWindowDecoder
+
+    options = parse_options({"length_penalty": "0.5", "beam_size": "2"})
+    seen = []
+    real = ct2_engine.generate
+    monkeypatch.setattr(ct2_engine, "generate", lambda f, p, o: seen.append(o) or real(f, p, o))
+    LongFormTranscriber(EngineWindowDecoder(ct2_engine, tokenizer), tokenizer).transcribe(speech_clips[0].samples, options)
+    assert seen and all(o.length_penalty == 0.5 and o.beam_size == 2 for o in seen)
+    assert DecodeOptions.model_validate_json(seen[0].model_dump_json()) == seen[0]  # the DECODE_OPTIONS wire
+    assert sampling_settings(seen[0])["length_penalty"] == 0.5  # and the TensorRT-LLM request
+    assert refused({"length_penalty": "-1"}).param == "length_penalty"

@@ -9,6 +9,8 @@ import pytest
 from speech import FORMATS, encode
 from whisper_triton.evaluation import word_error_rate
 
+pytestmark = pytest.mark.triton  # starts a real tritonserver / serve
+
 
 @pytest.fixture(scope="module")
 def http(serve):

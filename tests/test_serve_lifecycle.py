@@ -12,6 +12,8 @@ from conftest import free_port, start_serve
 from whisper_triton.http.app import create_app
 from whisper_triton.settings import load_settings
 
+pytestmark = pytest.mark.triton  # starts a real tritonserver / serve
+
 
 def children_of(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout

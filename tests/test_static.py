@@ -139,10 +139,11 @@ def _trtllm_of_image(image: str) -> str:
     return table[tag.split("-", 1)[0]]
 
 
-def test_entrypoint_is_exec_form_serve(dockerfile):
+def test_entrypoint_is_exec_form_serve_through_nvidias_entrypoint(dockerfile):
     entrypoints = _all(dockerfile, "ENTRYPOINT")
     assert len(entrypoints) == 1
-    assert json.loads(entrypoints[0]) == ["serve"]  # JSON array: serve is PID 1 and gets SIGTERM
+    # JSON array: NVIDIA's entrypoint runs its driver checks, then execs serve (PID 1, gets SIGTERM)
+    assert json.loads(entrypoints[0]) == ["/opt/nvidia/nvidia_entrypoint.sh", "serve"]
     assert not _all(dockerfile, "CMD")
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^serve\s*=\s*"whisper_triton\.serve:main"', pyproject, re.M)
@@ -175,6 +176,20 @@ def test_project_is_pip_installed_without_pytriton(dockerfile):
     for arguments in _all(dockerfile, "ARG"):
         args.update(_key_values(arguments))
     assert "triton" not in args.get("PIP_EXTRAS", "").split(",")
+
+
+def test_a_broken_image_fails_at_build_time(dockerfile):
+    runs = _all(dockerfile, "RUN")
+    install = next(i for i, run in enumerate(runs) if "/opt/whisper-triton[" in run)
+    check = next(i for i, run in enumerate(runs) if "image_check" in run)
+    assert check > install  # after everything is installed
+    command = runs[check]
+    assert re.search(r"python3 -m pip check\s+&&", command)
+    assert "python3 -m whisper_triton.deploy.image_check --repository /opt/whisper-triton/model_repo_whisper_trtllm" in command
+    assert "--backend-dir /opt/tritonserver/backends/python" in command and "--no-gpu-modules" not in command
+    from whisper_triton.deploy import image_check
+
+    assert "tensorrt_llm.bindings.executor" in image_check.GPU_MODULES
 
 
 def test_ssh_helper_is_optional_behind_a_build_arg(dockerfile):

@@ -12,6 +12,8 @@ from tritonclient.utils import InferenceServerException
 
 from whisper_triton.evaluation import word_error_rate
 
+pytestmark = pytest.mark.triton  # starts a real tritonserver / serve
+
 
 def transcribe_grpc(url: str, audio: bytes, options: dict | None = None) -> dict:
     with grpcclient.InferenceServerClient(url) as client:
@@ -133,3 +135,33 @@ def test_grpc_benchmark_client(serve, speech_clips, tmp_path, model):
     report = json.loads(output.read_text())
     assert report["files"] == 4 and report["wer"] <= 0.15 and report["rtfx"] > 0
     assert set(report["transcripts"]) == {f"clip{i}.wav" for i in range(4)}
+
+
+# the same options as HTTP query strings and as the transcribe model's OPTIONS JSON (strings, as a
+# caller copying a query string into JSON sends them): one request model, one answer
+PARITY_CASES = [
+    {"beam_size": "3"},
+    {"prompt": "The weather report."},
+    {"vad_threshold": "1.0"},
+    {"beam_size": "0"},
+    {"colour": "red"},
+    {"temperature": "0,0.4", "word_timestamps": "true"},
+]
+
+
+@pytest.mark.parametrize("options", PARITY_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_same_options_same_answer_over_http_and_grpc(serve, speech_clips, options):
+    from whisper_triton.contract.tensors import decode_error
+
+    reply = httpx.post(serve.url + "/invocations", params=options, content=speech_clips[0].wav_bytes,
+                       headers={"Content-Type": "audio/wav"}, timeout=120)
+    try:
+        grpc = ("ok", transcribe_grpc(serve.grpc_url, speech_clips[0].wav_bytes, options)["text"])
+    except InferenceServerException as exc:
+        error = decode_error(exc.message())
+        grpc = (error.status, error.param, error.message)
+    if reply.status_code == 200:
+        assert grpc == ("ok", reply.json()["text"])
+    else:
+        body = reply.json()["error"]
+        assert grpc == (reply.status_code, body["param"], body["message"])

@@ -11,6 +11,8 @@ from tritonclient.utils import InferenceServerException
 from whisper_triton.evaluation import word_error_rate
 from whisper_triton.transcribe import ShortFormTranscriber, ShortRequest
 
+pytestmark = pytest.mark.triton  # starts a real tritonserver / serve
+
 PREFIX = b"<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"
 
 

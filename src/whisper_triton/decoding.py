@@ -64,3 +64,57 @@ def needs_fallback(text: str, avg_logprob: float | None, thresholds: QualityThre
     if thresholds.compression_ratio is not None and compression_ratio(text) > thresholds.compression_ratio:
         return True
     return thresholds.log_prob is not None and avg_logprob is not None and avg_logprob < thresholds.log_prob
+
+
+# ---- temperature fallback: which decode of a window to keep ------------------------------
+@dataclass(frozen=True)
+class DecodeAttempt:
+    """One decode of a window at one temperature, as the fallback rule sees it."""
+
+    text: str
+    avg_logprob: float | None
+    no_speech_prob: float | None
+    temperature: float = 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return compression_ratio(self.text.strip())
+
+
+def attempt_failed(attempt: DecodeAttempt, thresholds: QualityThresholds) -> bool:
+    """Decode again at the next temperature? A decode the silence rule calls silence never fails:
+    there is nothing to improve (it is left out of the transcript)."""
+    if is_silence(attempt.no_speech_prob, attempt.avg_logprob, thresholds):
+        return False
+    return needs_fallback(attempt.text.strip(), attempt.avg_logprob, thresholds)
+
+
+def is_loop(attempt: DecodeAttempt, thresholds: QualityThresholds) -> bool:
+    """Too repetitive to be speech: the compression-ratio test fails."""
+    return thresholds.compression_ratio is not None and attempt.compression_ratio > thresholds.compression_ratio
+
+
+def select_attempt(attempts: list[DecodeAttempt], thresholds: QualityThresholds) -> int | None:
+    """Index of the decode to keep among a window's decodes (in temperature order), or None to
+    leave the window's text out.
+
+    The first decode that passes wins. When every decode failed, faster-whisper's rule
+    (`generate_with_fallback`, SYSTRAN/faster-whisper v1.2.1 faster_whisper/transcribe.py): keep
+    the decodes within the compression-ratio threshold, and of those the most confident (highest
+    avg_logprob); a loop is often the most confident decode of all, so confidence alone would
+    pick it. Where faster-whisper then falls back to the most confident of all decodes, here a
+    window whose every decode is a loop returns None: its text is left out rather than a loop
+    reported as speech (the "loop cut")."""
+    if not attempts:
+        raise ValueError("select_attempt needs at least one decode")
+    for index, attempt in enumerate(attempts):
+        if not attempt_failed(attempt, thresholds):
+            return index
+    candidates = [i for i, attempt in enumerate(attempts) if not is_loop(attempt, thresholds)]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda i: _confidence(attempts[i]))
+
+
+def _confidence(attempt: DecodeAttempt) -> float:
+    return float("-inf") if attempt.avg_logprob is None else attempt.avg_logprob

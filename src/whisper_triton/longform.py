@@ -16,10 +16,10 @@ import numpy as np
 
 from .audio import SAMPLE_RATE
 from .contract.capabilities import EngineCapabilities
-from .contract.options import DecodeOptions, TranscribeOptions
+from .contract.options import DecodeOptions, QualityThresholds, TranscribeOptions
 from .contract.results import Segment, TranscriptionInfo, TranscriptionResult, Word
-from .decoding import compression_ratio, is_silence, needs_fallback, split_on_timestamps
-from .engines.base import TokenTimings
+from .decoding import DecodeAttempt, attempt_failed, compression_ratio, is_silence, select_attempt, split_on_timestamps
+from .engines.base import Hypothesis, TokenTimings
 from .errors import invalid_parameter
 from .segmenter import Window, fixed_windows, windows_from_speech
 from .tokenizer import PromptSpec, WhisperTokenizer
@@ -189,25 +189,42 @@ class LongFormTranscriber:
 
     def _decode_with_fallback(self, jobs: list[_WindowJob], options: TranscribeOptions) -> None:
         thresholds = options.thresholds
+        tried: dict[_WindowJob, list[tuple[WindowOutput, DecodeAttempt]]] = {job: [] for job in jobs}
         pending = list(jobs)
         temperatures = options.temperatures()
         for attempt, temperature in enumerate(temperatures):
-            last = attempt == len(temperatures) - 1
             outputs = self._decode(pending, options, temperature)
             retry = []
             for job, output in zip(pending, outputs):
-                hypothesis = output.hypothesis
-                failed = not is_silence(hypothesis.no_speech_prob, hypothesis.avg_logprob, thresholds) and \
-                    needs_fallback(self.tokenizer.decode(hypothesis.tokens), hypothesis.avg_logprob, thresholds)
-                # a decode that passes wins; among failures keep the most confident
-                if not failed or job.output is None or _better(output, job.output):
-                    job.output, job.temperature = output, temperature
-                if failed and not last:
+                decoded = self._attempt(output, temperature)
+                tried[job].append((output, decoded))
+                if attempt_failed(decoded, thresholds) and attempt < len(temperatures) - 1:
                     retry.append(job)
             if not retry:
-                return
+                break
             logger.info("temperature fallback: %d of %d windows decoded again", len(retry), len(jobs))
             pending = retry
+        for job, decodes in tried.items():
+            self._keep(job, decodes, thresholds)
+
+    def _attempt(self, output: WindowOutput, temperature: float) -> DecodeAttempt:
+        hypothesis = output.hypothesis
+        return DecodeAttempt(self.tokenizer.decode(hypothesis.tokens), hypothesis.avg_logprob,
+                             hypothesis.no_speech_prob, temperature)
+
+    def _keep(self, job: _WindowJob, decodes: list[tuple[WindowOutput, DecodeAttempt]],
+              thresholds: QualityThresholds) -> None:
+        """The decode `select_attempt` picks; a window whose every decode is a loop keeps no text."""
+        choice = select_attempt([attempt for _, attempt in decodes], thresholds)
+        if choice is not None:
+            job.output, job.temperature = decodes[choice][0], decodes[choice][1].temperature
+            return
+        start, end = job.window.start / SAMPLE_RATE, job.window.end / SAMPLE_RATE
+        logger.warning("window %.2f-%.2f s: every decode was a loop (compression ratio over %s at every "
+                       "temperature); its text is left out", start, end, thresholds.compression_ratio)
+        last = decodes[-1][0].hypothesis
+        job.output = WindowOutput(Hypothesis(tokens=[], no_speech_prob=last.no_speech_prob))
+        job.temperature = decodes[-1][1].temperature
 
     def _decode(self, jobs: list[_WindowJob], options: TranscribeOptions, temperature: float) -> list[WindowOutput]:
         decode_options = options.decode_options(temperature)
@@ -278,11 +295,6 @@ class LongFormTranscriber:
 
 def _same_text(a: str, b: str) -> bool:
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
-
-
-def _better(candidate: WindowOutput, current: WindowOutput) -> bool:
-    a, b = candidate.hypothesis.avg_logprob, current.hypothesis.avg_logprob
-    return a is not None and (b is None or a > b)
 
 
 def _combine(detected: list[dict[str, float]], weights: list[float]) -> tuple[str, float]:

@@ -120,6 +120,7 @@ class TranscribeOptions(BaseModel):
     without_timestamps: bool = False
     max_new_tokens: NewTokens = _DECODE["max_new_tokens"].default
     repetition_penalty: RepetitionPenalty = _DECODE["repetition_penalty"].default
+    length_penalty: LengthPenalty = _DECODE["length_penalty"].default  # beam search: score / length ** this
     language_detection: Literal["file", "chunk"] = "file"  # "chunk": detect per window
     vad_threshold: VadThreshold = _VAD["threshold"].default
     vad_min_silence_ms: Milliseconds = _VAD["min_silence_ms"].default

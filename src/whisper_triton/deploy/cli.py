@@ -23,7 +23,13 @@ from .aws import AwsClients
 from .deployer import Deployer
 from .errors import DeployError
 from .options import (
+    AMI_AUTO,
+    AMI_NONE,
+    DEFAULT_INFERENCE_AMI,
     DEFAULT_INSTANCE_TYPE,
+    DEFAULT_TRANSFORM_AMI,
+    INFERENCE_AMI_VERSIONS,
+    TRANSFORM_AMI_VERSIONS,
     DEFAULT_VARIANT,
     AsyncOptions,
     AutoscalingOptions,
@@ -70,6 +76,10 @@ def _add_endpoint_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--download-timeout", type=int, default=1200,
                        help="ModelDataDownloadTimeoutInSeconds (60-3600)")
     group.add_argument("--volume-size", type=int, default=None, help="VolumeSizeInGB (instance types without NVMe)")
+    group.add_argument("--inference-ami-version", default=AMI_AUTO, metavar="NAME",
+                       help=f"InferenceAmiVersion, i.e. the host's NVIDIA driver: {AMI_AUTO} (default: "
+                            f"{DEFAULT_INFERENCE_AMI} on ml.g*/ml.p* types, none elsewhere), {AMI_NONE} (SageMaker's "
+                            f"default, driver 470 on ml.g5), or one of {', '.join(INFERENCE_AMI_VERSIONS)}")
     group.add_argument("--async", dest="is_async", action="store_true", help="asynchronous inference endpoint")
     group.add_argument("--output-path", default="", help="async: S3 path for results")
     group.add_argument("--failure-path", default="", help="async: S3 path for failures")
@@ -139,6 +149,7 @@ def _deployment(args: argparse.Namespace) -> DeploymentOptions:
             container_startup_health_check_timeout_s=args.startup_timeout,
             model_data_download_timeout_s=args.download_timeout,
             volume_size_gb=args.volume_size,
+            inference_ami_version=args.inference_ami_version,
         ),
         async_inference=async_options,
         autoscaling=_scaling(args) if args.autoscale else None,
@@ -190,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     transform.add_argument("--max-concurrent-transforms", type=int, default=1)
     transform.add_argument("--content-type", default=None, help="default: the container sniffs each file")
     transform.add_argument("--accept", default="application/json")
+    transform.add_argument("--transform-ami-version", default=AMI_AUTO, metavar="NAME",
+                           help=f"TransformAmiVersion: {AMI_AUTO} (default: {DEFAULT_TRANSFORM_AMI} on GPU types), "
+                                f"{AMI_NONE}, or one of {', '.join(TRANSFORM_AMI_VERSIONS)}")
     transform.add_argument("--tag", action="append", type=_key_value, default=[], metavar="KEY=VALUE")
 
     cleanup = sub.add_parser("cleanup", help="remove everything tagged whisper-triton:deployment=NAME")
@@ -226,6 +240,7 @@ def run(args: argparse.Namespace, deployer: Deployer) -> dict:
             model=model, instance_type=args.instance_type, instance_count=args.instance_count,
             max_payload_mb=args.max_payload_mb, max_concurrent_transforms=args.max_concurrent_transforms,
             content_type=args.content_type, accept=args.accept, tags=dict(args.tag),
+            transform_ami_version=args.transform_ami_version,
         ))
         return {"transform_job": job.name, "arn": job.arn}
     if args.command == "cleanup":

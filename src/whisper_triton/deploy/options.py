@@ -11,6 +11,43 @@ DEFAULT_VARIANT = "AllTraffic"
 # the AWS pattern for SageMaker resource names, less room for the suffix we add to models and configs
 NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,53}$")
 
+# The host AMI of a SageMaker GPU instance decides its NVIDIA driver. Without one, ml.g5 / ml.g4dn /
+# ml.p4d run driver 470 (CUDA 11.4), too old for the serving image's CUDA 12.8 (Triton 25.01 needs
+# driver 570+, or CUDA forward compatibility on an older data-center driver, which `serve` sets up).
+# Names and drivers: the ProductionVariant.InferenceAmiVersion and TransformResources.TransformAmiVersion
+# documentation of the SageMaker API (botocore 1.44 service model).
+AMI_AUTO = "auto"  # the default below on GPU instance types, none elsewhere
+AMI_NONE = "none"  # leave it to SageMaker (its default AMI for the instance type)
+INFERENCE_AMI_VERSIONS = {
+    "al2-ami-sagemaker-inference-gpu-2": "NVIDIA driver 535, CUDA 12.2",
+    "al2-ami-sagemaker-inference-gpu-2-1": "NVIDIA driver 535, CUDA 12.2, no CUDA-compat mounting",
+    "al2-ami-sagemaker-inference-gpu-3-1": "NVIDIA driver 550, CUDA 12.4, no CUDA-compat mounting",
+    "al2023-ami-sagemaker-inference-gpu-4-1": "NVIDIA driver 580, CUDA 13.0, no CUDA-compat mounting",
+    "al2-ami-sagemaker-inference-neuron-2": "Inferentia2 / Trainium, Neuron driver 2.19",
+}
+# driver 580 runs the image's CUDA 12.8 as it is: no forward compatibility needed
+DEFAULT_INFERENCE_AMI = "al2023-ami-sagemaker-inference-gpu-4-1"
+TRANSFORM_AMI_VERSIONS = {
+    "al2-ami-sagemaker-batch-gpu-470": "NVIDIA driver 470",
+    "al2-ami-sagemaker-batch-gpu-535": "NVIDIA driver 535",
+}
+# the newest batch driver: CUDA 12.8 runs on it through forward compatibility (R535 is a supported branch)
+DEFAULT_TRANSFORM_AMI = "al2-ami-sagemaker-batch-gpu-535"
+_GPU_INSTANCE_RE = re.compile(r"^ml\.[gp]\d+[a-z]*\.")  # ml.g4dn, ml.g5, ml.g6e, ml.p4d, ml.p5en, ...
+
+
+def is_gpu_instance(instance_type: str) -> bool:
+    return bool(_GPU_INSTANCE_RE.match(instance_type or ""))
+
+
+def resolve_ami(value: str | None, instance_type: str, default: str) -> str | None:
+    """The AMI version to send: `auto` gives `default` on GPU instance types and none elsewhere."""
+    if value in (None, "", AMI_NONE):
+        return None
+    if value == AMI_AUTO:
+        return default if is_gpu_instance(instance_type) else None
+    return value
+
 
 @dataclass
 class ModelOptions:
@@ -39,6 +76,10 @@ class EndpointOptions:
     container_startup_health_check_timeout_s: int | None = 600
     model_data_download_timeout_s: int | None = 1200
     volume_size_gb: int | None = None
+    inference_ami_version: str = AMI_AUTO  # a name of INFERENCE_AMI_VERSIONS, "auto" or "none"
+
+    def resolved_inference_ami(self) -> str | None:
+        return resolve_ami(self.inference_ami_version, self.instance_type, DEFAULT_INFERENCE_AMI)
 
 
 @dataclass
@@ -110,3 +151,7 @@ class TransformOptions:
     accept: str = "application/json"
     invocation_timeout_s: int = 600
     tags: dict[str, str] = field(default_factory=dict)
+    transform_ami_version: str = AMI_AUTO  # a name of TRANSFORM_AMI_VERSIONS, "auto" or "none"
+
+    def resolved_transform_ami(self) -> str | None:
+        return resolve_ami(self.transform_ami_version, self.instance_type, DEFAULT_TRANSFORM_AMI)

@@ -3,43 +3,63 @@
 Written against TensorRT-LLM's `ModelRunnerCpp` (see `release.TENSORRT_LLM_VERSION`): `from_dir(...,
 is_enc_dec=True)` loads `<engine_dir>/encoder` and `<engine_dir>/decoder` into one in-flight-batching
 executor, and `generate(...)` takes per-request decoder prompt ids, per-request encoder input features
-`[frames, n_mels]` (fp16) and encoder output lengths (frames // 2, after Whisper's stride-2 conv).
+`[frames, n_mels]` (in the encoder engine's dtype) and encoder output lengths (frames // 2, after
+Whisper's stride-2 conv).
+
+Whisper's decoding rules (timestamp rules, suppress_blank, suppressed tokens), the no-speech
+probability, language probabilities and openai-style scores come from `whisper_rules`, applied
+through the runtime's per-step logits hook: `from_dir(logits_processor_map=...)` registers one
+processor per batch slot, `generate(logits_processor_names=[...])` names a slot per request, and the
+slot's `RequestState` sees each step's logits and token history. The prompt is sent up to
+<|startoftranscript|>; the rest of the start sequence is forced by the hook, so its first step is
+the sot position where openai reads the no-speech probability.
 
 Everything around the runtime is plain Python and numpy and is unit-tested without a GPU:
 request building (`build_generate_request`, `build_language_request`), output parsing
-(`parse_generate_output`, `parse_language_output`) and the compatibility checks against the engine
-manifest (`check_compatibility`). The only code that touches `tensorrt_llm` / `torch` is
-`TensorRTLLMEngine._platform`, `_load_runner` and `_run` (the one runtime call); nothing here imports
-them at module import time.
+(`parse_generate_output`, `parse_language_output`), the rules, and the compatibility checks against the
+engine manifest (`check_compatibility`). The code that touches `tensorrt_llm` / `torch` is
+`TensorRTLLMEngine._platform`, `_load_runner`, `_run` and `TorchLogitsProcessor`; nothing here imports
+them at module import time. Tests replace `ModelRunnerCpp` itself (tests/trtllm_standin.py).
 
 The engine directory is what the project's export writes:
     manifest.json          EngineManifest (TensorRT-LLM version, GPU arch, build limits)
     encoder/  decoder/     TensorRT-LLM engines with their config.json
     tokenizer.json         the model's Whisper tokenizer
+    ctranslate2/           optional: a CTranslate2 copy of the same weights, for word timestamps
     config.json            optional; `suppress_ids` (CTranslate2 convention), or
     generation_config.json optional; `suppress_tokens` (Hugging Face convention)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..export.manifest import EngineManifest
+from ..contract.capabilities import EngineCapabilities
+from ..export.manifest import EngineManifest, release_of, same_release
 from ..release import TENSORRT_LLM_VERSION, TRITON_IMAGE
-from ..tokenizer import WhisperTokenizer
-from .base import MAX_NEW_TOKENS, DecodeOptions, EngineCapabilities, Hypothesis, check_batch
+from ..tokenizer import MAX_PROMPT_TOKENS, WhisperTokenizer
+from .base import MAX_NEW_TOKENS, DecodeOptions, Hypothesis, TokenTimings, check_batch
+from .whisper_rules import RequestPlan, RequestState, RuleTokens, split_prompt
 
 logger = logging.getLogger(__name__)
 
-_POSITIONS = 448  # Whisper decoder positions: prompt + generated tokens must fit
-_LANGUAGE_BEAMS = 4  # top-k first tokens read for language detection (beam search, one step)
+_POSITIONS = 448  # Whisper decoder positions (n_text_ctx): prompt + generated tokens must fit
+_LANGUAGE_BEAMS = 4  # top-k first tokens read for language detection without the hook (fallback parsing)
+PREVIOUS_TEXT_BUDGET = MAX_PROMPT_TOKENS  # openai keeps up to n_text_ctx // 2 - 1 = 223 previous-text tokens
+# decoder input a build needs for the full budget: <|startofprev|> + 223 + <|startoftranscript|>
+# (the rest of the start sequence is forced by the logits hook and counts as generated tokens)
+FULL_PROMPT_LEN = PREVIOUS_TEXT_BUDGET + 2
+FEATURE_DTYPES = ("float16", "bfloat16", "float32")
+CT2_COPY_DIR = "ctranslate2"  # the export's CTranslate2 copy of the same weights, for `align`
+PROCESSOR_PREFIX = "whisper_rules_"
 
 
 class TensorRTLLMUnavailableError(RuntimeError):
@@ -76,20 +96,20 @@ def engine_limits(manifest: EngineManifest, decoder_config: dict | None = None,
         max_input_frames=int(encoder_build.get("max_input_len") or 3000),
         max_prompt_len=int(decoder_build.get("max_input_len") or build.max_prompt_len),
         max_seq_len=min(int(max_seq_len), _POSITIONS),
-        n_mels=int(build.n_mels),
+        # the encoder engine's own n_mels first (the checkpoint's), then the manifest's build
+        n_mels=int(((encoder_config or {}).get("pretrained_config") or {}).get("n_mels") or build.n_mels or 128),
     )
 
 
 def _release(version: str) -> str:
-    """'0.17.0.post1' and '0.17.0+cu12' -> '0.17.0' (post releases repackage the same TensorRT)."""
-    version = version.strip().split("+", 1)[0]
-    return re.sub(r"\.post\d+$", "", version)
+    """The release a version belongs to (export.manifest.release_of: '0.17.0.post1' -> '0.17.0')."""
+    return release_of(version)
 
 
 def check_compatibility(manifest: EngineManifest, *, runtime_version: str, gpu_arch: str,
                         max_batch_size: int | None, limits: EngineLimits) -> None:
     """Refuse, with the cause and the fix, engines that cannot run here or a batch they cannot take."""
-    if _release(manifest.tensorrt_llm_version) != _release(runtime_version):
+    if not same_release(manifest.tensorrt_llm_version, runtime_version):
         raise EngineCompatibilityError(
             f"These engines were built with TensorRT-LLM {manifest.tensorrt_llm_version}, but this server runs "
             f"TensorRT-LLM {runtime_version}; TensorRT engines only load in the version that built them. "
@@ -116,19 +136,46 @@ def check_compatibility(manifest: EngineManifest, *, runtime_version: str, gpu_a
         )
 
 
+def engine_dtype(encoder_config: dict | None, manifest: EngineManifest) -> str:
+    """The encoder engine's input dtype: its config's `pretrained_config.dtype` (the checkpoint's), else the build's.
+
+    TensorRT-LLM's Whisper encoder takes `input_features` in the checkpoint dtype; bf16 engines need
+    bf16 features.
+    """
+    dtype = ((encoder_config or {}).get("pretrained_config") or {}).get("dtype") or manifest.build.dtype
+    if dtype not in FEATURE_DTYPES:
+        raise EngineCompatibilityError(
+            f"The encoder engine's dtype is {dtype!r}; this server sends features as one of "
+            f"{', '.join(FEATURE_DTYPES)}. "
+            "Rebuild the engines with the project's export (--dtype float16 or bfloat16)."
+        )
+    return dtype
+
+
+def engine_vocab_size(decoder_config: dict | None, manifest: EngineManifest, is_multilingual: bool) -> int:
+    """The decoder's vocabulary (the logits' width before padding)."""
+    size = ((decoder_config or {}).get("pretrained_config") or {}).get("vocab_size") or (manifest.model or {}).get(
+        "vocab_size")
+    return int(size) if size else (51865 if is_multilingual else 51864)
+
+
 # ---- what crosses the runtime boundary ---------------------------------------------------------
 @dataclass
 class RuntimeRequest:
     """One `ModelRunnerCpp.generate` call, as plain data."""
 
-    prompts: list[list[int]]  # decoder input ids per request
-    features: list[np.ndarray]  # per request [frames, n_mels], float16
+    prompts: list[list[int]]  # decoder input ids per request (up to <|startoftranscript|> when the hook forces)
+    features: list[np.ndarray]  # per request [frames, n_mels]: float16, or float32 to be cast to `feature_dtype`
     encoder_output_lengths: list[int]  # per request, frames // 2
     max_new_tokens: int
     end_id: int
     pad_id: int
     sampling: dict  # generate() keyword arguments: num_beams, temperature, top_k, top_p, penalties
     bad_words: list[list[list[int]]] | None = None  # per request: words, each a token list
+    feature_dtype: str = "float16"
+    forced: list[tuple[int, ...]] | None = None  # per request: start-sequence tokens the hook forces
+    plans: list[RequestPlan] | None = None  # per request: the rules the hook applies
+    output_max_tokens: int | None = None  # new tokens a hypothesis may keep (forced ones not counted)
 
 
 @dataclass
@@ -139,13 +186,19 @@ class RuntimeOutput:
     sequence_lengths: list[list[int]] | None = None  # [B][beams]
     cum_log_probs: list[list[float]] | None = None  # [B][beams]
     generation_logits: np.ndarray | None = None  # [B, beams, steps, vocab] when the engine gathers them
+    states: list[RequestState | None] | None = None  # what the logits hook measured, per request
     extra: dict = field(default_factory=dict)
 
 
 # ---- request building (pure) -------------------------------------------------------------------
-def feature_tensors(features: np.ndarray) -> list[np.ndarray]:
-    """[B, n_mels, frames] log-mel -> B contiguous float16 [frames, n_mels] arrays (the runtime's layout)."""
-    return [np.ascontiguousarray(window.T, dtype=np.float16) for window in features]
+def feature_tensors(features: np.ndarray, dtype: str = "float16") -> list[np.ndarray]:
+    """[B, n_mels, frames] log-mel -> B contiguous [frames, n_mels] arrays (the runtime's layout).
+
+    float16 engines get float16 arrays; bfloat16 (which numpy lacks) and float32 engines get float32
+    arrays that `_run` casts on the device.
+    """
+    numpy_dtype = np.float16 if dtype == "float16" else np.float32
+    return [np.ascontiguousarray(window.T, dtype=numpy_dtype) for window in features]
 
 
 def encoder_output_lengths(features: np.ndarray) -> list[int]:
@@ -158,8 +211,8 @@ def sampling_settings(options: DecodeOptions) -> dict:
 
     Greedy: top_k 1. Beam search: num_beams > 1 with length_penalty. Temperature > 0 samples from the
     whole distribution (top_k 0, top_p 1.0) with one beam, as CTranslate2 and openai-whisper do.
-    `patience` and `suppress_blank` have no TensorRT-LLM equivalent (beam search stops at beam_width
-    finished hypotheses, which is patience 1.0).
+    `patience` has no TensorRT-LLM equivalent (beam search stops at beam_width finished hypotheses,
+    which is patience 1.0); `suppress_blank` is applied by the logits hook.
     """
     settings = {"repetition_penalty": float(options.repetition_penalty)}
     if options.temperature > 0:
@@ -171,8 +224,13 @@ def sampling_settings(options: DecodeOptions) -> dict:
     return settings
 
 
-def fit_prompt(prompt: list[int], max_len: int, sot: int, sot_prev: int) -> list[int]:
-    """Shorten the previous-text part of a prompt (oldest tokens first) so it fits the engine."""
+def fit_prompt(prompt: list[int], max_len: int, sot: int, sot_prev: int,
+               previous_budget: int = PREVIOUS_TEXT_BUDGET) -> list[int]:
+    """Shorten the previous-text part of a prompt (oldest tokens first) to openai's budget and the engine."""
+    if prompt and prompt[0] == sot_prev and sot in prompt:
+        start = prompt.index(sot)
+        if start - 1 > previous_budget:
+            prompt = prompt[:1] + prompt[start - previous_budget:]
     if len(prompt) <= max_len:
         return list(prompt)
     if prompt and prompt[0] == sot_prev and sot in prompt:
@@ -183,54 +241,99 @@ def fit_prompt(prompt: list[int], max_len: int, sot: int, sot_prev: int) -> list
             return head + (previous[len(previous) - keep:] if keep else []) + tail
     raise ValueError(
         f"The decoder prompt has {len(prompt)} tokens but the engine takes at most {max_len}: rebuild the "
-        "decoder with a larger max_prompt_len."
+        f"decoder with a larger max_prompt_len (at least {FULL_PROMPT_LEN} for openai's previous-text budget)."
     )
+
+
+def request_plan(forced: tuple[int, ...], no_timestamps: int, options: DecodeOptions) -> RequestPlan:
+    """The rules for one request: timestamps are decoded when <|notimestamps|> is not in its prompt."""
+    return RequestPlan(forced=forced, timestamps=no_timestamps not in forced, suppress_blank=options.suppress_blank)
 
 
 def build_generate_request(features: np.ndarray, prompts: list[list[int]], options: DecodeOptions, *,
                            eot: int, sot: int, sot_prev: int, limits: EngineLimits,
-                           suppress_tokens: list[int] | None = None) -> RuntimeRequest:
-    """Everything `generate` needs for one batch, checked against the engine's limits."""
+                           suppress_tokens: list[int] | None = None, feature_dtype: str = "float16",
+                           no_timestamps: int | None = None) -> RuntimeRequest:
+    """Everything `generate` needs for one batch, checked against the engine's limits.
+
+    With `no_timestamps` given, the logits hook runs: each prompt is sent up to
+    <|startoftranscript|> and the rest is forced (so those tokens count against the new tokens), and
+    the suppressed tokens are the hook's (no bad_words: the runtime applies those after the hook,
+    where the scores would not see them). Without it, the full prompts are sent and `suppress_tokens`
+    become bad_words.
+    """
     frames = int(features.shape[2])
     if frames > limits.max_input_frames or frames % 2:
         raise ValueError(
             f"features have {frames} frames; the encoder takes an even number up to {limits.max_input_frames}."
         )
-    fitted = [fit_prompt(prompt, limits.max_prompt_len, sot, sot_prev) for prompt in prompts]
-    longest = max(len(prompt) for prompt in fitted)
-    max_new_tokens = min(options.max_new_tokens, MAX_NEW_TOKENS, limits.max_seq_len - longest)
-    if max_new_tokens < 1:
+    fitted = [fit_prompt(prompt, limits.max_prompt_len + _forced_len(prompt, sot, no_timestamps), sot, sot_prev)
+              for prompt in prompts]
+    if no_timestamps is not None:
+        split = [split_prompt(prompt, sot) for prompt in fitted]
+        sent = [head for head, _ in split]
+        forced = [rest for _, rest in split]
+    else:
+        sent, forced = fitted, [() for _ in fitted]
+    too_long = [len(prompt) for prompt in sent if len(prompt) > limits.max_prompt_len]
+    if too_long:
+        raise ValueError(
+            f"a {max(too_long)}-token prompt is above the engine's max_prompt_len {limits.max_prompt_len}.")
+    longest = max(len(prompt) + len(rest) for prompt, rest in zip(sent, forced))
+    output_max = min(options.max_new_tokens, MAX_NEW_TOKENS, limits.max_seq_len - longest)
+    if output_max < 1:
         raise ValueError(f"a {longest}-token prompt leaves no room for new tokens in {limits.max_seq_len}.")
+    extra = max(len(rest) for rest in forced)
+    max_new_tokens = min(output_max + extra, limits.max_seq_len - max(len(prompt) for prompt in sent))
     bad_words = None
-    if suppress_tokens:
+    if suppress_tokens and no_timestamps is None:
         words = [[int(token)] for token in suppress_tokens]
-        bad_words = [words for _ in fitted]
+        bad_words = [words for _ in sent]
+    plans = [request_plan(rest, no_timestamps, options) for rest in forced] if no_timestamps is not None else None
     return RuntimeRequest(
-        prompts=fitted,
-        features=feature_tensors(features),
+        prompts=sent,
+        features=feature_tensors(features, feature_dtype),
         encoder_output_lengths=encoder_output_lengths(features),
         max_new_tokens=int(max_new_tokens),
         end_id=eot,
         pad_id=eot,
         sampling=sampling_settings(options),
         bad_words=bad_words,
+        feature_dtype=feature_dtype,
+        forced=forced if no_timestamps is not None else None,
+        plans=plans,
+        output_max_tokens=int(output_max),
     )
 
 
-def build_language_request(features: np.ndarray, *, sot: int, eot: int, limits: EngineLimits) -> RuntimeRequest:
-    """<|startoftranscript|> alone, one new token; beam search over a few beams yields the top first tokens."""
-    beams = max(1, min(_LANGUAGE_BEAMS, limits.max_beam_width))
+def _forced_len(prompt: list[int], sot: int, no_timestamps: int | None) -> int:
+    """Tokens after <|startoftranscript|> that the hook forces (and so need no room in max_prompt_len)."""
+    if no_timestamps is None or sot not in prompt:
+        return 0
+    return len(prompt) - prompt.index(sot) - 1
+
+
+def build_language_request(features: np.ndarray, *, sot: int, eot: int, limits: EngineLimits,
+                           feature_dtype: str = "float16", hook: bool = False) -> RuntimeRequest:
+    """<|startoftranscript|> alone, one new token.
+
+    With the hook, one greedy step whose logits at the sot position give a softmax over the language
+    tokens (openai's rule). Without, beam search over a few beams yields the top first tokens.
+    """
+    beams = 1 if hook else max(1, min(_LANGUAGE_BEAMS, limits.max_beam_width))
     sampling = {"num_beams": beams, "repetition_penalty": 1.0}
     if beams == 1:
         sampling["top_k"] = 1
     return RuntimeRequest(
         prompts=[[sot] for _ in range(features.shape[0])],
-        features=feature_tensors(features),
+        features=feature_tensors(features, feature_dtype),
         encoder_output_lengths=encoder_output_lengths(features),
         max_new_tokens=1,
         end_id=eot,
         pad_id=eot,
         sampling=sampling,
+        feature_dtype=feature_dtype,
+        plans=[RequestPlan(detect_only=True) for _ in range(features.shape[0])] if hook else None,
     )
 
 
@@ -245,20 +348,42 @@ def new_tokens(sequence: list[int], prompt: list[int], eot: int, length: int | N
     return [int(token) for token in sequence]
 
 
-def parse_generate_output(output: RuntimeOutput, prompts: list[list[int]], eot: int,
-                          max_new_tokens: int) -> list[Hypothesis]:
-    """The best beam of each request as a Hypothesis (scores when the runtime gave them)."""
+def parse_generate_output(output: RuntimeOutput, prompts: list[list[int]], eot: int, max_new_tokens: int,
+                          forced: list[tuple[int, ...]] | None = None,
+                          request_max_new_tokens: int | None = None) -> list[Hypothesis]:
+    """The best beam of each request as a Hypothesis.
+
+    Scores: the logits hook's (openai's sum of log-probabilities of the filtered distribution) where it
+    ran, else the runtime's cum_log_probs where it gave them. The forced start-sequence tokens are
+    checked and removed.
+    """
     if len(output.output_ids) != len(prompts):
         raise RuntimeError(f"the runtime returned {len(output.output_ids)} results for {len(prompts)} requests")
     hypotheses = []
     for index, (beams, prompt) in enumerate(zip(output.output_ids, prompts)):
         length = output.sequence_lengths[index][0] if output.sequence_lengths else None
-        tokens = new_tokens(beams[0], prompt, eot, length)[:max_new_tokens]
-        sum_logprob = avg_logprob = None
-        if output.cum_log_probs is not None:
+        generated = new_tokens(beams[0], prompt, eot, length)
+        raw = list(beams[0][:length] if length is not None else beams[0])[len(prompt):]
+        ended = eot in raw or (request_max_new_tokens is not None and len(raw) < request_max_new_tokens)
+        rest = tuple(forced[index]) if forced else ()
+        if rest:
+            if tuple(generated[: len(rest)]) != rest:
+                raise RuntimeError(
+                    "The runtime did not decode the forced start sequence: the logits processors were not applied. "
+                    "Check that ModelRunnerCpp.from_dir got logits_processor_map and generate got "
+                    "logits_processor_names (TensorRT-LLM's logits post-processor needs the C++ runtime)."
+                )
+            generated = generated[len(rest):]
+        tokens = generated[:max_new_tokens]
+        if len(tokens) < len(generated):
+            ended = False
+        state = output.states[index] if output.states else None
+        sum_logprob = state.sum_logprob(tokens, ended) if state is not None else None
+        if sum_logprob is None and output.cum_log_probs is not None and state is None:
             sum_logprob = float(output.cum_log_probs[index][0])
-            avg_logprob = sum_logprob / (len(tokens) + 1)
-        hypotheses.append(Hypothesis(tokens=tokens, sum_logprob=sum_logprob, avg_logprob=avg_logprob))
+        avg_logprob = sum_logprob / (len(tokens) + 1) if sum_logprob is not None else None
+        hypotheses.append(Hypothesis(tokens=tokens, sum_logprob=sum_logprob, avg_logprob=avg_logprob,
+                                     no_speech_prob=state.no_speech_prob if state is not None else None))
     return hypotheses
 
 
@@ -274,13 +399,18 @@ def parse_language_output(output: RuntimeOutput, prompts: list[list[int]], eot: 
                           language_by_id: dict[int, str], default: str = "en") -> list[dict[str, float]]:
     """Language probabilities per window.
 
-    With generation logits: softmax over the language tokens of the first step (openai-whisper's rule).
-    Without: the first new token of each beam with its log-probability, normalised over the languages
-    seen; a window whose beams hold no language token gets `{default: 1.0}`.
+    From the logits hook: its softmax over the language tokens at the sot position (openai's rule).
+    With generation logits: the same softmax over the first step's logits. Without either: the first
+    new token of each beam with its log-probability, normalised over the languages seen; a window
+    whose beams hold no language token gets `{default: 1.0}`.
     """
     results = []
     language_ids = np.array(sorted(language_by_id), dtype=np.int64)
     for index, (beams, prompt) in enumerate(zip(output.output_ids, prompts)):
+        state = output.states[index] if output.states else None
+        if state is not None and state.language_probs:
+            results.append(dict(state.language_probs))
+            continue
         if output.generation_logits is not None:
             logits = np.asarray(output.generation_logits[index][0][0], dtype=np.float64)
             results.append(_normalised({language_by_id[int(i)]: float(logits[i]) for i in language_ids}))
@@ -336,6 +466,86 @@ def _import_runtime():
     return tensorrt_llm, torch, ModelRunnerCpp
 
 
+# ---- the logits hook ---------------------------------------------------------------------------
+class ProcessorSlots:
+    """One logits processor per batch slot; before each `generate` the engine puts each request's state in its slot.
+
+    The runtime's processor map is fixed at `from_dir`, and a processor learns only the executor's
+    request id (assigned inside `generate`) and the token history, not which of our requests it is
+    serving. Naming slot i's processor for request i of the batch (`logits_processor_names`) binds
+    them without guessing; the engine runs one `generate` at a time (a lock), so a slot holds one
+    request at a time.
+    """
+
+    def __init__(self, size: int, vocab_size: int):
+        self.names = [f"{PROCESSOR_PREFIX}{slot}" for slot in range(size)]
+        self.vocab_size = vocab_size
+        self.states: list[RequestState | None] = [None] * size
+        self.prompt_lengths = [0] * size
+        self.errors: list[str] = []
+
+    def processor_map(self) -> dict:
+        return {name: TorchLogitsProcessor(self, slot) for slot, name in enumerate(self.names)}
+
+    @contextlib.contextmanager
+    def bound(self, states: list[RequestState], prompts: list[list[int]]):
+        """Put the batch's states in slots 0..B-1 for the duration of one `generate`."""
+        if len(states) > len(self.states):
+            raise ValueError(f"a batch of {len(states)} is above the {len(self.states)} processor slots")
+        self.errors.clear()
+        for slot, (state, prompt) in enumerate(zip(states, prompts)):
+            self.states[slot], self.prompt_lengths[slot] = state, len(prompt)
+        try:
+            yield self.names[: len(states)]
+        finally:
+            self.states = [None] * len(self.states)
+        if self.errors:
+            raise RuntimeError(f"the Whisper logits processor failed: {self.errors[0]}")
+
+
+class TorchLogitsProcessor:
+    """The runtime's processor callback: `(request_id, logits, token_ids, stream_ptr, client_id)`.
+
+    `logits` is the request's [1, beams, vocab_padded] tensor on the GPU, changed in place before
+    sampling; `token_ids` holds, per beam, the prompt and the tokens so far; `stream_ptr` is the
+    executor's CUDA stream (work on the tensor must be ordered on it). The rules run in numpy on a
+    host copy of the rows (a [beams, vocab] copy each way per step).
+    """
+
+    def __init__(self, slots: ProcessorSlots, slot: int):
+        self.slots = slots
+        self.slot = slot
+
+    def __call__(self, request_id, logits, token_ids, stream_ptr, client_id) -> None:
+        state = self.slots.states[self.slot]
+        if state is None:
+            return
+        try:
+            self._apply(state, logits, token_ids, stream_ptr)
+        except Exception as exc:  # raising into the executor's thread would take the runtime down
+            logger.exception("Whisper logits processor failed on request %s", request_id)
+            self.slots.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def _apply(self, state: RequestState, logits, token_ids, stream_ptr) -> None:
+        import torch
+
+        stream = torch.cuda.ExternalStream(stream_ptr) if stream_ptr is not None and logits.is_cuda else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            width = logits.shape[-1]
+            host = logits.detach().reshape(-1, width).float().cpu().numpy().copy()
+            vocab = min(self.slots.vocab_size, width)
+            prompt_length = self.slots.prompt_lengths[self.slot]
+            histories = [list(beam)[prompt_length:] for beam in token_ids]
+            if len(histories) != host.shape[0]:
+                # e.g. one context-step row for several beams that share the prompt: the rows lead
+                histories = (histories + histories[-1:] * host.shape[0])[: host.shape[0]]
+            rows = host[:, :vocab]
+            state.step(rows, histories)
+            host[:, :vocab] = rows
+            host[:, vocab:] = -np.inf  # padded vocabulary columns are never tokens
+            logits.copy_(torch.from_numpy(host).reshape(logits.shape).to(device=logits.device, dtype=logits.dtype))
+
+
 # ---- the engine --------------------------------------------------------------------------------
 class TensorRTLLMEngine:
     name = "tensorrtllm"
@@ -343,14 +553,18 @@ class TensorRTLLMEngine:
     def __init__(
         self,
         model_dir: str | Path,
-        tokens=None,  # the special tokens (contract.capabilities.SpecialTokens); read from tokenizer.json here
+        tokens=None,
         device: str = "cuda",
         compute_type: str | None = None,
         cpu_threads: int = 0,
         max_batch_size: int | None = None,
         kv_cache_free_gpu_memory_fraction: float = 0.8,
         cross_kv_cache_fraction: float = 0.5,
+        device_id: int | None = None,
     ):
+        """`tokens`: the model's SpecialTokens (contract.capabilities), checked against the tokenizer read here
+        (the rules need more of it: the blank token, the non-speech list). `device_id`: the GPU this instance
+        runs on (Triton's args["model_instance_device_id"]); None: the current one."""
         if device not in ("cuda", "auto"):
             raise TensorRTLLMUnavailableError(
                 f"The TensorRT-LLM engine runs only on an NVIDIA GPU, but device={device!r} was asked for. "
@@ -360,6 +574,8 @@ class TensorRTLLMEngine:
                             ("cross_kv_cache_fraction", cross_kv_cache_fraction)):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be between 0 and 1 (exclusive), got {value}")
+        if device_id is not None and int(device_id) < 0:
+            raise ValueError(f"device_id must be a GPU index (0 or more), got {device_id}")
         if compute_type not in (None, "", "float16", "float32", "default"):
             logger.info("compute_type %r ignored: the precision is fixed when the engine is built", compute_type)
         self.model_dir = Path(model_dir)
@@ -370,47 +586,73 @@ class TensorRTLLMEngine:
                     f"{self.model_dir / part} holds no TensorRT-LLM engine (no config.json): the engine directory "
                     "must come from the project's export (encoder/, decoder/, manifest.json, tokenizer.json)."
                 )
-        self.limits = engine_limits(
-            self.manifest,
-            _read_json(self.model_dir / "decoder" / "config.json"),
-            _read_json(self.model_dir / "encoder" / "config.json"),
-        )
+        decoder_config = _read_json(self.model_dir / "decoder" / "config.json")
+        encoder_config = _read_json(self.model_dir / "encoder" / "config.json")
+        self.limits = engine_limits(self.manifest, decoder_config, encoder_config)
         model_info = self.manifest.model or {}
         self.tokenizer = WhisperTokenizer.from_model_dir(self.model_dir, model_info.get("is_multilingual"))
+        if tokens is not None and (tokens.sot, tokens.eot) != (self.tokenizer.sot, self.tokenizer.eot):
+            raise ValueError(
+                f"The special tokens given (sot {tokens.sot}, eot {tokens.eot}) are not this engine directory's "
+                f"(sot {self.tokenizer.sot}, eot {self.tokenizer.eot}): the tokenizer.json beside the engines must be "
+                "the model's."
+            )
         self.n_mels = self.limits.n_mels
         self.is_multilingual = self.tokenizer.is_multilingual
         self.max_batch_size = max_batch_size or self.limits.max_batch_size
         self.max_beam_width = self.limits.max_beam_width
         self.kv_cache_free_gpu_memory_fraction = kv_cache_free_gpu_memory_fraction
         self.cross_kv_cache_fraction = cross_kv_cache_fraction
+        self.device_id = None if device_id is None else int(device_id)
+        self.feature_dtype = engine_dtype(encoder_config, self.manifest)
+        self.vocab_size = engine_vocab_size(decoder_config, self.manifest, self.is_multilingual)
         self._suppress_tokens = read_suppress_tokens(self.model_dir)
-        self.capabilities = self._capabilities()
+        self.rule_tokens = RuleTokens.from_tokenizer(self.tokenizer, self.vocab_size, self._suppress_tokens)
+        self._slots = ProcessorSlots(self.max_batch_size, self.vocab_size)
+        self._lock = threading.Lock()
+        ct2_dir = self.model_dir / CT2_COPY_DIR
+        self.ct2_dir = ct2_dir if (ct2_dir / "model.bin").is_file() else None
+        self._aligner = None
+        self.capabilities = self._capabilities(model_info)
 
         runtime_version, gpu_arch = self._platform()
         check_compatibility(self.manifest, runtime_version=runtime_version, gpu_arch=gpu_arch,
                             max_batch_size=max_batch_size, limits=self.limits)
         self._runner = self._load_runner()
         logger.info(
-            "TensorRT-LLM Whisper loaded from %s (TensorRT-LLM %s, %s, n_mels=%d, multilingual=%s, "
-            "max_batch_size=%d, max_beam_width=%d, max_seq_len=%d)",
-            self.model_dir, runtime_version, gpu_arch, self.n_mels, self.is_multilingual,
-            self.max_batch_size, self.max_beam_width, self.limits.max_seq_len,
+            "TensorRT-LLM Whisper loaded from %s (TensorRT-LLM %s, %s, GPU %s, %s, n_mels=%d, multilingual=%s, "
+            "max_batch_size=%d, max_beam_width=%d, max_seq_len=%d, word timestamps=%s)",
+            self.model_dir, runtime_version, gpu_arch, "current" if self.device_id is None else self.device_id,
+            self.feature_dtype, self.n_mels, self.is_multilingual, self.max_batch_size, self.max_beam_width,
+            self.limits.max_seq_len, self.ct2_dir is not None,
         )
 
-    def _capabilities(self) -> EngineCapabilities:
-        """What this engine gives today; the pipeline reports each missing rule in `info.not_applied`."""
-        missing = "the TensorRT-LLM runtime does not provide it yet"
+    def _capabilities(self, model_info: dict) -> EngineCapabilities:
+        notes = {"patience": "TensorRT-LLM's beam search has no patience option (it is always 1.0)"}
+        if self.ct2_dir is None:
+            notes["word_timestamps"] = (
+                f"this engine directory has no {CT2_COPY_DIR}/ copy of the weights to align words with; "
+                "re-export it with the project's export")
         return EngineCapabilities(
-            scores=True, no_speech_prob=False, language_probabilities=False, timestamp_rules=False,
-            suppress_blank=False, word_timestamps=False, encoder_reuse=False, max_beam_size=self.max_beam_width,
+            scores=True, no_speech_prob=True, language_probabilities=True, timestamp_rules=True,
+            suppress_blank=True, word_timestamps=self.ct2_dir is not None, encoder_reuse=False,
+            max_beam_size=self.max_beam_width,
             decoding_options=("beam_size", "max_new_tokens", "temperature", "repetition_penalty", "length_penalty"),
-            multilingual=self.is_multilingual, translate=self.is_multilingual, n_mels=self.n_mels, engine=self.name,
-            notes={"no_speech_prob": f"no <|nospeech|> probability: {missing}",
-                   "language_probabilities": "language from the top first tokens, not a softmax over languages",
-                   "timestamp_rules": f"openai-whisper's timestamp rules: {missing}",
-                   "word_timestamps": "no cross-attention alignment on this engine"})
+            multilingual=self.is_multilingual,
+            translate=self._can_translate(model_info),
+            n_mels=self.n_mels, engine=self.name, notes=notes,
+        )
 
-    # ---- the three methods that touch tensorrt_llm / torch ---------------------------------------
+    def _can_translate(self, model_info: dict) -> bool:
+        """The export's model card (whisper_model.json) says; else the manifest; else multilingual models can."""
+        from ..export.model_card import ModelCard
+
+        card = ModelCard.load(self.model_dir)
+        if card is not None:
+            return bool(card.translate) and self.is_multilingual
+        return bool(model_info.get("translate", self.is_multilingual)) and self.is_multilingual
+
+    # ---- the methods that touch tensorrt_llm / torch ---------------------------------------------
     def _platform(self) -> tuple[str, str]:
         """(installed TensorRT-LLM version, GPU architecture as 'sm_XY')."""
         tensorrt_llm, torch, _ = _import_runtime()
@@ -419,13 +661,19 @@ class TensorRTLLMEngine:
                 "The TensorRT-LLM engine needs an NVIDIA GPU but CUDA sees none. Run the container with the GPU "
                 "(docker run --gpus all, or a SageMaker GPU instance), or use WHISPER_TRITON_ENGINE=ctranslate2."
             )
-        major, minor = torch.cuda.get_device_capability(0)
+        major, minor = torch.cuda.get_device_capability(self.device_id or 0)
         return str(tensorrt_llm.__version__), f"sm_{major}{minor}"
 
+    def _runner_class(self):
+        return _import_runtime()[2]
+
+    def _torch_device(self):
+        import torch
+
+        return torch.device("cuda", self.device_id or 0)
+
     def _load_runner(self):
-        _, _, ModelRunnerCpp = _import_runtime()
-        return ModelRunnerCpp.from_dir(
-            engine_dir=str(self.model_dir),
+        kwargs = dict(
             is_enc_dec=True,
             max_batch_size=self.max_batch_size,
             max_input_len=self.limits.max_input_frames,
@@ -433,26 +681,46 @@ class TensorRTLLMEngine:
             max_beam_width=self.max_beam_width,
             kv_cache_free_gpu_memory_fraction=self.kv_cache_free_gpu_memory_fraction,
             cross_kv_cache_fraction=self.cross_kv_cache_fraction,
+            logits_processor_map=self._slots.processor_map(),
         )
+        if self.device_id is not None:
+            kwargs["device_ids"] = [self.device_id]  # else the executor binds the current device (GPU 0)
+        return self._runner_class().from_dir(str(self.model_dir), **kwargs)
 
     def _run(self, request: RuntimeRequest) -> RuntimeOutput:
-        """The one runtime call: RuntimeRequest in, RuntimeOutput out (tests substitute this)."""
-        _, torch, _ = _import_runtime()
-        with torch.no_grad():
-            outputs = self._runner.generate(
-                batch_input_ids=[torch.tensor(prompt, dtype=torch.int32) for prompt in request.prompts],
-                encoder_input_features=[torch.from_numpy(f).cuda() for f in request.features],
-                encoder_output_lengths=request.encoder_output_lengths,
-                max_new_tokens=request.max_new_tokens,
-                end_id=request.end_id,
-                pad_id=request.pad_id,
-                bad_words_list=request.bad_words,
-                return_dict=True,
-                output_sequence_lengths=True,
-                output_cum_log_probs=True,
-                **request.sampling,
-            )
-            torch.cuda.synchronize()
+        """The one runtime call: RuntimeRequest in, RuntimeOutput out."""
+        import torch
+
+        dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+        device = self._torch_device()
+        kwargs = dict(
+            batch_input_ids=[torch.tensor(prompt, dtype=torch.int32) for prompt in request.prompts],
+            encoder_input_features=[torch.from_numpy(f).to(device=device, dtype=dtypes[request.feature_dtype])
+                                    for f in request.features],
+            encoder_output_lengths=request.encoder_output_lengths,
+            max_new_tokens=request.max_new_tokens,
+            end_id=request.end_id,
+            pad_id=request.pad_id,
+            return_dict=True,
+            output_sequence_lengths=True,
+            # OutputConfig(return_log_probs=output_log_probs): without it cum_log_probs are zeros or empty
+            output_log_probs=True,
+            output_cum_log_probs=True,
+            **request.sampling,
+        )
+        if request.bad_words:
+            kwargs["bad_words_list"] = request.bad_words
+        states: list[RequestState] | None = None
+        with self._lock:
+            if request.plans is not None:
+                states = [RequestState(plan=plan, tokens=self.rule_tokens) for plan in request.plans]
+                with self._slots.bound(states, request.prompts) as names, torch.no_grad():
+                    outputs = self._runner.generate(logits_processor_names=names, **kwargs)
+            else:
+                with torch.no_grad():
+                    outputs = self._runner.generate(**kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         logits = outputs.get("generation_logits")
         cum_log_probs = outputs.get("cum_log_probs")
         return RuntimeOutput(
@@ -460,6 +728,7 @@ class TensorRTLLMEngine:
             sequence_lengths=outputs["sequence_lengths"].cpu().tolist() if "sequence_lengths" in outputs else None,
             cum_log_probs=cum_log_probs.cpu().tolist() if cum_log_probs is not None else None,
             generation_logits=logits.float().cpu().numpy() if logits is not None else None,
+            states=states,
         )
 
     # ---- the Engine interface ---------------------------------------------------------------------
@@ -472,9 +741,12 @@ class TensorRTLLMEngine:
             request = build_generate_request(
                 features[chunk], prompts[chunk], options, eot=self.tokenizer.eot, sot=self.tokenizer.sot,
                 sot_prev=self.tokenizer.sot_prev, limits=self.limits, suppress_tokens=self._suppress_tokens,
+                feature_dtype=self.feature_dtype, no_timestamps=self.tokenizer.no_timestamps,
             )
             output = self._run(request)
-            hypotheses += parse_generate_output(output, request.prompts, self.tokenizer.eot, request.max_new_tokens)
+            hypotheses += parse_generate_output(output, request.prompts, self.tokenizer.eot,
+                                                request.output_max_tokens or request.max_new_tokens,
+                                                forced=request.forced, request_max_new_tokens=request.max_new_tokens)
         return hypotheses
 
     def detect_language(self, features: np.ndarray) -> list[dict[str, float]]:
@@ -486,9 +758,41 @@ class TensorRTLLMEngine:
         for start in range(0, features.shape[0], self.max_batch_size):
             request = build_language_request(
                 features[start:start + self.max_batch_size], sot=self.tokenizer.sot, eot=self.tokenizer.eot,
-                limits=self.limits,
+                limits=self.limits, feature_dtype=self.feature_dtype, hook=True,
             )
             output = self._run(request)
             results += parse_language_output(output, request.prompts, self.tokenizer.eot,
                                              self.tokenizer.language_by_id)
         return results
+
+    # ---- word timestamps: CTranslate2 alignment on the export's copy of the same weights ---------
+    def _aligner_device(self) -> tuple[str, str]:
+        """(device, compute_type) for the CTranslate2 aligner: this instance's GPU, in the engine's precision."""
+        return "cuda", "bfloat16" if self.feature_dtype == "bfloat16" else "float16"
+
+    def _load_aligner(self):
+        import ctranslate2
+
+        from .ctranslate2_engine import CTranslate2Engine
+
+        device, compute_type = self._aligner_device()
+        model = ctranslate2.models.Whisper(str(self.ct2_dir), device=device, device_index=self.device_id or 0,
+                                           compute_type=compute_type, inter_threads=1)
+        logger.info("word timestamps: CTranslate2 copy %s loaded on %s (%s)", self.ct2_dir, device, compute_type)
+        return CTranslate2Engine(self.ct2_dir, self.tokenizer.special_tokens(), device=device,
+                                 compute_type=compute_type, max_batch_size=self.max_batch_size, model=model)
+
+    def align(self, features: np.ndarray, start_sequence: list[int], text_tokens: list[list[int]],
+              num_frames: list[int]) -> list[TokenTimings]:
+        """Per-token start/end (seconds) and probability for given tokens, by CTranslate2's cross-attention alignment.
+
+        Alignment depends only on the weights and the tokens, so the tokens TensorRT-LLM decoded are
+        aligned on the CTranslate2 copy of the same weights; it is loaded on first use, so an instance
+        that is never asked for words never holds it.
+        """
+        if self.ct2_dir is None:
+            raise RuntimeError(self.capabilities.missing_reason("word_timestamps"))
+        with self._lock:
+            if self._aligner is None:
+                self._aligner = self._load_aligner()
+        return self._aligner.align(features, start_sequence, text_tokens, num_frames)

@@ -44,16 +44,18 @@ def _build_config(args) -> BuildConfig:
 def cmd_build_engines(args) -> None:
     from .engine_build import build_engines, write_manifest_for_existing
 
+    extras = {"ctranslate2_dir": args.ctranslate2, "translate": args.translate}
     if args.manifest_only:
-        write_manifest_for_existing(_build_config(args), args.checkpoint, args.output)
+        write_manifest_for_existing(_build_config(args), args.checkpoint, args.output, **extras)
     else:
-        build_engines(_build_config(args), args.checkpoint, args.output)
+        build_engines(_build_config(args), args.checkpoint, args.output, **extras)
 
 
 def cmd_ctranslate2(args) -> None:
     from .ctranslate2_export import CT2ExportConfig, export_ctranslate2
 
-    export_ctranslate2(CT2ExportConfig(hf_dir=args.hf, output_dir=args.output, quantization=args.quantization))
+    export_ctranslate2(CT2ExportConfig(hf_dir=args.hf, output_dir=args.output, quantization=args.quantization,
+                                       translate=args.translate))
 
 
 def cmd_model_repo(args) -> None:
@@ -113,17 +115,20 @@ def plan_all(args) -> list[Step]:
              lambda: write_trtllm_checkpoint(merged / "openai", checkpoint,
                                              CheckpointConfig(dtype=args.dtype, weight_only_precision=args.weight_only))),
         Step("ctranslate2", lambda: ctranslate2_ready(ct2),
-             lambda: export_ctranslate2(CT2ExportConfig(hf_dir=str(merged / "hf"), output_dir=str(ct2)))),
+             lambda: export_ctranslate2(CT2ExportConfig(hf_dir=str(merged / "hf"), output_dir=str(ct2),
+                                                        translate=args.translate))),
     ]
     if args.engines != "skip":
         def build() -> None:
             if args.engines == "auto" and shutil.which("trtllm-build") is None:
-                from .engine_build import build_plan
+                from .engine_build import build_plan, resolve_build_config
 
-                logger.warning("trtllm-build is not here: engines not built. On a GPU machine with TensorRT-LLM run:\n%s",
-                               build_plan(_build_config(args), checkpoint.absolute(), engines.absolute()).script())
+                plan = build_plan(resolve_build_config(_build_config(args), checkpoint), checkpoint.absolute(), engines.absolute())
+                logger.warning("trtllm-build is not here: engines not built. On a GPU machine with TensorRT-LLM run:\n%s"
+                               "then: whisper-export build-engines --manifest-only --checkpoint %s --output %s --ctranslate2 %s",
+                               plan.script(), checkpoint.absolute(), engines.absolute(), ct2.absolute())
                 return
-            build_engines(_build_config(args), checkpoint, engines)
+            build_engines(_build_config(args), checkpoint, engines, ctranslate2_dir=ct2, translate=args.translate)
 
         steps.append(Step("build-engines", lambda: engines_ready(engines), build))
     repo_ct2, repo_trt = work / "model_repo_ctranslate2", work / "model_repo_tensorrtllm"
@@ -133,8 +138,8 @@ def plan_all(args) -> list[Step]:
     if args.engines != "skip":
         def trt_repo() -> None:
             if engines_ready(engines):
-                write_model_repository(ModelRepoConfig(model_dir=str(engines), output_dir=str(repo_trt),
-                                                       build=_build_config(args)))
+                # the engines' own build (manifest.json): batch size and n_mels as built
+                write_model_repository(ModelRepoConfig(model_dir=str(engines), output_dir=str(repo_trt)))
             else:
                 logger.warning("model-repo (tensorrtllm): no built engines in %s; run it after building them", engines)
 
@@ -169,9 +174,17 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     defaults = BuildConfig()
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
     parser.add_argument("--max-beam-width", type=int, default=defaults.max_beam_width)
-    parser.add_argument("--max-output-len", type=int, default=defaults.max_output_len, help="new tokens (>= 448)")
+    parser.add_argument("--max-output-len", type=int, default=defaults.max_output_len,
+                        help="new tokens at most (>= 448; prompt + new tokens share the decoder's 448 positions)")
     parser.add_argument("--max-prompt-len", type=int, default=defaults.max_prompt_len)
-    parser.add_argument("--n-mels", type=int, default=80, choices=(80, 128), help="80 up to large-v2, 128 for large-v3")
+    parser.add_argument("--n-mels", type=int, default=None, choices=(80, 128),
+                        help="checked against the checkpoint (default: the checkpoint's; 80 up to large-v2, 128 for large-v3/turbo)")
+
+
+def _add_translate_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--translate", default="auto", choices=("auto", "yes", "no"),
+                        help="can the model translate (whisper_model.json)? auto: no for English-only models and the "
+                             "large-v3-turbo layout, yes for other multilingual models")
 
 
 def _add_precision_options(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--manifest-only", action="store_true", help="engines were built elsewhere: only write the manifest")
+    p.add_argument("--ctranslate2", default=None,
+                   help="the CTranslate2 export of the same merged model: its tokenizer and suppressed tokens are copied "
+                        "beside the engines, the model itself into ctranslate2/ (word timestamps on the GPU)")
+    _add_translate_option(p)
     _add_precision_options(p)
     _add_build_options(p)
     p.set_defaults(func=cmd_build_engines)
@@ -214,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--quantization", default="float16")
+    _add_translate_option(p)
     p.set_defaults(func=cmd_ctranslate2)
 
     p = sub.add_parser("model-repo", help="lay out a Triton model repository (config.pbtxt rendered) for engines or a CTranslate2 model")
@@ -249,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=8)
     _add_precision_options(p)
     _add_build_options(p)
+    _add_translate_option(p)
     p.set_defaults(func=cmd_all)
     return parser
 

@@ -209,6 +209,8 @@ def effective_build(config: ModelRepoConfig, facts: ModelFacts, template_batch: 
         build = replace(build, max_batch_size=config.max_batch_size)
     if config.n_mels is not None:
         build = replace(build, n_mels=config.n_mels)
+    elif build.n_mels is None:  # a build config that leaves n_mels to the model
+        build = replace(build, n_mels=facts.n_mels)
     check_build(build, facts)
     return build
 
@@ -257,6 +259,8 @@ def render_whisper_config(template_text: str, values: RenderValues, source: str 
     _set_parameter(config, "compute_type", values.compute_type)
     _set_parameter(config, "cpu_threads", str(values.cpu_threads) if values.cpu_threads else "")
     del config.instance_group[:]
+    # KIND_GPU without `gpus`: Triton makes `count` instances on EACH visible GPU and hands each its
+    # args["model_instance_device_id"], so ml.g5.12xlarge (4 A10G) runs 4 engines, one per GPU
     group = config.instance_group.add()
     group.count = values.instance_count
     group.kind = model_config_pb2.ModelInstanceGroup.Kind.Value(values.instance_kind)

@@ -1,0 +1,94 @@
+"""`whisper_model.json`: what the exported model is, written by the export beside the weights of
+every model directory it makes (CTranslate2 model, TensorRT-LLM engine directory) and so also in
+`whisper/1/engine/` of a rendered repository. The engines' capability declarations read it.
+
+    {"format": 1, "layout": "large-v3-turbo", "n_mels": 128, "n_audio_layer": 32, "n_text_layer": 4,
+     "n_vocab": 51866, "multilingual": true, "translate": false}
+
+`translate`: whether the model was trained to translate into English. English-only models were not,
+and neither was large-v3-turbo (OpenAI fine-tuned its 4-layer decoder on transcription data only). The
+export decides it from the layout unless told (`--translate yes|no`); the server refuses
+`task=translate` where it is false.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .common import ExportError
+from .openai_model import ModelDimensions
+
+MODEL_CARD = "whisper_model.json"
+FORMAT = 1
+# (n_mels, n_audio_layer, n_text_layer, multilingual) of OpenAI's released models, for the `layout` label
+_LAYOUTS = {
+    (128, 32, 4, True): "large-v3-turbo",
+    (128, 32, 32, True): "large-v3",
+    (80, 32, 32, True): "large-v2",
+}
+TRANSLATE_CHOICES = ("auto", "yes", "no")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    n_mels: int
+    n_audio_layer: int
+    n_text_layer: int
+    n_vocab: int
+    multilingual: bool
+    translate: bool
+    layout: str = ""
+    format: int = FORMAT
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / MODEL_CARD
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ModelCard | None":
+        path = Path(directory) / MODEL_CARD
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
+        except (ValueError, TypeError) as exc:
+            raise ExportError(f"{path} is not a valid model card ({exc}); export the model again.") from exc
+
+
+def layout_name(dims: ModelDimensions) -> str:
+    return _LAYOUTS.get((dims.n_mels, dims.n_audio_layer, dims.n_text_layer, dims.is_multilingual), "")
+
+
+def can_translate(dims: ModelDimensions, translate: str = "auto") -> bool:
+    """`auto`: no for English-only models and the large-v3-turbo layout (4 decoder layers behind a
+    32-layer, 128-mel encoder), yes for every other multilingual model; `yes` / `no` decide it."""
+    if translate not in TRANSLATE_CHOICES:
+        raise ExportError(f"translate must be one of {', '.join(TRANSLATE_CHOICES)}, got {translate!r}.")
+    if translate != "auto":
+        if translate == "yes" and not dims.is_multilingual:
+            raise ExportError("An English-only model cannot translate (it has no <|translate|> task); drop --translate yes.")
+        return translate == "yes"
+    return dims.is_multilingual and layout_name(dims) != "large-v3-turbo"
+
+
+def model_card(dims: ModelDimensions, translate: str = "auto") -> ModelCard:
+    return ModelCard(n_mels=dims.n_mels, n_audio_layer=dims.n_audio_layer, n_text_layer=dims.n_text_layer,
+                     n_vocab=dims.n_vocab, multilingual=dims.is_multilingual, translate=can_translate(dims, translate),
+                     layout=layout_name(dims))
+
+
+def dims_from_hf_config_json(config: dict) -> ModelDimensions:
+    """ModelDimensions from a Hugging Face Whisper config.json (as a dict)."""
+    try:
+        return ModelDimensions(
+            n_mels=int(config["num_mel_bins"]), n_audio_ctx=int(config["max_source_positions"]),
+            n_audio_state=int(config["d_model"]), n_audio_head=int(config["encoder_attention_heads"]),
+            n_audio_layer=int(config["encoder_layers"]), n_vocab=int(config["vocab_size"]),
+            n_text_ctx=int(config["max_target_positions"]), n_text_state=int(config["d_model"]),
+            n_text_head=int(config["decoder_attention_heads"]), n_text_layer=int(config["decoder_layers"]))
+    except KeyError as exc:
+        raise ExportError(f"The Hugging Face config.json lacks {exc}: is it a Whisper model?") from exc
