@@ -1,7 +1,7 @@
 # The two commands a newcomer needs:
 #   make serve   install everything and start serve on the embedded default (CPU engine, tiny.en)
 #   make test    install everything the tests need and run them
-.PHONY: install install-test serve test bench
+.PHONY: install install-test serve test bench bench-served
 
 install:
 	bash scripts/install.sh
@@ -17,3 +17,6 @@ test: install-test
 
 bench: install-test
 	.venv/bin/python bench/spine.py
+
+bench-served: install-test
+	.venv/bin/python bench/served.py

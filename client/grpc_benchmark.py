@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark Triton's `whisper` or `transcribe` model over gRPC on a folder of audio (see --help).
 
-    client/grpc_benchmark.py my_clips/ --model whisper --concurrency 8
+    client/grpc_benchmark.py my_clips/ --model whisper --concurrency 1 2 4 8 16
 """
 
 import sys

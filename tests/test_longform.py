@@ -48,7 +48,7 @@ def test_vad_spans_follow_the_pauses(long_speech):
     spans = speech_spans(long_speech.samples)
     gaps = [(a.end / 16000, b.start / 16000) for a, b in zip(spans, spans[1:])]
     for pause_start, pause_end in long_speech.pauses:
-        # spans are padded: 0.1 s after speech, 0.3 s before it
+        # spans are padded: 0.1 s after speech, 0.4 s before it
         assert any(g0 - 0.25 <= pause_start and pause_end <= g1 + 0.45 for g0, g1 in gaps), (pause_start, pause_end)
 
 

@@ -32,6 +32,8 @@ def mismatches(spec: ModelSpec, config: model_config_pb2.ModelConfig) -> list[st
     problems = []
     if config.name != spec.name:
         problems.append(f"name {config.name} != {spec.name}")
+    if config.model_transaction_policy.decoupled != spec.decoupled:
+        problems.append(f"decoupled {config.model_transaction_policy.decoupled} != {spec.decoupled}")
     if config.max_batch_size != spec.max_batch_size:
         problems.append(f"max_batch_size {config.max_batch_size} != {spec.max_batch_size}")
     if [as_tuple(t) for t in config.input] != [spec_tuple(t) for t in spec.inputs]:

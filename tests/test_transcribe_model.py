@@ -130,11 +130,30 @@ def test_grpc_benchmark_client(serve, speech_clips, tmp_path, model):
         (folder / f"clip{index}.wav").write_bytes(clip.wav_bytes)
         (folder / f"clip{index}.txt").write_text(clip.text)
     output = tmp_path / "report.json"
-    assert main([str(folder), "--url", serve.grpc_url, "--model", model, "--concurrency", "4",
+    assert main([str(folder), "--url", serve.grpc_url, "--model", model, "--concurrency", "1", "4",
                  "--output", str(output)]) == 0
-    report = json.loads(output.read_text())
-    assert report["files"] == 4 and report["wer"] <= 0.15 and report["rtfx"] > 0
-    assert set(report["transcripts"]) == {f"clip{i}.wav" for i in range(4)}
+    levels = json.loads(output.read_text())["levels"]
+    assert [level["concurrency"] for level in levels] == [1, 4]
+    audio = sum(clip.samples.size / 16000 for clip in speech_clips[:4])
+    for report in levels:
+        assert report["files"] == 4 and report["wer"] <= 0.15
+        assert report["audio_seconds"] == pytest.approx(audio, rel=1e-6)
+        assert report["rtfx"] == pytest.approx(report["audio_seconds"] / report["wall_seconds"])
+        latency = report["latency_ms"]
+        assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"] <= 1000 * report["wall_seconds"]
+        assert set(report["transcripts"]) == {f"clip{i}.wav" for i in range(4)}
+    picture = output.with_suffix(".png")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
+
+
+def test_benchmark_percentiles():
+    from whisper_triton.clients.grpc_benchmark import latency_summary, percentile
+
+    values = [float(v) for v in range(1, 101)]  # 1 .. 100
+    assert (percentile(values, 50), percentile(values, 90), percentile(values, 99)) == (50.0, 90.0, 99.0)
+    assert percentile([7.0], 99) == 7.0 and percentile([1.0, 2.0], 50) == 1.0
+    summary = latency_summary([0.3, 0.1, 0.2])
+    assert summary == {"p50": 200.0, "p90": 300.0, "p99": 300.0, "max": 300.0}
 
 
 # the same options as HTTP query strings and as the transcribe model's OPTIONS JSON (strings, as a

@@ -129,3 +129,41 @@ def test_padded_wav_longer_than_30_seconds_is_transcribed_whole(client, speech_c
     assert long_clip.size > 480000
     text = transcripts(client.infer("whisper", padded_request([long_clip], pad_to=padded_to)))[0]
     assert word_error_rate(" ".join(clip.text for clip in clips), text) <= 0.15
+
+
+def prompt_request(clips: list[np.ndarray], prompts: list[list[int]]):
+    """Rows of WAV with one decoder prompt each (PROMPT_IDS -1 padded), as `transcribe` sends to `whisper_window`."""
+    wav = np.zeros((len(clips), max(c.size for c in clips)), dtype=np.float32)
+    for row, clip in enumerate(clips):
+        wav[row, : clip.size] = clip
+    ids = np.full((len(prompts), max(len(p) for p in prompts)), -1, dtype=np.int32)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = prompt
+    lengths = np.array([[c.size] for c in clips], dtype=np.int32)
+    inputs = [grpcclient.InferInput("WAV", list(wav.shape), "FP32"),
+              grpcclient.InferInput("WAV_LENS", list(lengths.shape), "INT32"),
+              grpcclient.InferInput("PROMPT_IDS", list(ids.shape), "INT32")]
+    for tensor, array in zip(inputs, (wav, lengths, ids)):
+        tensor.set_data_from_numpy(array)
+    return inputs
+
+
+def test_each_row_keeps_its_own_prompt(client, speech_clips, tokenizer):
+    from whisper_triton.tokenizer import PromptSpec
+
+    clips = [speech_clips[0].samples, speech_clips[1].samples]
+    prompts = [tokenizer.prompt_ids(PromptSpec(language="en", timestamps=True)),
+               tokenizer.prompt_ids(PromptSpec(language="en", timestamps=False, previous_text="Groceries."))]
+    assert prompts[0] != prompts[1]
+
+    def tokens(result) -> list[list[int]]:
+        return [[int(t) for t in row if t >= 0] for row in result.as_numpy("TOKENS")]
+
+    together = tokens(client.infer("whisper_window", prompt_request(clips, prompts)))
+    alone = [tokens(client.infer("whisper_window", prompt_request([clip], [prompt])))[0]
+             for clip, prompt in zip(clips, prompts)]
+    assert together == alone
+    assert any(t >= tokenizer.timestamp_begin for t in together[0])  # the first row decoded with timestamps
+    assert not any(t >= tokenizer.timestamp_begin for t in together[1])
+    with pytest.raises(InferenceServerException, match="PROMPT_IDS"):
+        client.infer("whisper_window", prompt_request(clips + [clips[0]], prompts + [prompts[0][:1] + [10**6]]))

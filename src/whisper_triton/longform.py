@@ -9,6 +9,7 @@ every engine.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +27,7 @@ from .tokenizer import PromptSpec, WhisperTokenizer
 from .transcribe import WindowOutput, unsupported_word_timestamps
 from .vad import speech_spans
 
-__all__ = ["LongFormTranscriber", "TranscribeOptions", "TranscriptionResult", "WindowDecoder", "not_applied"]
+__all__ = ["LongFormTranscriber", "StreamChunk", "TranscribeOptions", "TranscriptionResult", "WindowDecoder", "not_applied"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,18 @@ class _WindowJob:
     follow_up: bool = False  # the rest of a window whose decode stopped before its speech ended
 
 
+@dataclass
+class StreamChunk:
+    """What `LongFormTranscriber.transcribe_iter` yields: the next segments, with what is known of the file."""
+
+    segments: list[Segment]
+    language: str
+    language_probability: float
+    duration: float
+    info: TranscriptionInfo
+    done: bool = False  # the last chunk of the file
+
+
 class LongFormTranscriber:
     def __init__(self, decoder: WindowDecoder, tokenizer: WhisperTokenizer):
         self.decoder = decoder
@@ -118,6 +131,36 @@ class LongFormTranscriber:
         segments = self._segments(jobs, options)
         text = "".join(segment.text for segment in segments).strip()
         return TranscriptionResult(text, language, probability, duration, segments, info)
+
+    def transcribe_iter(self, audio: np.ndarray, options: TranscribeOptions | None = None,
+                        cancelled: Callable[[], bool] | None = None) -> Iterator[StreamChunk]:
+        """`transcribe`, a chunk of windows at a time: each chunk's segments as soon as they are decoded,
+        in timeline order, ids continuing across chunks. The windows of a chunk are decoded as one batch
+        (with fallback and follow-ups, as `transcribe` does); chunks grow 1, 2, 4 ... up to `batch_size`
+        windows, so the first segments come after one window and later chunks batch as well as
+        `transcribe`. `cancelled()` is asked before each chunk: True stops the decoding (the client left)."""
+        options = self.check(options or TranscribeOptions())
+        duration = round(audio.size / SAMPLE_RATE, 3)
+        info = TranscriptionInfo(engine=self.decoder.capabilities.engine,
+                                 not_applied=not_applied(self.decoder.capabilities, options))
+        windows = self.windows(audio, options)
+        jobs = [_WindowJob(w, w.extract(audio), options.language or "") for w in windows]
+        if jobs:
+            language, probability = self._assign_languages(jobs, options)
+        else:
+            language, probability = options.language or "en", 1.0 if options.language else 0.0
+        given: list[Segment] = []
+        first, size = 0, 1
+        while first < len(jobs) or first == 0:
+            if cancelled is not None and cancelled():
+                logger.info("stream cancelled after %d of %d windows", first, len(jobs))
+                return
+            chunk = jobs[first : first + size]
+            segments = self._segments(self._decode_until_covered(chunk, options, audio), options, given) if chunk else []
+            given += segments
+            first += max(len(chunk), 1)
+            size = min(size * 2, options.batch_size)
+            yield StreamChunk(segments, language, probability, duration, info, done=first >= len(jobs))
 
     # ---- languages ------------------------------------------------------------------------
     def _assign_languages(self, jobs: list[_WindowJob], options: TranscribeOptions) -> tuple[str, float]:
@@ -236,9 +279,11 @@ class LongFormTranscriber:
         return outputs
 
     # ---- segments -------------------------------------------------------------------------
-    def _segments(self, jobs: list[_WindowJob], options: TranscribeOptions) -> list[Segment]:
+    def _segments(self, jobs: list[_WindowJob], options: TranscribeOptions,
+                  previous: list[Segment] | None = None) -> list[Segment]:
+        """The segments of `jobs`, after `previous` (the segments already given, for ids and repeats)."""
         thresholds = options.thresholds
-        segments: list[Segment] = []
+        segments: list[Segment] = list(previous or [])
         for job in jobs:
             hypothesis = job.output.hypothesis
             if is_silence(hypothesis.no_speech_prob, hypothesis.avg_logprob, thresholds):
@@ -266,7 +311,7 @@ class LongFormTranscriber:
                     no_speech_prob=float(hypothesis.no_speech_prob or 0.0), temperature=job.temperature,
                     language=job.language if options.language_detection == "chunk" else None, words=words,
                 ))
-        return segments
+        return segments[len(previous or []):]
 
     def _words(self, tokens: list[int], timings: TokenTimings, first: int, window: Window,
                start: float, end: float) -> list[Word]:

@@ -11,6 +11,13 @@ Routes (the wire format boto3 speaks):
   `POST /invocations` with Content-Type, Accept and custom attributes; a 2xx answer comes back as
   200 with `x-Amzn-Invoked-Production-Variant`; a container 4xx/5xx comes back as 424 ModelError
   carrying OriginalStatusCode and OriginalMessage, as SageMaker does.
+- `POST /endpoints/{name}/invocations-response-stream` (InvokeEndpointWithResponseStream): as
+  above, but the container's answer is forwarded as it arrives, each piece in an AWS event-stream
+  `PayloadPart` (application/vnd.amazon.eventstream; `X-Amzn-SageMaker-Content-Type` carries the
+  container's type), which boto3 reads as `response["Body"]` events. The caller's Accept
+  (X-Amzn-SageMaker-Accept) goes to the container as Accept, application/jsonlines when none is given.
+  A container that fails before its first byte is a 424 ModelError; after it, a ModelStreamError event.
+  A caller that leaves closes the container connection (the container stops decoding).
 - `POST /endpoints/{name}/async-invocations`: the endpoint config's AsyncInferenceConfig gives the
   S3 output and failure paths; the reply is 202 `{"InferenceId"}` with X-Amzn-SageMaker-OutputLocation
   and -FailureLocation; in the background the S3 input is read, the container called (at most
@@ -40,9 +47,10 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .deploy.aws import AwsClients, parse_s3_uri
+from .eventstream import model_stream_error, payload_part
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +60,8 @@ ASYNC_MAX_TIMEOUT_S = 3600.0
 H_CUSTOM = "X-Amzn-SageMaker-Custom-Attributes"
 H_VARIANT = "X-Amzn-SageMaker-Target-Variant"
 H_INFERENCE_ID = "X-Amzn-SageMaker-Inference-Id"
+H_ACCEPT = "X-Amzn-SageMaker-Accept"
+STREAM_ACCEPT_DEFAULT = "application/jsonlines"
 
 
 @dataclass
@@ -134,7 +144,8 @@ class RuntimeEmulator:
 
     # ------------------------------------------------------------------ real-time
 
-    async def invoke(self, name: str, request: Request) -> Response:
+    async def realtime_request(self, name: str, request: Request) -> tuple[bytes, str]:
+        """The body and the production variant of a real-time call, refused as SageMaker refuses them."""
         body = await request.body()
         if len(body) > self.options.max_body_bytes:
             raise _validation(
@@ -148,6 +159,61 @@ class RuntimeEmulator:
         variant = request.headers.get(H_VARIANT) or variants[0]
         if variant not in variants:
             raise _validation(f"Variant {variant} not found for endpoint {name}.")
+        return body, variant
+
+    def model_error(self, name: str, status: int, text: str) -> RuntimeApiError:
+        kind = "client" if status < 500 else "server"
+        return RuntimeApiError(
+            424, "ModelError",
+            f"Received {kind} error ({status}) from primary with message \"{text}\". "
+            f"See the container's log for endpoint {name}.",
+            OriginalStatusCode=status,
+            OriginalMessage=text,
+            LogStreamArn=f"arn:aws:logs:local:{self.options.account_id}:log-group:/aws/sagemaker/Endpoints/{name}",
+        )
+
+    async def invoke_stream(self, name: str, request: Request) -> Response:
+        """InvokeEndpointWithResponseStream: the container's answer as PayloadPart events, as it comes."""
+        assert self.http is not None
+        body, variant = await self.realtime_request(name, request)
+        headers = self.container_headers(request.headers.get("content-type"),
+                                         request.headers.get(H_ACCEPT) or STREAM_ACCEPT_DEFAULT,
+                                         request.headers.get(H_CUSTOM))
+        url = f"{self.options.container_for(name)}/invocations"
+        timeout = httpx.Timeout(connect=10, read=self.options.realtime_timeout_s, write=60, pool=10)
+        try:
+            reply = await self.http.send(self.http.build_request("POST", url, content=body, headers=headers,
+                                                                 timeout=timeout), stream=True)
+        except httpx.HTTPError as exc:
+            raise RuntimeApiError(
+                424, "ModelError", f"Received server error (0) from primary with message \"Could not reach the "
+                f"container at {self.options.container_for(name)}: {exc}\".") from exc
+        if reply.status_code >= 400:
+            text = (await reply.aread()).decode(errors="replace")
+            await reply.aclose()
+            raise self.model_error(name, reply.status_code, text)
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                async for piece in reply.aiter_raw():
+                    if piece:
+                        yield payload_part(piece)
+            except httpx.ReadTimeout:
+                yield model_stream_error("The model did not send the next part in time.", "ModelInvocationTimeExceeded")
+            except httpx.HTTPError as exc:
+                yield model_stream_error(f"The container connection broke: {exc}")
+            finally:
+                await reply.aclose()  # a caller who left closes the container's stream too
+
+        out_headers = {"x-Amzn-Invoked-Production-Variant": variant,
+                       "X-Amzn-SageMaker-Content-Type": reply.headers.get("content-type", "application/octet-stream")}
+        if reply.headers.get(H_CUSTOM):
+            out_headers[H_CUSTOM] = reply.headers[H_CUSTOM]
+        return StreamingResponse(events(), status_code=200, headers=out_headers,
+                                 media_type="application/vnd.amazon.eventstream")
+
+    async def invoke(self, name: str, request: Request) -> Response:
+        body, variant = await self.realtime_request(name, request)
         headers = self.container_headers(
             request.headers.get("content-type"), request.headers.get("accept"), request.headers.get(H_CUSTOM)
         )
@@ -166,16 +232,7 @@ class RuntimeEmulator:
                 f"{self.options.container_for(name)}: {exc}\".",
             ) from exc
         if reply.status_code >= 400:
-            kind = "client" if reply.status_code < 500 else "server"
-            text = reply.text
-            raise RuntimeApiError(
-                424, "ModelError",
-                f"Received {kind} error ({reply.status_code}) from primary with message \"{text}\". "
-                f"See the container's log for endpoint {name}.",
-                OriginalStatusCode=reply.status_code,
-                OriginalMessage=text,
-                LogStreamArn=f"arn:aws:logs:local:{self.options.account_id}:log-group:/aws/sagemaker/Endpoints/{name}",
-            )
+            raise self.model_error(name, reply.status_code, reply.text)
         out_headers = {"x-Amzn-Invoked-Production-Variant": variant}
         if reply.headers.get(H_CUSTOM):
             out_headers[H_CUSTOM] = reply.headers[H_CUSTOM]
@@ -334,6 +391,13 @@ def create_app(options: EmulatorOptions, aws: AwsClients | None = None) -> FastA
     async def invocations(name: str, request: Request) -> Response:
         try:
             return await emulator.invoke(name, request)
+        except RuntimeApiError as exc:
+            return exc.response()
+
+    @app.post("/endpoints/{name}/invocations-response-stream")
+    async def invocations_response_stream(name: str, request: Request) -> Response:
+        try:
+            return await emulator.invoke_stream(name, request)
         except RuntimeApiError as exc:
             return exc.response()
 

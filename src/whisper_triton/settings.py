@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     # (what OpenAI clients send) or `x-api-key: <key>`; empty (the default): open, as on SageMaker,
     # where the platform authenticates callers
     api_key: SecretStr = SecretStr("")
+    # OpenAI audio API (/v1): the served model's id (empty: from its model_dir) and ids that name it too,
+    # so clients written for OpenAI (model="whisper-1") work unchanged
+    served_model_name: str = ""
+    model_aliases: str = "whisper-1"
 
     # SageMaker batch transform and debugging (SageMaker's own variable names)
     sagemaker_batch: bool = Field(default=False, validation_alias=AliasChoices("SAGEMAKER_BATCH", "WHISPER_TRITON_SAGEMAKER_BATCH"))

@@ -3,13 +3,17 @@
 Plain boto3 `sagemaker-runtime` `invoke_endpoint`; throttling and transient errors are retried by
 botocore's own retry modes (adaptive by default: it also slows the client down when throttled).
 Options go as custom attributes (`language=de,task=translate`), so the audio travels as raw bytes.
+With `--stream`, `invoke_endpoint_with_response_stream` prints the text as segments are decoded
+(the container answers JSON lines; each PayloadPart may carry part of a line, or several).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +109,50 @@ def transcribe_bytes(audio: bytes, options: InvokeOptions, *, content_type: str 
     return Transcript(render(body, reply_type, fmt), reply_type, body, response.get("InvokedProductionVariant"))
 
 
+STREAM_ACCEPT = "application/jsonlines"
+
+
+def stream_bytes(audio: bytes, options: InvokeOptions, *, content_type: str = "application/octet-stream",
+                 client: Any = None) -> Iterator[dict]:
+    """The container's JSON lines (one per chunk of segments, the last with `done`), as they arrive."""
+    if len(audio) > REALTIME_MAX_BYTES:
+        raise InvokeError(f"The audio is {len(audio)} bytes; real-time endpoints take at most {REALTIME_MAX_BYTES} "
+                          "bytes. Use the async client (invoke_async.py) for long files.")
+    client = client or runtime_client(options.max_attempts, options.retry_mode, options.read_timeout_s)
+    request: dict[str, Any] = {"EndpointName": options.endpoint_name, "Body": audio, "ContentType": content_type,
+                               "Accept": STREAM_ACCEPT}
+    if options.custom_attributes():
+        request["CustomAttributes"] = options.custom_attributes()
+    if options.target_variant:
+        request["TargetVariant"] = options.target_variant
+    try:
+        response = client.invoke_endpoint_with_response_stream(**request)
+        pending = b""
+        for event in response["Body"]:
+            pending += event.get("PayloadPart", {}).get("Bytes", b"")
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    yield json.loads(line)
+        if pending.strip():
+            yield json.loads(pending)
+    except (ClientError, BotoCoreError) as exc:
+        raise InvokeError(describe_client_error(exc, options.endpoint_name)) from exc
+
+
+def stream_file(path: Path | str, options: InvokeOptions, *, client: Any = None) -> Iterator[dict]:
+    path = Path(path)
+    return stream_bytes(path.read_bytes(), options, content_type=content_type_for(path), client=client)
+
+
+def print_stream(path: Path, options: InvokeOptions, client: Any) -> None:
+    """Each chunk's text as it arrives, one line per segment."""
+    for chunk in stream_file(path, options, client=client):
+        for segment in chunk.get("segments", []):
+            sys.stdout.write(segment["text"].strip() + "\n")
+        sys.stdout.flush()
+
+
 def transcribe_file(path: Path | str, options: InvokeOptions, *, client: Any = None) -> Transcript:
     path = Path(path)
     return transcribe_bytes(path.read_bytes(), options, content_type=content_type_for(path), client=client)
@@ -120,13 +168,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default=None, help="target production variant")
     parser.add_argument("--write", action="store_true", help="write FILE.<format> next to each input instead of printing")
     parser.add_argument("--max-attempts", type=int, default=8, help="attempts per request (throttling is retried)")
+    parser.add_argument("--stream", action="store_true",
+                        help="print segments as they are decoded (InvokeEndpointWithResponseStream)")
     args = parser.parse_args(argv)
+    if args.stream and (args.write or args.format != "text"):
+        parser.error("--stream prints text as it comes: leave out --write and --format")
     if argv is None:  # a real command line; callers passing argv (tests, wrappers) keep their logging
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     options = InvokeOptions(args.endpoint, args.format, args.language, args.task, args.variant, args.max_attempts)
     client = runtime_client(options.max_attempts, options.retry_mode, options.read_timeout_s)
     failures = 0
     for path in args.files:
+        if args.stream:
+            try:
+                print_stream(path, options, client)
+            except (InvokeError, OSError, ValueError) as exc:
+                failures += 1
+                print(f"error: {path}: {exc}", file=sys.stderr)
+            continue
         try:
             transcript = transcribe_file(path, options, client=client)
         except (InvokeError, OSError, ValueError) as exc:

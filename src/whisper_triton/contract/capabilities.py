@@ -22,6 +22,7 @@ class EngineCapabilities:
     word_timestamps: bool = False  # cross-attention alignment of given tokens (`align`)
     encoder_reuse: bool = False  # `encode` once, then detect / generate / align on its output
     max_beam_size: int = 16
+    max_batch_size: int = 1  # windows one request to the serving model may carry (its Triton max_batch_size)
     decoding_options: tuple[str, ...] = ("beam_size", "max_new_tokens", "temperature", "repetition_penalty",
                                          "patience", "length_penalty")
     # the model behind the engine

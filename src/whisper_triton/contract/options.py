@@ -60,7 +60,7 @@ class VadOptions(_Group):
     threshold: VadThreshold = 0.5
     min_speech_ms: Milliseconds = 250
     min_silence_ms: Milliseconds = 300  # a pause this long ends a speech segment
-    speech_pad_ms: PadMilliseconds = 300  # before speech: soft onsets (s, f, h) sit below the threshold
+    speech_pad_ms: PadMilliseconds = 400  # before speech: soft or quiet onsets (s, f, h) sit below the threshold (faster-whisper pads 400)
     end_pad_ms: PadMilliseconds = 100  # after speech: endings are sharper; less trailing silence
 
 
@@ -117,6 +117,7 @@ class TranscribeOptions(BaseModel):
     initial_prompt: PromptText | None = Field(default=None, validation_alias=AliasChoices("initial_prompt", "prompt"))
     hotwords: PromptText | None = None
     word_timestamps: bool = False
+    include_tokens: bool = False  # each segment's token ids in the result (OpenAI's verbose_json has them)
     without_timestamps: bool = False
     max_new_tokens: NewTokens = _DECODE["max_new_tokens"].default
     repetition_penalty: RepetitionPenalty = _DECODE["repetition_penalty"].default

@@ -47,12 +47,27 @@ class TranscriptionResult:
     segments: list[Segment]
     info: TranscriptionInfo = field(default_factory=TranscriptionInfo)
 
-    def to_dict(self, words: bool = False) -> dict:
+    def to_dict(self, words: bool = False, tokens: bool = False) -> dict:
         result = asdict(self)
-        for segment in result["segments"]:
-            segment.pop("tokens", None)
-            if not words:
-                segment.pop("words", None)
-            if segment.get("language") is None:
-                segment.pop("language", None)
+        result["segments"] = [segment_dict(s, words, tokens) for s in result["segments"]]
         return result
+
+
+def segment_dict(segment: Segment | dict, words: bool = False, tokens: bool = False) -> dict:
+    """A segment as every route sends it: token ids and words only when asked for."""
+    values = asdict(segment) if isinstance(segment, Segment) else dict(segment)
+    if not tokens:
+        values.pop("tokens", None)
+    if not words:
+        values.pop("words", None)
+    if values.get("language") is None:
+        values.pop("language", None)
+    return values
+
+
+def stream_chunk(segments: list[Segment], language: str, language_probability: float, duration: float,
+                 info: TranscriptionInfo, done: bool, words: bool = False, tokens: bool = False) -> dict:
+    """One response of the streaming model: the next segments (timeline order) and what is known of the
+    file; `done` on the last one. Joined, the chunks' segments are the `TranscriptionResult`'s."""
+    return {"segments": [segment_dict(s, words, tokens) for s in segments], "language": language,
+            "language_probability": language_probability, "duration": duration, "info": asdict(info), "done": done}

@@ -1,11 +1,14 @@
 """The inputs and outputs of each Triton model, defined once for the model and for its clients.
 
-Three models (model_repo_whisper_trtllm/):
+Four models (model_repo_whisper_trtllm/):
 - `whisper`: NVIDIA's Whisper I/O (WAV / WAV_LENS / TEXT_PREFIX -> TRANSCRIPTS) for gRPC clients
   in any language; a thin front that routes rows of at most 30 s to `whisper_window` and longer
   rows to `transcribe`, so no long file ever runs inside the instance that owns the engine.
 - `whisper_window`: the window decoder, the only model that runs the engine; windows <= 30 s.
 - `transcribe`: long-form (audio file bytes + JSON options -> JSON result), fanning windows out.
+- `transcribe_stream`: `transcribe` as a decoupled model: same inputs, one CHUNK response per chunk of
+  decoded windows (segments in timeline order), the last one flagged final; a cancelled request stops
+  its decoding between chunks.
 
 `tests/test_tensor_spec.py` holds these specs against every `config.pbtxt`. The Python models and
 the BLS / gRPC clients use `ModelSpec.input` / `output` for names, types and padding; errors cross
@@ -24,7 +27,8 @@ from ..errors import WhisperTritonError
 WHISPER = "whisper"
 WHISPER_WINDOW = "whisper_window"
 TRANSCRIBE = "transcribe"
-MODELS = (WHISPER_WINDOW, TRANSCRIBE, WHISPER)  # load order: each model's dependencies first
+TRANSCRIBE_STREAM = "transcribe_stream"
+MODELS = (WHISPER_WINDOW, TRANSCRIBE, TRANSCRIBE_STREAM, WHISPER)  # load order: each model's dependencies first
 
 _NUMPY = {"TYPE_FP32": "float32", "TYPE_INT32": "int32", "TYPE_BOOL": "bool", "TYPE_STRING": "object"}
 _CLIENT = {"TYPE_FP32": "FP32", "TYPE_INT32": "INT32", "TYPE_BOOL": "BOOL", "TYPE_STRING": "BYTES"}
@@ -56,6 +60,7 @@ class ModelSpec:
     max_batch_size: int  # 0: no batch dimension
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    decoupled: bool = False  # model_transaction_policy: any number of responses per request
 
     def input(self, name: str) -> TensorSpec:
         return _find(self.inputs, name, self.name, "input")
@@ -123,14 +128,22 @@ WHISPER_SPEC = ModelSpec(
     outputs=_WINDOW_OUTPUTS,
 )
 
+_TRANSCRIBE_INPUTS = (
+    TensorSpec("AUDIO", "TYPE_STRING", (1,), doc="the audio file's bytes, any format"),
+    TensorSpec("OPTIONS", "TYPE_STRING", (1,), optional=True, doc="JSON of contract.options.TranscribeOptions"),
+)
+
 TRANSCRIBE_SPEC = ModelSpec(
-    name=TRANSCRIBE, max_batch_size=0,
-    inputs=(TensorSpec("AUDIO", "TYPE_STRING", (1,), doc="the audio file's bytes, any format"),
-            TensorSpec("OPTIONS", "TYPE_STRING", (1,), optional=True, doc="JSON of contract.options.TranscribeOptions")),
+    name=TRANSCRIBE, max_batch_size=0, inputs=_TRANSCRIBE_INPUTS,
     outputs=(TensorSpec("RESULT", "TYPE_STRING", (1,), doc="JSON of contract.results.TranscriptionResult"),),
 )
 
-SPECS = {spec.name: spec for spec in (WHISPER_SPEC, WHISPER_WINDOW_SPEC, TRANSCRIBE_SPEC)}
+TRANSCRIBE_STREAM_SPEC = ModelSpec(
+    name=TRANSCRIBE_STREAM, max_batch_size=0, inputs=_TRANSCRIBE_INPUTS, decoupled=True,
+    outputs=(TensorSpec("CHUNK", "TYPE_STRING", (1,), doc="JSON of contract.results.stream_chunk, one per response"),),
+)
+
+SPECS = {spec.name: spec for spec in (WHISPER_SPEC, WHISPER_WINDOW_SPEC, TRANSCRIBE_SPEC, TRANSCRIBE_STREAM_SPEC)}
 
 
 # ---- values in and out ---------------------------------------------------------------------------

@@ -1,28 +1,48 @@
 """The routes of `serve`'s HTTP side: the SageMaker contract (GET /ping, POST /invocations,
-GET /execution-parameters). Parsing lives in `parsing`, Triton in `triton_client`; a route only
-wires them together and renders the answer."""
+GET /execution-parameters), OpenAI's audio API under /v1 (`openai_router`) and the proxy's
+Prometheus metrics (GET /metrics). Parsing lives in `parsing`, Triton in `triton_client`; a route
+only wires them together and renders the answer.
+
+POST /invocations streams (SageMaker `InvokeEndpointWithResponseStream`: chunked transfer, one JSON
+line per chunk of segments as they are decoded) when the Accept header asks for
+application/jsonlines (or application/x-ndjson), or the query / custom attributes say stream=true."""
 
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import WhisperTritonError
 from ..formats import FORMATS, render
 from ..settings import Settings
 from .guards import Admission, Guards
-from .parsing import choose_output_type, parse_invocation
+from .metrics import MetricsMiddleware, ProxyMetrics
+from .openai_router import OPENAI_PREFIX, openai_error_response
+from .openai_router import router as openai_router
+from .parsing import STREAM_TYPES, choose_output_type, parse_invocation, stream_type
+from .streaming import first_chunk, json_lines, until_disconnected
 from .triton_client import TritonClient
 
 logger = logging.getLogger(__name__)
 
 
-def error_response(exc: WhisperTritonError) -> JSONResponse:
+def error_response(exc: WhisperTritonError, path: str = "") -> JSONResponse:
+    """The error in the shape the route's clients parse: OpenAI's under /v1, ours elsewhere."""
+    if path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/"):
+        response = openai_error_response(exc)
+        response.headers.update(exc.headers())
+        return response
     return JSONResponse(status_code=exc.status, content=exc.to_dict(), headers=exc.headers())
+
+
+def _record_error(request: Request, exc: WhisperTritonError) -> None:
+    route = request.scope.get("state", {}).get("metrics_route", "unmatched")
+    request.app.state.metrics.errors.labels(route, exc.type).inc()
 
 
 def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
@@ -38,24 +58,36 @@ def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
         finally:
             await app.state.triton.close()
 
-    app = FastAPI(title="whisper-triton", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="whisper-triton", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
+    app.state.metrics = ProxyMetrics()
+    app.state.openai_models = None
     app.state.admission = admission
     app.add_middleware(Guards, settings=settings, admission=admission)  # request id, API key, load, disconnects
 
     @app.exception_handler(WhisperTritonError)
     async def _handle_known(request: Request, exc: WhisperTritonError):
-        return error_response(exc)
+        _record_error(request, exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _handle_http(request: Request, exc: StarletteHTTPException):
-        return error_response(WhisperTritonError(str(exc.detail), None, exc.status_code, "http_error"))
+        error = WhisperTritonError(str(exc.detail), None, exc.status_code, "http_error")
+        _record_error(request, error)
+        return error_response(error, request.url.path)
 
     @app.exception_handler(Exception)
     async def _handle_unexpected(request: Request, exc: Exception):
         logger.exception("unexpected error on %s", request.url.path)
-        return error_response(WhisperTritonError("Internal error; retry, and check the server log if it persists.",
-                                                 None, 500, "internal_error"))
+        error = WhisperTritonError("Internal error; retry, and check the server log if it persists.",
+                                   None, 500, "internal_error")
+        _record_error(request, error)
+        return error_response(error, request.url.path)
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        payload, content_type = request.app.state.metrics.exposition()
+        return Response(payload, media_type=content_type)
 
     @app.get("/ping")
     async def ping(request: Request):
@@ -74,11 +106,26 @@ def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
 
     @app.post("/invocations")
     async def invocations(request: Request):
-        output_type = choose_output_type(request.headers.get("accept"))
+        started = time.perf_counter()
+        streamed_type = stream_type(request.headers.get("accept"))
+        output_type = None if streamed_type else choose_output_type(request.headers.get("accept"))
         invocation = await parse_invocation(request, settings)
-        result = await request.app.state.triton.transcribe(invocation.audio, invocation.options)
+        state = request.app.state
+        if streamed_type or invocation.stream:
+            chunks = await first_chunk(state.triton.transcribe_stream(invocation.audio, invocation.options))
+            lines = json_lines(
+                until_disconnected(request, chunks),
+                on_first_segment=lambda: state.metrics.first_segment.labels("/invocations").observe(
+                    time.perf_counter() - started),
+                on_done=lambda chunk: state.metrics.audio_seconds.labels("/invocations").inc(chunk.get("duration", 0)))
+            return StreamingResponse(lines, media_type=streamed_type or STREAM_TYPES[0])
+        result = await state.triton.transcribe(invocation.audio, invocation.options)
+        state.metrics.audio_seconds.labels("/invocations").inc(result.get("duration", 0.0))
         if output_type == "application/json":
             return JSONResponse(result)
         return Response(render(result, FORMATS[output_type]), media_type=output_type)
 
+    app.include_router(openai_router)
+    routes = {route.path for route in (*app.routes, *openai_router.routes) if hasattr(route, "path")}
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
     return app

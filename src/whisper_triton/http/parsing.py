@@ -23,10 +23,35 @@ MAX_CUSTOM_ATTRIBUTES_CHARS = 1024  # SageMaker's own limit on the header
 MAX_QUERY_CHARS = 16 * 1024  # two prompts of 8,192 characters fit; longer is not a set of options
 
 
+STREAM_TYPES = ("application/jsonlines", "application/x-ndjson")  # Accept types answered as a stream
+
+
 @dataclass
 class Invocation:
     audio: bytes
     options: TranscribeOptions
+    stream: bool = False  # answer JSON lines as segments are decoded (SageMaker response streaming)
+
+
+def stream_type(accept: str | None) -> str | None:
+    """The streaming type the Accept header asks for first, if it asks for one."""
+    for part in (accept or "").split(","):
+        media = media_type(part)
+        if media in STREAM_TYPES:
+            return media
+        if media in FORMATS or media in ("*/*", "application/*", "text/*"):
+            return None
+    return None
+
+
+def wants_stream(value) -> bool:
+    """`stream=true` (query or custom attribute): the same words a boolean option takes."""
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise invalid_parameter("stream", f"stream must be true or false, got {value!r}.")
 
 
 def media_type(header: str | None) -> str:
@@ -101,7 +126,8 @@ async def parse_invocation(request: Request, settings: Settings) -> Invocation:
         )
     if not audio_bytes:
         raise InvalidAudioError("The request body is empty: send the audio file's bytes.")
-    return Invocation(audio=audio_bytes, options=parse_options(raw_options))
+    stream = wants_stream(raw_options.pop("stream", False))
+    return Invocation(audio=audio_bytes, options=parse_options(raw_options), stream=stream)
 
 
 def parse_json_body(body: bytes) -> tuple[bytes, dict]:

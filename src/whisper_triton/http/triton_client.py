@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from collections.abc import AsyncIterator
 
 import numpy as np
 
 from ..audio import estimate_seconds
 from ..contract.options import TranscribeOptions
-from ..contract.tensors import MODELS, TRANSCRIBE_SPEC, decode_error
+from ..contract.tensors import MODELS, TRANSCRIBE_SPEC, TRANSCRIBE_STREAM_SPEC, WHISPER_WINDOW, decode_error
 from ..errors import WhisperTritonError
 from .guards import REQUEST_ID, Admission
 
@@ -36,6 +38,17 @@ class TritonClient:
         except Exception:  # any failure to answer in time means not ready
             return False
 
+    async def engine_model_dir(self) -> str:
+        """The model_dir the engine model (`whisper_window`) was given ("" for the embedded default)."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            config = await self.client.get_model_config(WHISPER_WINDOW, as_json=True)
+        except InferenceServerException as exc:
+            raise from_triton(exc) from None
+        parameters = config.get("config", config).get("parameters", {})
+        return parameters.get("model_dir", {}).get("string_value", "")
+
     def _string_input(self, name: str, value: bytes):
         tensor = self._grpc.InferInput(name, [1], TRANSCRIBE_SPEC.input(name).client_dtype)
         tensor.set_data_from_numpy(np.array([value], dtype=object))
@@ -59,6 +72,43 @@ class TritonClient:
             except InferenceServerException as exc:
                 raise from_triton(exc) from None
         return json.loads(result.as_numpy("RESULT").reshape(-1)[0])
+
+    async def transcribe_stream(self, audio: bytes, options: TranscribeOptions) -> AsyncIterator[dict]:
+        """The `transcribe_stream` model's CHUNKs for one file, as they are decoded (the last has done=True).
+
+        Closing the generator early (the HTTP client left) cancels the gRPC stream, which Triton
+        passes to the model as the request's cancellation: its decoding stops before the next chunk."""
+        finished = asyncio.Event()
+        request = {"model_name": TRANSCRIBE_STREAM_SPEC.name, "request_id": REQUEST_ID.get() if REQUEST_ID.get() != "-" else uuid.uuid4().hex,
+                   "inputs": [self._string_input("AUDIO", audio),
+                              self._string_input("OPTIONS", json.dumps(options.wire()).encode())],
+                   "outputs": [self._grpc.InferRequestedOutput("CHUNK")]}
+
+        async def requests():
+            yield request
+            await finished.wait()  # keep the request side open until the last answer came
+
+        import grpc
+
+        responses = self.client.stream_infer(requests(), stream_timeout=self.timeout_s)
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise from_triton(error)
+                chunk = json.loads(result.as_numpy("CHUNK").reshape(-1)[0])
+                yield chunk
+                if chunk.get("done"):
+                    return
+            raise WhisperTritonError("The transcription stream ended early; retry.", None, 503, "service_unavailable")
+        except grpc.aio.AioRpcError as exc:  # the stream itself failed (Triton gone, deadline)
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise WhisperTritonError("Transcription took longer than the request timeout.", None, 504,
+                                         "timeout") from None
+            raise WhisperTritonError("Triton is not available; retry shortly.", None, 503,
+                                     "service_unavailable") from None
+        finally:
+            finished.set()
+            responses.cancel()
 
     async def close(self) -> None:
         await self.client.close()

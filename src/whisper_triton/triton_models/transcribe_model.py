@@ -1,10 +1,11 @@
 """Triton Python-backend model `transcribe`: encoded audio bytes + JSON options -> JSON result.
 
 Long-form transcription for any gRPC/HTTP client, without our Python package: decode, VAD,
-windows, then every window of a file goes to `whisper_window` as its own BLS request, all in
-flight at once, so Triton's dynamic batcher packs them (and windows of other files) into engine
-batches. Timestamps, temperature fallback and stitching run here, above the engine, so they work
-on every engine. Its I/O is `contract.tensors.TRANSCRIBE_SPEC`; options are `contract.options`.
+windows, then the windows of a file go to `whisper_window` as BLS requests of up to its
+max_batch_size rows each (which it declares in CAPABILITIES), all in flight at once: one engine
+batch per request, and Triton's dynamic batcher still packs requests of several files together.
+Timestamps, temperature fallback and stitching run here, above the engine, so they work on every
+engine. Its I/O is `contract.tensors.TRANSCRIBE_SPEC`; options are `contract.options`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def cancelled_error() -> WhisperTritonError:
 
 
 class TritonWindowDecoder:
-    """Decodes windows by sending each to `whisper_window` as a BLS request, all at once.
+    """Decodes windows by sending them to `whisper_window` as BLS requests of up to `max_batch_size`
+    rows each, all in flight at once: a batch of windows is one request, so its first window never
+    runs alone while the rest queue (Triton's dynamic batcher still packs requests of other files).
 
     Before each round of requests it asks whether the current file's request was cancelled
     (`watching`): a cancelled request stops between rounds, so no engine time goes to it."""
@@ -75,26 +78,43 @@ class TritonWindowDecoder:
         """What the engine behind `whisper_window` declares, asked once (BLS is not allowed in initialize)."""
         with self._lock:
             if self._capabilities is None:
-                reply = self._exec(self._request(np.zeros(1, dtype=np.float32), None, None, False, ["CAPABILITIES"]))
+                reply = self._exec(self._request([np.zeros(1, dtype=np.float32)], None, None, False, ["CAPABILITIES"]))
                 self._capabilities = EngineCapabilities.from_json(reply["CAPABILITIES"].reshape(-1)[0])
             return self._capabilities
 
-    def _request(self, audio: np.ndarray, prompt: list[int] | None, options: DecodeOptions | None,
+    def _request(self, audios: list[np.ndarray], prompts: list[list[int]] | None, options: DecodeOptions | None,
                  words: bool, outputs: list[str]):
+        """One request of len(audios) rows: WAV zero-padded to the longest, PROMPT_IDS padded, one per row."""
         pb = self.pb
-        tensors = [pb.Tensor("WAV", audio.reshape(1, -1).astype(WINDOW.input("WAV").numpy_dtype)),
-                   pb.Tensor("WAV_LENS", np.array([[audio.size]], dtype=WINDOW.input("WAV_LENS").numpy_dtype))]
-        if prompt is not None:
-            tensors.append(pb.Tensor("PROMPT_IDS", np.array([prompt], dtype=WINDOW.input("PROMPT_IDS").numpy_dtype)))
+        rows = len(audios)
+        wav = np.zeros((rows, max(a.size for a in audios)), dtype=WINDOW.input("WAV").numpy_dtype)
+        for index, audio in enumerate(audios):
+            wav[index, : audio.size] = audio
+        tensors = [pb.Tensor("WAV", wav),
+                   pb.Tensor("WAV_LENS", np.array([[a.size] for a in audios], dtype=WINDOW.input("WAV_LENS").numpy_dtype))]
+        if prompts is not None:
+            ids = np.full((rows, max(len(p) for p in prompts)), -1, dtype=WINDOW.input("PROMPT_IDS").numpy_dtype)
+            for index, prompt in enumerate(prompts):
+                ids[index, : len(prompt)] = prompt
+            tensors.append(pb.Tensor("PROMPT_IDS", ids))
         if options is not None:
-            tensors.append(pb.Tensor("DECODE_OPTIONS", np.array([[options.model_dump_json().encode()]], dtype=object)))
+            tensors.append(pb.Tensor("DECODE_OPTIONS", np.array([[options.model_dump_json().encode()]] * rows,
+                                                                dtype=object)))
         if words:
-            tensors.append(pb.Tensor("WORD_TIMESTAMPS", np.array([[True]], dtype=bool)))
+            tensors.append(pb.Tensor("WORD_TIMESTAMPS", np.ones((rows, 1), dtype=bool)))
         return pb.InferenceRequest(model_name=self.model_name, inputs=tensors, requested_output_names=outputs)
 
-    def _run_all(self, requests: list) -> list[dict[str, np.ndarray]]:
+    def _run_all(self, audios: list[np.ndarray], prompts: list[list[int]] | None, options: DecodeOptions | None,
+                 words: bool, outputs: list[str]) -> list[dict[str, np.ndarray]]:
+        """Replies row by row, from requests of up to max_batch_size rows each."""
         self._check_cancelled()
-        return list(self._pool.map(self._exec, requests))
+        size = max(1, self.capabilities.max_batch_size)  # declared by whisper_window
+        requests = [self._request(audios[first : first + size], None if prompts is None else prompts[first : first + size],
+                                  options, words, outputs) for first in range(0, len(audios), size)]
+        replies = list(self._pool.map(self._exec, requests))
+        return [{name: array[row : row + 1] for name, array in reply.items()}
+                for reply, count in zip(replies, (len(audios[f : f + size]) for f in range(0, len(audios), size)))
+                for row in range(count)]
 
     def _exec(self, request) -> dict[str, np.ndarray]:
         response = request.exec()
@@ -114,8 +134,10 @@ class TritonWindowDecoder:
                word_timestamps: bool = False) -> list[WindowOutput]:
         if word_timestamps and not self.capabilities.word_timestamps:
             raise unsupported_word_timestamps(self.capabilities)
+        if not audios:
+            return []
         names = self._outputs(word_timestamps)
-        replies = self._run_all([self._request(a, p, options, word_timestamps, names) for a, p in zip(audios, prompts)])
+        replies = self._run_all(audios, prompts, options, word_timestamps, names)
         return [self._output(reply, word_timestamps) for reply in replies]
 
     def _output(self, reply: dict[str, np.ndarray], words: bool) -> WindowOutput:
@@ -134,7 +156,9 @@ class TritonWindowDecoder:
         if not self.capabilities.multilingual:
             return [{"en": 1.0} for _ in audios]
         # asked for the language outputs alone, whisper_window runs detection and not `generate`
-        replies = self._run_all([self._request(a, None, None, False, ["LANGUAGE_PROBS"]) for a in audios])
+        if not audios:
+            return []
+        replies = self._run_all(audios, None, None, False, ["LANGUAGE_PROBS"])
         return [json.loads(reply["LANGUAGE_PROBS"].reshape(-1)[0]) for reply in replies]
 
 
@@ -159,7 +183,8 @@ class TranscribeModel:
         data = first_value(self.pb, request, "AUDIO")
         audio = decode_audio(bytes(data or b""), max_seconds=self.settings.max_audio_seconds)
         with self.decoder.watching(_cancellation_flag(request)):
-            return self.pipeline.transcribe(audio, options).to_dict(words=options.word_timestamps)
+            result = self.pipeline.transcribe(audio, options)
+        return result.to_dict(words=options.word_timestamps, tokens=options.include_tokens)
 
     def execute(self, requests: list) -> list:
         responses = []

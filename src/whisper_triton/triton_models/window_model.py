@@ -8,6 +8,7 @@ engine; language outputs alone run detection, not `generate`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -62,7 +63,8 @@ class WindowModel:
                 f"config.pbtxt max_batch_size {batch} is above the engine's {engine.max_batch_size}: "
                 "lower max_batch_size or rebuild the engine for a larger batch."
             )
-        self.capabilities = engine.capabilities
+        # the batch this model takes is part of what it declares: transcribe sends requests of that many rows
+        self.capabilities = dataclasses.replace(engine.capabilities, max_batch_size=batch)
         self.short = ShortFormTranscriber(engine, self.tokenizer, self.settings.encoder_cache_mb << 20)
         logger.info("whisper_window ready: engine=%s model_dir=%s capabilities=%s", self.settings.engine, model_dir,
                     self.capabilities.to_json())
@@ -78,11 +80,19 @@ class WindowModel:
             raise invalid_parameter("DECODE_OPTIONS", f"DECODE_OPTIONS is not valid JSON ({exc}).") from None
         return validated(DecodeOptions, values).check_beam(self.capabilities.max_beam_size)
 
-    def _prompt_ids(self, request) -> list[int] | None:
+    def _prompt_ids(self, request, rows: int) -> list[list[int] | None]:
+        """One decoder prompt per WAV row: PROMPT_IDS [rows, L] (-1 padded) or [1, L] for every row."""
         array = input_array(self.pb, request, "PROMPT_IDS")
         if array is None or array.size == 0:
-            return None
-        ids = [int(t) for t in array.reshape(-1) if t >= 0]
+            return [None] * rows
+        array = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
+        if array.shape[0] not in (1, rows):
+            raise invalid_parameter("PROMPT_IDS", f"PROMPT_IDS has {array.shape[0]} rows for {rows} WAV rows.")
+        prompts = [self._prompt_row(row) for row in array]
+        return prompts * rows if len(prompts) == 1 else prompts
+
+    def _prompt_row(self, row: np.ndarray) -> list[int]:
+        ids = [int(t) for t in row if t >= 0]
         vocabulary = self.tokenizer.timestamp_begin + 1501
         if not ids or any(t >= vocabulary for t in ids) or self.tokenizer.sot not in ids:
             raise invalid_parameter("PROMPT_IDS", "PROMPT_IDS must be token ids of this model's vocabulary "
@@ -96,18 +106,18 @@ class WindowModel:
         rows = rows_of(input_array(self.pb, request, "WAV"), input_array(self.pb, request, "WAV_LENS"))
         prefixes = text_prefixes(input_array(self.pb, request, "TEXT_PREFIX"), len(rows))
         options = self._options(request)
-        prompt_ids = self._prompt_ids(request)
+        prompt_ids = self._prompt_ids(request, len(rows))
         words = bool(first_value(self.pb, request, "WORD_TIMESTAMPS"))
         if words and not self.capabilities.word_timestamps:
             raise unsupported_word_timestamps(self.capabilities)
         parsed = ParsedRequest([], outputs)
-        for audio, prefix in zip(rows, prefixes):
+        for audio, prefix, prompt in zip(rows, prefixes, prompt_ids):
             if audio.size > N_SAMPLES:
                 raise PayloadTooLargeError(f"A WAV row is {audio.size / 16000:.1f} s long; whisper_window decodes "
                                            "windows of at most 30 s. Send long audio to `whisper` or `transcribe`.",
                                            param="WAV")
             spec = self.tokenizer.parse_text_prefix(prefix) if prefix.strip() else PromptSpec()
-            parsed.rows.append(ShortRequest(audio=audio, spec=spec, options=options, prompt_ids=prompt_ids,
+            parsed.rows.append(ShortRequest(audio=audio, spec=spec, options=options, prompt_ids=prompt,
                                             word_timestamps=words))
         return parsed
 

@@ -1,0 +1,17 @@
+"""Triton Python-backend entry for `transcribe_stream` (decoupled long-form); the logic lives in the package."""
+
+import triton_python_backend_utils as pb_utils
+
+from whisper_triton.triton_models.transcribe_stream_model import TranscribeStreamModel
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model = TranscribeStreamModel(pb_utils, args)
+
+    def execute(self, requests):
+        return self.model.execute(requests)
+
+    def finalize(self):
+        self.model.close()
+        self.model = None

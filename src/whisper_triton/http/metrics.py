@@ -1,0 +1,76 @@
+"""The proxy's own Prometheus metrics, served at `GET /metrics` on the proxy's port (Triton's engine
+metrics stay on Triton's metrics port, 8002). One registry per app, so several apps in one process
+(tests) never share counters.
+
+- whisper_http_requests_total{route,method,status}
+- whisper_http_request_duration_seconds{route} (histogram; a stream counts until its last byte)
+- whisper_http_requests_in_flight{route}
+- whisper_audio_seconds_total{route}: seconds of audio transcribed
+- whisper_errors_total{route,type}: error answers by their `type`
+- whisper_stream_first_segment_seconds{route}: request start to the first segment sent (streaming)
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+UNMATCHED = "unmatched"  # any path that is not a route: one label, whatever was asked
+
+
+class ProxyMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("whisper_http_requests", "HTTP requests answered", ["route", "method", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("whisper_http_request_duration_seconds", "Time from request to last byte",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge("whisper_http_requests_in_flight", "Requests being answered", ["route"],
+                               registry=self.registry)
+        self.audio_seconds = Counter("whisper_audio_seconds", "Seconds of audio transcribed", ["route"],
+                                     registry=self.registry)
+        self.errors = Counter("whisper_errors", "Error answers by type", ["route", "type"], registry=self.registry)
+        self.first_segment = Histogram("whisper_stream_first_segment_seconds",
+                                       "Streaming: request start to the first segment sent", ["route"],
+                                       buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def route_label(scope: dict, routes: set[str]) -> str:
+    path = scope.get("path", "")
+    return path if path in routes else UNMATCHED
+
+
+class MetricsMiddleware:
+    """Pure ASGI (so a streamed answer is timed until its last byte, not until its headers)."""
+
+    def __init__(self, app, metrics: ProxyMetrics, routes: set[str]):
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = route_label(scope, self.routes)
+        scope.setdefault("state", {})["metrics_route"] = route
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.labels(route).inc()
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.in_flight.labels(route).dec()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(route, scope.get("method", ""), str(status["code"])).inc()

@@ -1,0 +1,250 @@
+"""Serving OpenAI's audio API: the multipart form -> (audio, the one request model), the served
+models, and the results rendered as OpenAI's bodies and Server-Sent Events. The routes are in
+`openai_router`, the shapes in `openai_protocol`.
+
+The same limits as /invocations hold: the body cap (refused with 413 while the body streams in,
+before it is read whole), the options' ranges (`contract.options.parse_options`), and the model's
+own checks (language, task, word timestamps), which Triton's `transcribe` models run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request
+
+from ..contract.languages import LANGUAGE_NAMES, language_name
+from ..contract.options import TranscribeOptions, parse_options, validated
+from ..errors import InvalidAudioError, PayloadTooLargeError, WhisperTritonError, invalid_parameter
+from ..formats import render
+from ..settings import Settings
+from .openai_protocol import (
+    OPENAI_FIELDS, STREAMING_FORMATS, AudioRequest, ModelCard, ModelList, TextDeltaEvent, TextDoneEvent,
+    TranscriptionJson, TranscriptionSegment, TranscriptionVerbose, TranscriptionWord, Usage, error_body, sse,
+)
+from .parsing import media_type
+
+EMBEDDED_MODEL_ID = "whisper-tiny.en"  # the embedded default (settings.default_model_dir)
+GENERIC_DIR_NAMES = {"model", "models", "1", "ct2", "ctranslate2", "engine", "engines", "whisper", "opt", "ml"}
+_CODES_BY_NAME = {name: code for code, name in LANGUAGE_NAMES.items()}
+
+
+# ---- the multipart form ---------------------------------------------------------------------
+@dataclass
+class AudioForm:
+    audio: bytes
+    filename: str
+    fields: dict[str, list[str]]
+
+
+async def capped_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The body as it arrives, refused with 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"The request is {int(declared)} bytes; the limit is {limit} bytes.", param="file")
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"The request is over the limit of {limit} bytes.", param="file")
+        yield chunk
+
+
+async def read_form(request: Request, limit: int) -> AudioForm:
+    """OpenAI's multipart form: exactly one file part named `file`, the rest text fields."""
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    if media_type(request.headers.get("content-type")) != "multipart/form-data":
+        raise WhisperTritonError("Send multipart/form-data with the audio in a `file` part (as OpenAI's SDKs do).",
+                                 "file", 415, "unsupported_media_type")
+    parser = MultiPartParser(request.headers, capped_stream(request, limit), max_files=2, max_fields=64)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise invalid_parameter("file", f"The multipart body cannot be read: {exc.message}") from None
+    files: list[tuple[str, UploadFile]] = []
+    fields: dict[str, list[str]] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            files.append((key, value))
+        else:
+            fields.setdefault(key, []).append(value)
+    try:
+        return AudioForm(await _one_file(files), files[0][1].filename or "", fields)
+    finally:
+        await form.close()
+
+
+async def _one_file(files) -> bytes:
+    if not files:
+        raise invalid_parameter("file", "The form has no `file` part: send the audio file as `file`.")
+    if len(files) > 1:
+        raise invalid_parameter("file", f"The form has {len(files)} file parts ({', '.join(k for k, _ in files)}); "
+                                "send one audio file, as `file`.")
+    name, upload = files[0]
+    if name != "file":
+        raise invalid_parameter("file", f"The audio file came as {name!r}: name the part `file`.")
+    audio = await upload.read()
+    if not audio:
+        raise InvalidAudioError("The `file` part is empty: send the audio file's bytes.", param="file")
+    return audio
+
+
+# ---- form fields -> the one request model -----------------------------------------------------
+def openai_fields(fields: dict[str, list[str]]) -> tuple[dict, dict]:
+    """(OpenAI's fields, our extra option fields), each given once (granularities may repeat)."""
+    ours, theirs = {}, {}
+    for key, values in fields.items():
+        if key in ("timestamp_granularities[]", "timestamp_granularities"):
+            theirs.setdefault("timestamp_granularities", []).extend(v for value in values for v in value.split(",") if v)
+            continue
+        if len(values) > 1:
+            raise invalid_parameter(key, f"{key!r} is given {len(values)} times; give it once.")
+        if key == "include[]":
+            raise invalid_parameter("include", "include[] (logprobs) is not supported by Whisper models here.")
+        if key in ("task", "word_timestamps", "initial_prompt", "include_tokens"):
+            raise invalid_parameter(key, f"{key!r} is set by the endpoint and its OpenAI fields (translations, "
+                                    "prompt, timestamp_granularities[], response_format); leave it out.")
+        (theirs if key in OPENAI_FIELDS else ours)[key] = values[0]
+    return theirs, ours
+
+
+def language_code(value: str | None) -> str | None:
+    """OpenAI takes ISO-639-1 codes; a language's English name ("german") is taken too."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip().lower()
+    return _CODES_BY_NAME.get(value, value)
+
+
+def audio_request(fields: dict, task: str) -> AudioRequest:
+    request: AudioRequest = validated(AudioRequest, fields)
+    if request.timestamp_granularities and request.response_format != "verbose_json":
+        raise invalid_parameter("timestamp_granularities", "timestamp_granularities[] needs response_format "
+                                f"verbose_json (got {request.response_format!r}), as in OpenAI's API.")
+    if request.stream and request.response_format not in STREAMING_FORMATS:
+        raise invalid_parameter("response_format", f"stream=true sends text events: use response_format "
+                                f"{' or '.join(STREAMING_FORMATS)}, not {request.response_format!r}.")
+    if task == "translate" and request.language is not None:
+        raise invalid_parameter("language", "Translations are always into English: leave `language` out, or use "
+                                "/v1/audio/transcriptions to transcribe in a given language.")
+    return request
+
+
+def transcribe_options(request: AudioRequest, extra: dict, task: str) -> TranscribeOptions:
+    raw: dict = dict(extra)
+    raw["task"] = task
+    if language_code(request.language):
+        raw["language"] = language_code(request.language)
+    if request.prompt:
+        raw["initial_prompt"] = request.prompt
+    if request.temperature:  # 0 (or unset): start at 0 and fall back to higher temperatures, as OpenAI does
+        raw["temperature"] = [request.temperature]
+    if "word" in request.timestamp_granularities:
+        raw["word_timestamps"] = True
+    if request.response_format == "verbose_json":
+        raw["include_tokens"] = True
+    return parse_options(raw)
+
+
+# ---- the served models ---------------------------------------------------------------------
+def model_id_from_dir(model_dir: str) -> str:
+    """A readable id for the model served from `model_dir` (its first non-generic folder name)."""
+    if not model_dir:
+        return EMBEDDED_MODEL_ID
+    for part in reversed(Path(model_dir).parts):
+        if part.lower() not in GENERIC_DIR_NAMES and part not in ("/", ""):
+            return part.replace("_", "-")
+    return "whisper"
+
+
+@dataclass
+class ServedModels:
+    served: str
+    aliases: tuple[str, ...]
+    created: int
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return (self.served,) + tuple(a for a in self.aliases if a != self.served)
+
+    def resolve(self, model: str | None) -> str:
+        if model is None or not model.strip() or model.strip() in self.ids:
+            return self.served
+        raise WhisperTritonError(f"The model {model!r} is not served here. Served: {', '.join(self.ids)} "
+                                 "(GET /v1/models lists them).", "model", 404, "model_not_found")
+
+    def listing(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=i, created=self.created, root=None if i == self.served else self.served)
+                               for i in self.ids])
+
+
+async def served_models(settings: Settings, triton) -> ServedModels:
+    """The served model's id: the setting, else from the model_dir Triton's engine model was given."""
+    aliases = tuple(a.strip() for a in settings.model_aliases.split(",") if a.strip())
+    if settings.served_model_name:
+        return ServedModels(settings.served_model_name, aliases, int(time.time()))
+    return ServedModels(model_id_from_dir(await triton.engine_model_dir()), aliases, int(time.time()))
+
+
+# ---- results -> OpenAI's bodies -------------------------------------------------------------
+def usage(result: dict) -> Usage:
+    return Usage(seconds=float(math.ceil(result.get("duration", 0.0))))
+
+
+def verbose(result: dict, request: AudioRequest, task: str) -> TranscriptionVerbose:
+    granularities = request.timestamp_granularities or ["segment"]
+    segments = words = None
+    if "segment" in granularities:
+        segments = [TranscriptionSegment(
+            id=s["id"], seek=int(round(s["start"] * 100)), start=s["start"], end=s["end"], text=s["text"],
+            tokens=s.get("tokens", []), temperature=s.get("temperature", 0.0), avg_logprob=s.get("avg_logprob", 0.0),
+            compression_ratio=s.get("compression_ratio", 0.0), no_speech_prob=s.get("no_speech_prob", 0.0),
+        ) for s in result["segments"]]
+    if "word" in granularities:
+        words = [TranscriptionWord(word=w["word"].strip(), start=w["start"], end=w["end"])
+                 for s in result["segments"] for w in (s.get("words") or [])]
+    return TranscriptionVerbose(task=task, language=language_name(result.get("language", "")),
+                                duration=result.get("duration", 0.0), text=result.get("text", ""),
+                                segments=segments, words=words, usage=usage(result))
+
+
+def body(result: dict, request: AudioRequest, task: str) -> tuple[str | dict, str]:
+    """(body, response format) for one finished result."""
+    fmt = request.response_format
+    if fmt == "json":
+        return TranscriptionJson(text=result.get("text", ""), usage=usage(result)).model_dump(exclude_none=True), fmt
+    if fmt == "verbose_json":
+        return verbose(result, request, task).model_dump(exclude_none=True), fmt
+    rendered = render(result, fmt)
+    return (rendered if fmt != "text" or rendered.endswith("\n") else rendered + "\n"), fmt
+
+
+async def text_events(chunks: AsyncIterator[dict], on_first_segment=None,
+                      on_done=None) -> AsyncIterator[bytes]:
+    """The stream's chunks as OpenAI's SSE: one `transcript.text.delta` per segment, in order, then
+    `transcript.text.done` with the whole text. An error after the first byte goes as an event with
+    OpenAI's error body (its SDK raises it)."""
+    texts: list[str] = []
+    try:
+        async for chunk in chunks:
+            for segment in chunk["segments"]:
+                delta = segment["text"] if texts else segment["text"].lstrip()
+                if not delta:
+                    continue
+                if not texts and on_first_segment is not None:
+                    on_first_segment()
+                texts.append(delta)
+                yield sse(TextDeltaEvent(delta=delta, start=segment["start"], end=segment["end"]))
+            if chunk.get("done"):
+                if on_done is not None:
+                    on_done(chunk)
+                yield sse(TextDoneEvent(text="".join(texts).strip(), usage=usage(chunk)))
+                return
+    except WhisperTritonError as exc:
+        yield sse(error_body(exc))

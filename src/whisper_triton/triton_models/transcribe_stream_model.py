@@ -1,0 +1,68 @@
+"""Triton Python-backend model `transcribe_stream` (decoupled): audio file bytes + JSON options ->
+one CHUNK response per chunk of decoded windows, segments in timeline order, the last one final.
+
+The long-form pipeline is `transcribe`'s (`LongFormTranscriber.transcribe_iter`, windows of a chunk
+decoded as one batch through `whisper_window`); only the way answers leave differs. Each request
+runs on a thread of its own, so `execute` returns at once and one instance serves several streams.
+Before each chunk the request's cancellation is asked (`is_cancelled`, set by Triton when the gRPC
+client cancels the stream, e.g. the proxy after its HTTP client left), and decoding stops there.
+Its I/O is `contract.tensors.TRANSCRIBE_STREAM_SPEC`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..audio import decode_audio
+from ..contract.results import stream_chunk
+from ..contract.tensors import TRANSCRIBE_STREAM_SPEC as SPEC
+from ..errors import WhisperTritonError
+from .common import error_response, first_value, internal_error
+from .transcribe_model import TranscribeModel
+
+logger = logging.getLogger(__name__)
+
+MAX_STREAMS = 8  # files decoded at once by one instance; more wait for a thread
+
+
+class TranscribeStreamModel(TranscribeModel):
+    def __init__(self, pb_utils, args: dict):
+        super().__init__(pb_utils, args)
+        self._streams = ThreadPoolExecutor(max_workers=MAX_STREAMS, thread_name_prefix="stream")
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            self._streams.submit(self._stream, request, request.get_response_sender())
+        return None  # decoupled: answers go through each request's response sender
+
+    def _chunk_response(self, chunk: dict):
+        payload = json.dumps(chunk, ensure_ascii=False).encode()
+        return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(SPEC.output("CHUNK").name,
+                                                                        np.array([payload], dtype=object))])
+
+    def _stream(self, request, sender) -> None:
+        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            options = self.pipeline.check(self.options(request))  # before any audio work
+            audio = decode_audio(bytes(first_value(self.pb, request, "AUDIO") or b""),
+                                 max_seconds=self.settings.max_audio_seconds)
+            for chunk in self.pipeline.transcribe_iter(audio, options, cancelled=sender.is_cancelled):
+                response = self._chunk_response(stream_chunk(
+                    chunk.segments, chunk.language, chunk.language_probability, chunk.duration, chunk.info,
+                    chunk.done, words=options.word_timestamps, tokens=options.include_tokens))
+                sender.send(response, flags=final if chunk.done else 0)
+                if chunk.done:
+                    return
+            sender.send(flags=final)  # cancelled: close the stream without another answer
+        except WhisperTritonError as exc:
+            sender.send(error_response(self.pb, exc), flags=final)
+        except Exception as exc:  # answer every request; never take the stub down
+            logger.exception("streaming transcription failed")
+            sender.send(error_response(self.pb, internal_error(exc, "Transcription")), flags=final)
+
+    def close(self) -> None:
+        self._streams.shutdown(wait=False, cancel_futures=True)
