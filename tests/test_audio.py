@@ -47,11 +47,60 @@ def test_truncated_file_is_refused(speech_clips):
         decode_audio(data[:40])  # the header alone, cut short
 
 
-def test_file_cut_mid_frame_is_refused_as_truncated(speech_clips):
-    full = encode(speech_clips[0].samples, SAMPLE_RATE, "flac", "flac", 1, 16000)
+def test_file_cut_mid_frame_keeps_the_part_before_the_cut(speech_clips):
+    """As faster-whisper's decoder: the frames before the first undecodable one are kept."""
+    reference = speech_clips[0].samples
+    full = encode(reference, SAMPLE_RATE, "flac", "flac", 1, 16000)
+    decoded = decode_audio(full[: len(full) // 2])
+    assert 0.2 * reference.size < decoded.size < 0.8 * reference.size
+    np.testing.assert_allclose(decoded, reference[: decoded.size], atol=1e-3)  # FLAC is lossless
+
+
+JUNK = np.random.default_rng(13).integers(0, 256, 50_000, dtype=np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_trailing_junk_after_a_valid_stream_keeps_the_stream(name, speech_clips):
+    container, codec, channels, rate = FORMATS[name]
+    reference = speech_clips[1].samples
+    clean = decode_audio(encode(reference, SAMPLE_RATE, container, codec, channels, rate))
+    with_junk = decode_audio(encode(reference, SAMPLE_RATE, container, codec, channels, rate) + JUNK)
+    assert abs(with_junk.size - clean.size) / SAMPLE_RATE < 0.1
+    n = min(with_junk.size, clean.size)
+    assert np.corrcoef(with_junk[:n], clean[:n])[0, 1] > 0.99
+
+
+FLOAT_CONTAINERS = [("wav", "pcm_f32le"), ("matroska", "pcm_f32le"), ("au", "pcm_f32be"), ("caf", "pcm_f32le"),
+                    ("w64", "pcm_f64le")]
+
+
+@pytest.mark.parametrize("container,codec", FLOAT_CONTAINERS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e30])
+def test_non_finite_samples_are_refused_naming_audio(container, codec, bad, speech_clips):
+    samples = speech_clips[2].samples.copy()
+    samples[20_000::9_000] = bad
+    data = encode(samples, SAMPLE_RATE, container, codec)
     with pytest.raises(InvalidAudioError) as info:
-        decode_audio(full[: len(full) // 2])
-    assert "truncated" in info.value.message
+        decode_audio(data)
+    assert info.value.param == "audio" and info.value.status == 400
+    assert "not finite" in info.value.message and "1.25 s" in info.value.message
+
+
+@pytest.mark.parametrize("container,codec", FLOAT_CONTAINERS[:2])
+def test_finite_float_audio_decodes(container, codec, speech_clips):
+    samples = speech_clips[2].samples
+    decoded = decode_audio(encode(samples, SAMPLE_RATE, container, codec))
+    np.testing.assert_allclose(decoded, samples, atol=1e-6)
+
+
+def test_estimate_seconds_from_the_header(speech_clips):
+    from whisper_triton.audio import estimate_seconds
+
+    samples = speech_clips[0].samples
+    for container, codec in [("wav", "pcm_s16le"), ("flac", "flac"), ("mp3", "libmp3lame")]:
+        assert estimate_seconds(encode(samples, SAMPLE_RATE, container, codec)) == pytest.approx(
+            samples.size / SAMPLE_RATE, abs=0.1)
+    assert estimate_seconds(b"not audio at all" * 2000) == pytest.approx(32_000 / 32_000)
 
 
 def test_zero_length_audio_is_refused():

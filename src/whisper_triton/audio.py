@@ -1,4 +1,15 @@
-"""Decode audio bytes of any common container/codec to 16 kHz mono float32, in memory, with PyAV."""
+"""Decode audio bytes of any common container/codec to 16 kHz mono float32, in memory, with PyAV.
+
+Hostile or broken input, decided here once for every route:
+- bytes after a valid stream (trailing junk), or a stream cut short: the audio decoded before the
+  first undecodable data is kept, as faster-whisper's PyAV decoder does (it stops at the first
+  `InvalidDataError` and keeps what it has); a warning is logged. Nothing decodable at all is a 400.
+- samples that are not finite numbers (NaN, infinity; float WAV/CAF/AU/Matroska PCM can hold them)
+  or beyond MAX_SAMPLE_MAGNITUDE:
+  refused with a 400 naming `audio` and the time of the first one, never passed on (they would turn
+  the log-mel features into NaN and the transcript silently empty). Refused rather than sanitised:
+  such a file is corrupt, and zeroing samples would alter the audio without telling anyone.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +22,9 @@ import numpy as np
 from .errors import InvalidAudioError, PayloadTooLargeError
 
 SAMPLE_RATE = 16_000
+# float PCM is nominally within +-1; beyond this (120 dB over full scale) a sample is not audio, and
+# squared in the spectrum it overflows float32 into infinity
+MAX_SAMPLE_MAGNITUDE = 1e6
 
 logger = logging.getLogger(__name__)
 av.logging.set_level(av.logging.PANIC)  # FFmpeg's own chatter about odd input is noise in our logs
@@ -51,32 +65,59 @@ def _decode_stream(container, stream, sample_rate: int, max_samples: int | None)
         for frame in container.decode(stream):
             frame.pts = None  # resample by sample count; broken timestamps must not drop audio
             for out in resampler.resample(frame):
-                total += _append(chunks, out)
+                total += _append(chunks, out, total, sample_rate)
             if max_samples is not None and total > max_samples:
                 raise PayloadTooLargeError(
                     f"The audio is longer than the limit of {max_samples / sample_rate:g} s. "
                     "Send shorter audio or split it."
                 )
-        for out in resampler.resample(None):
-            total += _append(chunks, out)
-    except (av.FFmpegError, ValueError) as exc:
+    except (av.FFmpegError, ValueError, EOFError) as exc:
         if total == 0:
             raise InvalidAudioError(
                 f"The audio could not be decoded ({_reason(exc)}). Send a complete, uncorrupted file."
             ) from exc
-        raise InvalidAudioError(
-            f"The audio is corrupt or truncated after {total / sample_rate:.2f} s ({_reason(exc)}). "
-            "Send the complete file."
-        ) from exc
+        # trailing junk or a cut: keep the valid part (module docstring)
+        logger.warning("audio undecodable after %.2f s (%s): keeping the %.2f s decoded before it",
+                       total / sample_rate, _reason(exc), total / sample_rate)
+    for out in resampler.resample(None):
+        total += _append(chunks, out, total, sample_rate)
     if not chunks:
         return np.zeros(0, dtype=np.float32)
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def _append(chunks: list[np.ndarray], frame) -> int:
+def _append(chunks: list[np.ndarray], frame, before: int, sample_rate: int) -> int:
     array = frame.to_ndarray().reshape(-1)
+    with np.errstate(invalid="ignore"):
+        sane = np.abs(array) <= MAX_SAMPLE_MAGNITUDE  # False for NaN and infinity too
+    if not sane.all():
+        first = (before + int(np.argmin(sane))) / sample_rate
+        raise InvalidAudioError(
+            f"The audio holds samples that are not finite numbers (NaN or infinity) or are far outside the "
+            f"audio range, the first at {first:.2f} s: the file is corrupt. Export it again (e.g. as 16-bit PCM "
+            "WAV or FLAC)."
+        )
     chunks.append(array)
     return array.size
+
+
+def estimate_seconds(data: bytes) -> float:
+    """The audio's length from the container header, without decoding it (for admission control).
+
+    Falls back, when the header states no duration or cannot be read, to the body size as 16 kHz
+    16-bit mono PCM (32,000 bytes a second): an over-estimate for compressed audio, which errs on the
+    side of refusing rather than overloading. A file that is not audio is refused later anyway."""
+    fallback = len(data) / 32_000
+    try:
+        with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
+            if container.duration and container.duration > 0:
+                return float(container.duration) / av.time_base
+            stream = container.streams.audio[0] if container.streams.audio else None
+            if stream is not None and stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+    except Exception:  # noqa: BLE001 - an estimate: any unreadable header takes the fallback
+        pass
+    return fallback
 
 
 def _reason(exc: Exception) -> str:

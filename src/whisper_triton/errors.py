@@ -24,6 +24,10 @@ class WhisperTritonError(Exception):
     def to_dict(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param}}
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries besides the JSON body (none by default)."""
+        return {}
+
 
 class InvalidAudioError(WhisperTritonError):
     def __init__(self, message: str, param: str | None = "audio"):
@@ -37,3 +41,15 @@ class PayloadTooLargeError(WhisperTritonError):
 
 def invalid_parameter(param: str, message: str) -> WhisperTritonError:
     return WhisperTritonError(message=message, param=param, status=400, type="invalid_request_error")
+
+
+class OverloadedError(WhisperTritonError):
+    """The service is at its configured bound: come back after `retry_after_s` (429 or 503)."""
+
+    def __init__(self, message: str, status: int, retry_after_s: int):
+        kind = "rate_limit_exceeded" if status == 429 else "service_unavailable"
+        super().__init__(message=message, param=None, status=status, type=kind)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}

@@ -14,6 +14,7 @@ so that a broken artifact fails here with its cause rather than inside Triton.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import tempfile
@@ -54,21 +55,42 @@ def download_target(settings: Settings, uri: str) -> Path:
 
 
 def fetch_from_s3(settings: Settings, uri: str) -> Path:
-    from .export.common import ExportError
     from .export.s3 import download_directory
 
     target = download_target(settings, uri)
     logger.info("fetching the model repository from %s into %s", uri, target)
     try:
         download_directory(uri, target)
-    except ExportError as exc:
-        raise ModelSourceError(f"Cannot fetch the model repository from {uri} (WHISPER_TRITON_MODEL_S3_URI): {exc}") from exc
-    except Exception as exc:  # botocore/credential errors outside the export's own checks
-        raise ModelSourceError(
-            f"Cannot fetch the model repository from {uri} (WHISPER_TRITON_MODEL_S3_URI): {type(exc).__name__}: {exc}. "
-            "Check the URI, the credentials (the endpoint's execution role) and the region."
-        ) from exc
+    except Exception as exc:
+        if _disk_full(exc):
+            raise ModelSourceError(
+                f"The model cache {cache_dir(settings)} is full (no space left on device) while fetching {uri}; "
+                "nothing was kept. Free space there, or set WHISPER_TRITON_MODEL_CACHE_DIR to a larger disk."
+            ) from exc
+        raise _fetch_error(uri, exc) from exc
     return target
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain (the transfer wraps the OSError)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _fetch_error(uri: str, exc: Exception) -> ModelSourceError:
+    from .export.common import ExportError
+
+    if isinstance(exc, ExportError):
+        return ModelSourceError(f"Cannot fetch the model repository from {uri} (WHISPER_TRITON_MODEL_S3_URI): {exc}")
+    # botocore/credential errors outside the export's own checks
+    return ModelSourceError(
+        f"Cannot fetch the model repository from {uri} (WHISPER_TRITON_MODEL_S3_URI): {type(exc).__name__}: {exc}. "
+        "Check the URI, the credentials (the endpoint's execution role) and the region."
+    )
 
 
 def check_repository(source: ModelSource) -> None:

@@ -125,7 +125,8 @@ class Supervisor:
         from .http.app import create_app
 
         app = create_app(self.settings)
-        config = uvicorn.Config(app, host=self.settings.bind_host, port=self.settings.port,
+        # log_config=None: uvicorn's lines go through serve's handlers, with the request id
+        config = uvicorn.Config(app, host=self.settings.bind_host, port=self.settings.port, log_config=None,
                                 log_level="info", access_log=False, timeout_graceful_shutdown=10)
         self.http = uvicorn.Server(config)
         watcher = threading.Thread(target=self._watch_triton, name="triton-watch", daemon=True)
@@ -138,15 +139,32 @@ class Supervisor:
             self.exit_code = 1
 
     def _watch_triton(self) -> None:
+        """Triton or one of its Python-backend stubs gone: end serve non-zero, so the platform
+        restarts the container. A dead stub is not restarted by Triton in time: requests routed to
+        it would hang until their deadline, so failing fast is the honest answer."""
+        stubs = self.triton.stub_processes() if self.triton is not None else {}
         while not self.stopping.wait(0.5):
-            if self.triton is not None and not self.triton.is_running():
-                logger.error("tritonserver exited unexpectedly (code %s): stopping serve",
-                             self.triton.process.returncode if self.triton.process else None)
-                self.exit_code = 1
-                self.stopping.set()
-                if self.http is not None:
-                    self.http.should_exit = True
+            if self.triton is None:
+                continue
+            if not self.triton.is_running():
+                self._fail("tritonserver exited unexpectedly (code %s): stopping serve",
+                           self.triton.process.returncode if self.triton.process else None)
                 return
+            dead = {pid: model for pid, model in stubs.items() if not _alive(pid)}
+            if dead:
+                self._fail("the Python-backend stub of model %s died: stopping serve (non-zero) so the "
+                           "platform restarts it", ", ".join(sorted(set(dead.values()))))
+                return
+
+    def _fail(self, message: str, *args) -> None:
+        logger.error(message, *args)
+        self.exit_code = 1
+        self.stopping.set()
+        if self.triton is not None:
+            # Triton first: requests in flight then fail at once (503 JSON) instead of hanging
+            self.triton.stop(timeout_s=5)
+        if self.http is not None:
+            self.http.should_exit = True
 
     def _stop_triton(self) -> None:
         self.stopping.set()
@@ -155,8 +173,20 @@ class Supervisor:
             logger.info("tritonserver stopped (code %s)", code)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie is dead
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .http.guards import install_request_id_logging
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    install_request_id_logging()  # every line says which request it belongs to ("-": none)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cli = cli_overrides(args)
     enable_forward_compatibility()  # LD_LIBRARY_PATH for the Triton child; a no-op without an NVIDIA driver

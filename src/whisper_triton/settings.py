@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -74,6 +74,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=6_291_456, gt=0)
     max_audio_seconds: float = Field(default=14_400.0, gt=0)  # 4 h; bodies are capped separately
     request_timeout_s: float = Field(default=3_600.0, gt=0)  # async / batch transform allow up to 1 h
+    # Backpressure (http/guards.py): beyond either bound a request is refused at once, 429 on /v1/
+    # routes and 503 on /invocations (SageMaker retries 503), with Retry-After; /ping is never refused
+    max_requests_in_flight: int = Field(default=64, ge=1)
+    # audio seconds admitted and not yet answered, from the container header (audio.estimate_seconds);
+    # one file longer than the bound alone is still admitted when nothing else is in flight
+    max_queued_audio_seconds: float = Field(default=28_800.0, gt=0)
+    retry_after_s: int = Field(default=2, ge=1, le=3_600)
+    # Access for self-hosting: when set, every route but /ping needs `Authorization: Bearer <key>`
+    # (what OpenAI clients send) or `x-api-key: <key>`; empty (the default): open, as on SageMaker,
+    # where the platform authenticates callers
+    api_key: SecretStr = SecretStr("")
     # OpenAI audio API (/v1): the served model's id (empty: from its model_dir) and ids that name it too,
     # so clients written for OpenAI (model="whisper-1") work unchanged
     served_model_name: str = ""

@@ -174,6 +174,23 @@ class TritonServer:
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def stub_processes(self) -> dict[int, str]:
+        """pid -> model of each Python-backend stub this server runs (Linux /proc; empty elsewhere)."""
+        if self.process is None:
+            return {}
+        stubs = {}
+        for entry in Path("/proc").glob("[0-9]*"):
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid != self.process.pid:
+                    continue
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue
+            if args and args[0].endswith(b"triton_python_backend_stub") and len(args) > 1:
+                stubs[int(entry.name)] = Path(args[1].decode(errors="replace")).parent.parent.name
+        return stubs
+
     def wait_ready(self, models: list[str], timeout_s: float) -> None:
         """Block until the server and `models` are ready; raise with the reason after `timeout_s`."""
         deadline = time.monotonic() + timeout_s

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import WhisperTritonError, invalid_parameter
+from .json_limits import shown_name
 
 # ---- limits of the model and the service (one place) ------------------------------------------
 MAX_NEW_TOKENS = 448  # Whisper's decoder context (n_text_ctx)
@@ -196,11 +197,19 @@ def validated(model: type[BaseModel], raw: dict) -> Any:
 def _first_error(exc: ValidationError, model: type[BaseModel]) -> WhisperTritonError:
     error = exc.errors(include_url=False)[0]
     location = error.get("loc") or ("options",)
-    param = str(location[0])
+    param = shown_name(str(location[0])) or "options"  # the caller chose the name: never echo it at any length
     if error.get("type") == "extra_forbidden":
         known = ", ".join(sorted(set(model.model_fields) | ({"prompt"} if model is TranscribeOptions else set())))
         return invalid_parameter(param, f"Unknown option {param!r}. Known options: {known}.")
     value = error.get("input")
-    shown = repr(value) if not isinstance(value, str) or len(value) <= 40 else f"a string of {len(value)} characters"
+    shown = _shown_value(value)
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     return invalid_parameter(param, f"Invalid {param}: {message} (got {shown}).")
+
+
+def _shown_value(value: Any) -> str:
+    """A bad value as an error message repeats it: short ones whole, long ones by their size."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 40 else f"a string of {len(value)} characters"
+    text = repr(value)
+    return text if len(text) <= 60 else f"a {type(value).__name__} value"

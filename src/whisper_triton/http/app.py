@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import WhisperTritonError
 from ..formats import FORMATS, render
 from ..settings import Settings
+from .guards import Admission, Guards
 from .metrics import MetricsMiddleware, ProxyMetrics
 from .openai_router import OPENAI_PREFIX, openai_error_response
 from .openai_router import router as openai_router
@@ -33,8 +34,10 @@ logger = logging.getLogger(__name__)
 def error_response(exc: WhisperTritonError, path: str = "") -> JSONResponse:
     """The error in the shape the route's clients parse: OpenAI's under /v1, ours elsewhere."""
     if path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/"):
-        return openai_error_response(exc)
-    return JSONResponse(status_code=exc.status, content=exc.to_dict())
+        response = openai_error_response(exc)
+        response.headers.update(exc.headers())
+        return response
+    return JSONResponse(status_code=exc.status, content=exc.to_dict(), headers=exc.headers())
 
 
 def _record_error(request: Request, exc: WhisperTritonError) -> None:
@@ -45,9 +48,11 @@ def _record_error(request: Request, exc: WhisperTritonError) -> None:
 def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
     url = triton_url or f"127.0.0.1:{settings.triton_grpc_port}"
 
+    admission = Admission(settings.max_requests_in_flight, settings.max_queued_audio_seconds, settings.retry_after_s)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.triton = TritonClient(url, settings.request_timeout_s)
+        app.state.triton = TritonClient(url, settings.request_timeout_s, admission)
         try:
             yield
         finally:
@@ -57,6 +62,8 @@ def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = ProxyMetrics()
     app.state.openai_models = None
+    app.state.admission = admission
+    app.add_middleware(Guards, settings=settings, admission=admission)  # request id, API key, load, disconnects
 
     @app.exception_handler(WhisperTritonError)
     async def _handle_known(request: Request, exc: WhisperTritonError):

@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from dataclasses import dataclass
 
 from fastapi import Request
 
+from ..contract.json_limits import load_object
 from ..contract.options import TranscribeOptions, parse_options
 from ..errors import InvalidAudioError, PayloadTooLargeError, WhisperTritonError, invalid_parameter
 from ..formats import FORMATS
 from ..settings import Settings
 
 _AUDIO_TYPES = ("application/octet-stream",)
+CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
+MAX_CUSTOM_ATTRIBUTES_CHARS = 1024  # SageMaker's own limit on the header
+MAX_QUERY_CHARS = 16 * 1024  # two prompts of 8,192 characters fit; longer is not a set of options
 
 
 STREAM_TYPES = ("application/jsonlines", "application/x-ndjson")  # Accept types answered as a stream
@@ -57,6 +60,9 @@ def media_type(header: str | None) -> str:
 
 def custom_attributes(header: str | None) -> dict[str, str]:
     """`X-Amzn-SageMaker-Custom-Attributes: language=de,task=translate` (SageMaker passes it through)."""
+    if header and len(header) > MAX_CUSTOM_ATTRIBUTES_CHARS:
+        raise invalid_parameter(CUSTOM_ATTRIBUTES_HEADER, f"{CUSTOM_ATTRIBUTES_HEADER} is {len(header)} characters; "
+                                f"SageMaker's limit is {MAX_CUSTOM_ATTRIBUTES_CHARS}.")
     pairs = {}
     for part in re.split(r"[,;]", header or ""):
         key, sep, value = part.partition("=")
@@ -100,7 +106,11 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def parse_invocation(request: Request, settings: Settings) -> Invocation:
     content_type = media_type(request.headers.get("content-type"))
     body = await read_body(request, settings.body_limit())
-    raw_options: dict = {**custom_attributes(request.headers.get("x-amzn-sagemaker-custom-attributes")),
+    query = request.url.query
+    if len(query) > MAX_QUERY_CHARS:
+        raise invalid_parameter("query", f"The query string is {len(query)} characters; the limit is {MAX_QUERY_CHARS}. "
+                                "Send long options (prompts) in a JSON body.")
+    raw_options: dict = {**custom_attributes(request.headers.get(CUSTOM_ATTRIBUTES_HEADER)),
                          **dict(request.query_params)}
     if content_type == "application/json":
         audio_bytes, json_options = parse_json_body(body)
@@ -121,12 +131,8 @@ async def parse_invocation(request: Request, settings: Settings) -> Invocation:
 
 
 def parse_json_body(body: bytes) -> tuple[bytes, dict]:
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise invalid_parameter("body", f"The body is not valid JSON ({exc}).") from None
-    if not isinstance(payload, dict):
-        raise invalid_parameter("body", 'The JSON body must be an object: {"audio": "<base64>", ...}.')
+    """`{"audio": "<base64>", option: value, ...}`; size is capped before (read_body), depth here."""
+    payload = load_object(body, "body")
     encoded = payload.pop("audio", None)
     if not isinstance(encoded, str) or not encoded:
         raise invalid_parameter("audio", 'The JSON body needs "audio": the audio file\'s bytes in base64.')

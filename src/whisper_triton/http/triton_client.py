@@ -9,20 +9,23 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
+from ..audio import estimate_seconds
 from ..contract.options import TranscribeOptions
 from ..contract.tensors import MODELS, TRANSCRIBE_SPEC, TRANSCRIBE_STREAM_SPEC, WHISPER_WINDOW, decode_error
 from ..errors import WhisperTritonError
+from .guards import REQUEST_ID, Admission
 
 PING_TIMEOUT_S = 1.5  # SageMaker wants /ping answered within 2 s
 
 
 class TritonClient:
-    def __init__(self, url: str, timeout_s: float):
+    def __init__(self, url: str, timeout_s: float, admission: Admission | None = None):
         import tritonclient.grpc.aio as grpcclient
 
         self._grpc = grpcclient
         self.client = grpcclient.InferenceServerClient(url=url)
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # the deadline: past it the gRPC call is cancelled, Triton stops decoding
+        self.admission = admission or Admission(1 << 30, float("inf"), 1)
 
     async def ready(self) -> bool:
         async def check() -> bool:
@@ -52,17 +55,22 @@ class TritonClient:
         return tensor
 
     async def transcribe(self, audio: bytes, options: TranscribeOptions) -> dict:
-        """The `transcribe` model's RESULT for one file; only the options the caller set are sent."""
+        """The `transcribe` model's RESULT for one file; only the options the caller set are sent.
+
+        Cancelling the calling task (a client that disconnected) cancels the gRPC call, and Triton
+        marks the request cancelled; the `transcribe` model stops between decoding rounds."""
         from tritonclient.utils import InferenceServerException
 
+        seconds = await asyncio.to_thread(estimate_seconds, audio)
         inputs = [self._string_input("AUDIO", audio),
                   self._string_input("OPTIONS", json.dumps(options.wire()).encode())]
-        try:
-            result = await self.client.infer(TRANSCRIBE_SPEC.name, inputs,
-                                             outputs=[self._grpc.InferRequestedOutput("RESULT")],
-                                             client_timeout=self.timeout_s)
-        except InferenceServerException as exc:
-            raise from_triton(exc) from None
+        async with self.admission.audio(seconds):
+            try:
+                result = await self.client.infer(TRANSCRIBE_SPEC.name, inputs,
+                                                 outputs=[self._grpc.InferRequestedOutput("RESULT")],
+                                                 request_id=REQUEST_ID.get(), client_timeout=self.timeout_s)
+            except InferenceServerException as exc:
+                raise from_triton(exc) from None
         return json.loads(result.as_numpy("RESULT").reshape(-1)[0])
 
     async def transcribe_stream(self, audio: bytes, options: TranscribeOptions) -> AsyncIterator[dict]:
@@ -71,7 +79,7 @@ class TritonClient:
         Closing the generator early (the HTTP client left) cancels the gRPC stream, which Triton
         passes to the model as the request's cancellation: its decoding stops before the next chunk."""
         finished = asyncio.Event()
-        request = {"model_name": TRANSCRIBE_STREAM_SPEC.name, "request_id": uuid.uuid4().hex,
+        request = {"model_name": TRANSCRIBE_STREAM_SPEC.name, "request_id": REQUEST_ID.get() if REQUEST_ID.get() != "-" else uuid.uuid4().hex,
                    "inputs": [self._string_input("AUDIO", audio),
                               self._string_input("OPTIONS", json.dumps(options.wire()).encode())],
                    "outputs": [self._grpc.InferRequestedOutput("CHUNK")]}

@@ -14,15 +14,18 @@ import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 
 from ..audio import decode_audio
 from ..contract.capabilities import EngineCapabilities
+from ..contract.json_limits import MAX_OPTIONS_BYTES, load_object
 from ..contract.options import MAX_BATCH_SIZE, DecodeOptions, TranscribeOptions, parse_options
 from ..contract.tensors import WHISPER_WINDOW_SPEC as WINDOW, decode_error, optional_number, strip_pad
 from ..engines.base import Hypothesis, TokenTimings
-from ..errors import WhisperTritonError, invalid_parameter
+from ..errors import WhisperTritonError
 from ..longform import LongFormTranscriber
 from ..tokenizer import WhisperTokenizer
 from ..transcribe import WindowOutput, unsupported_word_timestamps
@@ -33,10 +36,19 @@ logger = logging.getLogger(__name__)
 _WORD_OUTPUTS = ["TOKEN_TIMES", "TOKEN_PROBS"]
 
 
+def cancelled_error() -> WhisperTritonError:
+    # 499: nginx's "client closed request"; the proxy has gone (or its deadline passed), nobody reads it
+    return WhisperTritonError("The request was cancelled (the client disconnected or its deadline passed); "
+                              "decoding stopped.", None, 499, "cancelled")
+
+
 class TritonWindowDecoder:
     """Decodes windows by sending them to `whisper_window` as BLS requests of up to `max_batch_size`
     rows each, all in flight at once: a batch of windows is one request, so its first window never
-    runs alone while the rest queue (Triton's dynamic batcher still packs requests of other files)."""
+    runs alone while the rest queue (Triton's dynamic batcher still packs requests of other files).
+
+    Before each round of requests it asks whether the current file's request was cancelled
+    (`watching`): a cancelled request stops between rounds, so no engine time goes to it."""
 
     def __init__(self, pb_utils, tokenizer: WhisperTokenizer, model_name: str = WINDOW.name):
         self.pb = pb_utils
@@ -45,6 +57,21 @@ class TritonWindowDecoder:
         self._pool = ThreadPoolExecutor(max_workers=MAX_BATCH_SIZE, thread_name_prefix="bls")
         self._capabilities: EngineCapabilities | None = None
         self._lock = threading.Lock()
+        self._current = threading.local()  # execute() runs one file at a time per thread
+
+    @contextmanager
+    def watching(self, is_cancelled: Callable[[], bool]) -> Iterator[None]:
+        """Within the block, every decoding round first checks `is_cancelled` (Triton's request flag)."""
+        self._current.is_cancelled = is_cancelled
+        try:
+            yield
+        finally:
+            self._current.is_cancelled = None
+
+    def _check_cancelled(self) -> None:
+        is_cancelled = getattr(self._current, "is_cancelled", None)
+        if is_cancelled is not None and is_cancelled():
+            raise cancelled_error()
 
     @property
     def capabilities(self) -> EngineCapabilities:
@@ -80,6 +107,7 @@ class TritonWindowDecoder:
     def _run_all(self, audios: list[np.ndarray], prompts: list[list[int]] | None, options: DecodeOptions | None,
                  words: bool, outputs: list[str]) -> list[dict[str, np.ndarray]]:
         """Replies row by row, from requests of up to max_batch_size rows each."""
+        self._check_cancelled()
         size = max(1, self.capabilities.max_batch_size)  # declared by whisper_window
         requests = [self._request(audios[first : first + size], None if prompts is None else prompts[first : first + size],
                                   options, words, outputs) for first in range(0, len(audios), size)]
@@ -140,27 +168,22 @@ class TranscribeModel:
         self.settings = model_settings(args)
         model_dir = self.settings.resolved_model_dir()
         self.tokenizer = WhisperTokenizer.from_model_dir(model_dir)
-        self.pipeline = LongFormTranscriber(TritonWindowDecoder(pb_utils, self.tokenizer),
-                                            self.tokenizer)
+        self.decoder = TritonWindowDecoder(pb_utils, self.tokenizer)
+        self.pipeline = LongFormTranscriber(self.decoder, self.tokenizer)
         logger.info("transcribe model ready (tokenizer from %s)", model_dir)
 
     def options(self, request) -> TranscribeOptions:
         raw = text(first_value(self.pb, request, "OPTIONS"))
         if not raw.strip():
             return TranscribeOptions()
-        try:
-            values = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise invalid_parameter("OPTIONS", f"OPTIONS is not valid JSON ({type(exc).__name__}).") from None
-        if not isinstance(values, dict):
-            raise invalid_parameter("OPTIONS", "OPTIONS must be a JSON object.")
-        return parse_options(values)
+        return parse_options(load_object(raw, "OPTIONS", MAX_OPTIONS_BYTES))
 
     def transcribe(self, request) -> dict:
         options = self.pipeline.check(self.options(request))  # before any audio work
         data = first_value(self.pb, request, "AUDIO")
         audio = decode_audio(bytes(data or b""), max_seconds=self.settings.max_audio_seconds)
-        result = self.pipeline.transcribe(audio, options)
+        with self.decoder.watching(_cancellation_flag(request)):
+            result = self.pipeline.transcribe(audio, options)
         return result.to_dict(words=options.word_timestamps, tokens=options.include_tokens)
 
     def execute(self, requests: list) -> list:
@@ -172,8 +195,23 @@ class TranscribeModel:
                     output_tensors=[self.pb.Tensor("RESULT", np.array([json.dumps(result, ensure_ascii=False).encode()],
                                                                       dtype=object))]))
             except WhisperTritonError as exc:
+                if exc.status == 499:  # a warning: the stub's log shows warnings and above
+                    logger.warning("request %s cancelled by its caller: decoding stopped", _request_id(request))
                 responses.append(error_response(self.pb, exc))
             except Exception as exc:  # answer every request; never take the stub down
                 logger.exception("transcription failed")
                 responses.append(error_response(self.pb, internal_error(exc, "Transcription")))
         return responses
+
+
+def _cancellation_flag(request) -> Callable[[], bool]:
+    """Triton's `request.is_cancelled()` (set when the gRPC caller cancels or its deadline passes)."""
+    check = getattr(request, "is_cancelled", None)
+    return check if callable(check) else (lambda: False)
+
+
+def _request_id(request) -> str:
+    try:
+        return request.request_id() or "-"
+    except Exception:  # noqa: BLE001 - only for the log line
+        return "-"

@@ -1,0 +1,241 @@
+"""What every HTTP request passes through before and around its route, as one ASGI middleware:
+
+1. a request id: the caller's `X-Request-Id` when it is sane, else a new one; in every response
+   header, in every log line of the proxy (`RequestIdFilter`), and sent to Triton as the gRPC id;
+2. the opt-in API key (`Settings.api_key`): `Authorization: Bearer <key>` or `x-api-key`, compared
+   in constant time and never logged; /ping stays open (SageMaker's health check sends no key);
+3. admission (backpressure): at most `max_requests_in_flight` requests at work; beyond it an
+   immediate 429 on OpenAI routes (/v1/...) or 503 on the SageMaker contract (which SageMaker
+   retries), with Retry-After. `Admission.audio` bounds the audio seconds in flight the same way,
+   once a body has been read (its length estimated from the container header);
+4. cancellation: a client that disconnects stops its request; the route's task is cancelled, which
+   cancels its gRPC call, and Triton marks the request cancelled for the model to stop decoding;
+5. an unexpected exception becomes a 500 JSON error without internal details (logged with its id).
+
+A pure ASGI middleware (not BaseHTTPMiddleware), so streamed responses pass through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hmac
+import json
+import logging
+import re
+import uuid
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from ..errors import OverloadedError, WhisperTritonError
+from ..settings import Settings
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# the status a refusal for load gets on the current request's route (429 or 503)
+_OVERLOAD_STATUS: contextvars.ContextVar[int] = contextvars.ContextVar("overload_status", default=503)
+
+REQUEST_ID_HEADER = "x-request-id"
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+OPEN_PATHS = frozenset({"/ping"})  # no key, never refused for load
+UNMETERED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # cheap reads are not admitted work
+
+
+def request_id_from(value: str | None) -> str:
+    """The caller's id when it is short and plain (it ends up in logs and headers), else a new one."""
+    if value and _SANE_REQUEST_ID.fullmatch(value):
+        return value
+    return uuid.uuid4().hex
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `record.request_id` (the current request's, "-" outside one) for the log format."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+def install_request_id_logging() -> None:
+    """Put the request id on every record the root handlers write (serve's log format shows it)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
+            handler.addFilter(RequestIdFilter())
+
+
+def overload_status(path: str) -> int:
+    """OpenAI clients back off on 429; SageMaker retries 503."""
+    return 429 if path.startswith("/v1/") else 503
+
+
+class Admission:
+    """Bounds on work in flight, kept on the event loop (no await between check and change)."""
+
+    def __init__(self, max_requests: int, max_audio_seconds: float, retry_after_s: int):
+        self.max_requests = max_requests
+        self.max_audio_seconds = max_audio_seconds
+        self.retry_after_s = retry_after_s
+        self.requests = 0
+        self.audio_seconds = 0.0
+        self.refused = 0
+
+    def overloaded(self, what: str) -> OverloadedError:
+        self.refused += 1
+        return OverloadedError(f"The server is busy ({what}); retry after {self.retry_after_s} s.",
+                               _OVERLOAD_STATUS.get(), self.retry_after_s)
+
+    def enter(self) -> None:
+        if self.requests >= self.max_requests:
+            raise self.overloaded(f"{self.requests} requests in flight, the limit is {self.max_requests}")
+        self.requests += 1
+
+    def leave(self) -> None:
+        self.requests -= 1
+
+    @asynccontextmanager
+    async def audio(self, seconds: float) -> AsyncIterator[None]:
+        """Hold `seconds` of audio while it is transcribed; a file alone is always admitted."""
+        if self.audio_seconds > 0 and self.audio_seconds + seconds > self.max_audio_seconds:
+            raise self.overloaded(f"{self.audio_seconds:.0f} s of audio in flight, the limit is "
+                                  f"{self.max_audio_seconds:.0f} s")
+        self.audio_seconds += seconds
+        try:
+            yield
+        finally:
+            self.audio_seconds = max(0.0, self.audio_seconds - seconds)
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def presented_key(scope) -> str | None:
+    authorization = _header(scope, b"authorization")
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return _header(scope, b"x-api-key")
+
+
+def key_matches(presented: str | None, expected: str) -> bool:
+    # compare_digest on equal types; a missing key still costs one comparison
+    return hmac.compare_digest((presented or "").encode(), expected.encode()) and presented is not None
+
+
+def _error_body(exc: WhisperTritonError) -> bytes:
+    return json.dumps(exc.to_dict()).encode()
+
+
+class Guards:
+    """The ASGI middleware (module docstring); `create_app` installs it around every route."""
+
+    def __init__(self, app, settings: Settings, admission: Admission):
+        self.app = app
+        self.api_key = settings.api_key.get_secret_value()
+        self.admission = admission
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_from(_header(scope, REQUEST_ID_HEADER.encode()))
+        id_token = REQUEST_ID.set(request_id)
+        status_token = _OVERLOAD_STATUS.set(overload_status(scope.get("path", "")))
+        try:
+            await self._guarded(scope, receive, send, request_id)
+        finally:
+            _OVERLOAD_STATUS.reset(status_token)
+            REQUEST_ID.reset(id_token)
+
+    async def _guarded(self, scope, receive, send, request_id: str) -> None:
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        state = {"started": False, "complete": False}
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["complete"] = True
+            await send(message)
+
+        if path not in OPEN_PATHS and self.api_key and not key_matches(presented_key(scope), self.api_key):
+            await self._refuse(send_with_id, WhisperTritonError(
+                "A valid API key is required: send `Authorization: Bearer <key>` (or `x-api-key: <key>`).",
+                "Authorization", 401, "authentication_error"), {"WWW-Authenticate": "Bearer"})
+            return
+        metered = path not in OPEN_PATHS and method not in UNMETERED_METHODS
+        if metered:
+            try:
+                self.admission.enter()
+            except OverloadedError as exc:
+                logger.warning("refused %s %s: %s", method, path, exc.message)
+                await self._refuse(send_with_id, exc, exc.headers())
+                return
+        try:
+            await self._run_until_disconnect(scope, receive, send_with_id, state)
+        except Exception:  # noqa: BLE001 - no traceback, path or internal name reaches the caller
+            logger.exception("unexpected error on %s %s", method, path)
+            if not state["started"]:
+                await self._refuse(send_with_id, WhisperTritonError(
+                    "Internal error; retry, and check the server log (request id %s) if it persists." % request_id,
+                    None, 500, "internal_error"), {})
+        finally:
+            if metered:
+                self.admission.leave()
+
+    async def _run_until_disconnect(self, scope, receive, send, state: dict) -> None:
+        """Run the route; if the client goes away before the answer is complete, cancel it."""
+        body_done = asyncio.Event()
+
+        async def tracking_receive():
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_done.set()
+            elif message["type"] == "http.disconnect":
+                body_done.set()
+            return message
+
+        route = asyncio.ensure_future(self.app(scope, tracking_receive, send))
+        watcher = asyncio.ensure_future(self._disconnected(receive, body_done))
+        try:
+            done, _ = await asyncio.wait({route, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if route in done:
+                route.result()
+                return
+            if state["complete"]:  # the server's answer was sent; the disconnect is the normal end
+                await route
+                return
+            logger.info("client disconnected: cancelling %s %s", scope.get("method"), scope.get("path"))
+            route.cancel()
+            try:
+                await route
+            except asyncio.CancelledError:
+                pass
+        finally:
+            watcher.cancel()
+            if not route.done():
+                route.cancel()
+
+    @staticmethod
+    async def _disconnected(receive, body_done: asyncio.Event) -> None:
+        """Returns when the client disconnects (after the route has read the whole body)."""
+        await body_done.wait()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    @staticmethod
+    async def _refuse(send, exc: WhisperTritonError, headers: dict[str, str]) -> None:
+        body = _error_body(exc)
+        raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": exc.status, "headers": raw})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
