@@ -117,9 +117,9 @@ def enable_forward_compatibility(environ: MutableMapping[str, str] | None = None
                                  version_file: Path = DRIVER_VERSION_FILE, compat_root: Path = COMPAT_ROOT) -> CompatDecision:
     """Put the compat libraries first on `environ["LD_LIBRARY_PATH"]` when the driver needs them.
 
-    `environ` (default: this process's environment, which the Triton child inherits) is changed
-    here and nowhere else: the dynamic loader's search path is not a setting of the project, so it
-    does not go through settings.py. This process itself loads no CUDA library; only the child is affected.
+    `environ`: the Triton child's environment (`triton_server.server_environment` passes it; the
+    default is this process's own). The dynamic loader's search path is not a setting of the project,
+    so it does not go through settings.py; serve itself loads no CUDA library.
     """
     if environ is None:
         environ = os.environ

@@ -12,7 +12,6 @@ import threading
 from pathlib import Path
 
 from .contract.tensors import MODELS, WHISPER_WINDOW
-from .cuda_compat import enable_forward_compatibility
 from .model_source import model_parameters, model_repository, render_repository
 from .settings import Settings, load_settings, resolve_settings
 from .triton_server import TritonPorts, TritonServer, TritonStartError
@@ -189,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     install_request_id_logging()  # every line says which request it belongs to ("-": none)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cli = cli_overrides(args)
-    enable_forward_compatibility()  # LD_LIBRARY_PATH for the Triton child; a no-op without an NVIDIA driver
     return Supervisor(load_settings(**cli), cli).run()
 
 

@@ -21,6 +21,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cuda_compat import enable_forward_compatibility
+
 logger = logging.getLogger(__name__)
 
 NVIDIA_CONTAINER_HOME = Path("/opt/tritonserver")
@@ -107,6 +109,8 @@ def server_environment(install: TritonInstall) -> dict[str, str]:
     libdirs = [sysconfig.get_config_var("LIBDIR") or "", *map(str, install.library_dirs)]
     existing = env.get("LD_LIBRARY_PATH", "")
     env["LD_LIBRARY_PATH"] = os.pathsep.join([d for d in libdirs if d] + ([existing] if existing else []))
+    # CUDA forward compatibility for the child only (a no-op without an NVIDIA driver): compat libs first
+    enable_forward_compatibility(env)
     return env
 
 
