@@ -132,6 +132,22 @@ def raw_post(instance, body: bytes, query: str, request_id: str) -> socket.socke
     return sock
 
 
+def admitted_post(instance, body: bytes, query: str, request_id: str, tries: int = 20) -> socket.socket:
+    """`raw_post`, sent again while the server refuses it as busy (503 + Retry-After): a request of an
+    earlier test may still hold an admission slot (its route ends only when its window is done)."""
+    for _ in range(tries):
+        sock = raw_post(instance, body, query, request_id)
+        sock.settimeout(1.0)
+        try:
+            head = sock.recv(64)
+        except socket.timeout:
+            return sock  # no immediate answer: admitted, being decoded
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 503"), head
+        time.sleep(3)
+    raise AssertionError(f"{request_id} was never admitted")
+
+
 def wait_until(condition, timeout_s: float, step_s: float = 0.25) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -157,7 +173,7 @@ def settled_count(instance, model: str, quiet_s: float = 4.0, timeout_s: float =
 def test_a_client_that_disconnects_stops_being_decoded(hardened, long_opus):
     body, windows = long_opus
     before = settled_count(hardened, "whisper_window")
-    sock = raw_post(hardened, body, "batch_size=1&beam_size=10", "gone-client-1")
+    sock = admitted_post(hardened, body, "batch_size=1&beam_size=10", "gone-client-1")
     assert wait_until(lambda: stats(hardened, "whisper_window") > before, 120), hardened.log(3000)
     sock.close()  # the client goes away after its first window
     assert wait_until(lambda: "[gone-client-1]: client disconnected" in hardened.log(), 60), hardened.log(4000)
