@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from whisper_triton.audio import decode_audio
+from testkit.synthetic_speech import spoken_sentences
 from whisper_triton.engines import load_engine
 from whisper_triton.engines.base import DecodeOptions, Hypothesis
 from whisper_triton.engines.ctranslate2_engine import CTranslate2Engine
@@ -78,15 +78,11 @@ def tokenizer(model_dir) -> WhisperTokenizer:
 
 @pytest.fixture(scope="module")
 def audios(tmp_path_factory) -> list[np.ndarray]:
+    """The sentences spoken by espeak-ng (testkit, shared with the other tests and the benchmarks)."""
     if shutil.which("espeak-ng") is None:
         pytest.fail("espeak-ng is required: apt-get install espeak-ng")
     folder = tmp_path_factory.mktemp("speech")
-    audios = []
-    for index, sentence in enumerate(SENTENCES):
-        path = folder / f"s{index}.wav"
-        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(path), sentence], check=True, timeout=60)
-        audios.append(decode_audio(path.read_bytes()))
-    return audios
+    return spoken_sentences(folder, SENTENCES)
 
 
 @pytest.fixture(scope="module")

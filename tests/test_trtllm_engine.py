@@ -9,7 +9,6 @@ engine does not ask for `output_log_probs` or when greedy scores come from the r
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 import types
 
@@ -20,7 +19,7 @@ torch = pytest.importorskip("torch")
 whisper_decoding = pytest.importorskip("whisper.decoding")
 
 from trtllm_standin import StandInModelRunnerCpp, StandInRuntimeEngine, StepModel, write_engine_dir  # noqa: E402
-from whisper_triton.audio import decode_audio  # noqa: E402
+from testkit.synthetic_speech import spoken_sentences  # noqa: E402
 from whisper_triton.contract.capabilities import EngineCapabilities  # noqa: E402
 from whisper_triton.engines import load_engine  # noqa: E402
 from whisper_triton.engines.base import DecodeOptions  # noqa: E402
@@ -62,16 +61,11 @@ def step_model(model_dir) -> StepModel:
 
 @pytest.fixture(scope="module")
 def audios(tmp_path_factory) -> list[np.ndarray]:
+    """The sentences spoken by espeak-ng (testkit, shared with the other tests and the benchmarks)."""
     if shutil.which("espeak-ng") is None:
         pytest.fail("espeak-ng is required: apt-get install espeak-ng")
     folder = tmp_path_factory.mktemp("trt-speech")
-    out = []
-    for index, text in enumerate(SENTENCES):
-        path = folder / f"{index}.wav"
-        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(path), text], check=True, timeout=60)
-        out.append(decode_audio(path.read_bytes()))
-    out.append(np.zeros(16000 * 3, dtype=np.float32))  # silence
-    return out
+    return [*spoken_sentences(folder, SENTENCES), np.zeros(16000 * 3, dtype=np.float32)]  # + silence
 
 
 @pytest.fixture(scope="module")
