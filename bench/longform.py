@@ -51,10 +51,10 @@ def run(args: argparse.Namespace) -> dict:
     import ctranslate2
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
-    from .engines.ctranslate2_engine import CTranslate2Engine
-    from .longform import LongFormTranscriber, TranscribeOptions
-    from .tokenizer import WhisperTokenizer
-    from .transcribe import EngineWindowDecoder
+    from whisper_triton.engines.ctranslate2_engine import CTranslate2Engine
+    from whisper_triton.longform import LongFormTranscriber, TranscribeOptions
+    from whisper_triton.tokenizer import WhisperTokenizer
+    from whisper_triton.transcribe import EngineWindowDecoder
 
     settings = load_settings()
     model_dir = Path(args.model_dir) if args.model_dir else settings.resolved_model_dir()

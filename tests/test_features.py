@@ -17,14 +17,29 @@ def test_shipped_filter_bank_matches_slaney_mel_definition(n_mels):
 
 @pytest.mark.parametrize("n_mels", [80, 128])
 def test_log_mel_matches_an_independent_implementation(n_mels, speech_clips):
+    # faster-whisper's BatchedInferencePipeline: the chunk's own spectrogram, last frame dropped,
+    # zero-padded to 3000 frames in the log-mel domain (openai-whisper's transcribe() pads the same way)
+    from faster_whisper.audio import pad_or_trim
     from faster_whisper.feature_extractor import FeatureExtractor
 
     audio = speech_clips[1].samples
     ours = log_mel_spectrogram(audio, n_mels)
-    extractor = FeatureExtractor(feature_size=n_mels)
-    theirs = extractor(audio, padding=480000)[:, :N_FRAMES]
+    theirs = pad_or_trim(FeatureExtractor(feature_size=n_mels)(audio)[..., :-1])
     assert ours.shape == theirs.shape == (n_mels, N_FRAMES)
     assert np.max(np.abs(ours - theirs)) < 2e-3
+    frames = audio.size // 160
+    assert np.all(ours[:, frames:] == 0.0) and np.any(ours[:, : frames] != 0.0)
+
+
+def test_a_window_is_padded_with_zero_features_not_with_the_spectrogram_of_silence(speech_clips):
+    audio = speech_clips[0].samples
+    assert audio.size < 480000
+    padded_audio = np.pad(audio, (0, 480000 - audio.size))
+    ours, of_silence = log_mel_spectrogram(audio), log_mel_spectrogram(padded_audio)
+    frames = audio.size // 160
+    assert np.all(ours[:, frames + 1:] == 0.0)
+    # digital silence after the spectrogram's normalisation sits 8 log10 units under the maximum, not at 0
+    assert np.all(of_silence[:, frames + 2:] < -0.5)
 
 
 def test_padding_cutting_and_batching(speech_clips):

@@ -45,16 +45,22 @@ def _power_spectrum(audio: np.ndarray) -> np.ndarray:
 
 
 def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, n_samples: int = N_SAMPLES) -> np.ndarray:
-    """[n_mels, n_samples // 160] log-mel features of `audio`, zero-padded or cut to `n_samples`."""
-    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-    if audio.size < n_samples:
-        audio = np.pad(audio, (0, n_samples - audio.size))
-    else:
-        audio = audio[:n_samples]
-    mel = mel_filters(n_mels) @ _power_spectrum(audio)
+    """[n_mels, n_samples // 160] log-mel features of `audio` (cut to `n_samples`), as openai-whisper and
+    faster-whisper feed a window to the encoder: the spectrogram of the audio itself (with one hop of
+    zeros after it), normalised over the audio's own frames, then padded with zeros to 3000 frames.
+
+    Padding the features, not the audio, matters: a window shorter than 30 s padded with digital
+    silence before the spectrogram gives the encoder frames it never saw in `transcribe()` of either
+    reference, and measurably other text on speech the model handles poorly."""
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)[:n_samples]
+    n_frames = n_samples // HOP_LENGTH
+    frames = min(n_frames, max(1, audio.size // HOP_LENGTH))
+    mel = mel_filters(n_mels) @ _power_spectrum(np.pad(audio, (0, HOP_LENGTH)))[:, :frames]
     log_spec = np.log10(np.maximum(mel, 1e-10))
     log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
-    return ((log_spec + 4.0) / 4.0).astype(np.float32)
+    features = np.zeros((n_mels, n_frames), dtype=np.float32)
+    features[:, :frames] = (log_spec + 4.0) / 4.0
+    return features
 
 
 def batch_log_mel(audios: list[np.ndarray], n_mels: int = 80) -> np.ndarray:
