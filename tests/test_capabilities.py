@@ -16,7 +16,7 @@ def test_ctranslate2_applies_every_rule(ct2_engine, tokenizer, speech_clips):
     result = LongFormTranscriber(EngineWindowDecoder(ct2_engine, tokenizer), tokenizer).transcribe(
         speech_clips[0].samples)
     assert result.info.engine == "ctranslate2" and result.info.not_applied == {}
-    assert result.to_dict()["info"] == {"engine": "ctranslate2", "not_applied": {}}
+    assert result.to_dict()["info"] == {"engine": "ctranslate2", "not_applied": {}, "left_out": []}
 
 
 def test_an_engine_without_no_speech_probability_says_so(ct2_engine, tokenizer, speech_clips):
@@ -33,7 +33,8 @@ def test_rules_asked_for_decide_what_is_reported():
     lacking = EngineCapabilities(scores=False, no_speech_prob=False, timestamp_rules=False, multilingual=True,
                                  language_probabilities=False)
     everything = not_applied(lacking, TranscribeOptions())
-    assert set(everything) == {"no_speech", "log_prob_fallback", "timestamp_rules", "language_probability"}
+    assert set(everything) == {"no_speech", "log_prob_fallback", "timestamp_rules", "language_probability",
+                               "unsure_language"}
     # a rule the request turned off, or a language it gave, is not "missing"
     quiet = TranscribeOptions(no_speech_threshold=None, log_prob_threshold=None, without_timestamps=True, language="de")
     assert not_applied(lacking, quiet) == {}

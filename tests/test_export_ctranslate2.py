@@ -40,4 +40,5 @@ def test_export_decodes_real_speech_to_the_original_tokens(exported):
     tokens, text = _decode(exported)
     assert tokens == original_tokens
     words = set(text.lower().replace(".", " ").replace(",", " ").split())
-    assert {"the", "quick", "over", "lazy", "sells", "sea", "shore"} <= words  # real speech, really recognised
+    # real speech, really recognised (greedy tiny.en writes "She tells the shell by the sea shore", as faster-whisper does)
+    assert {"the", "quick", "over", "lazy", "shell", "sea", "shore"} <= words

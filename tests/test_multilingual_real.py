@@ -67,6 +67,7 @@ def test_language_detected_per_file_and_transcribed(pipeline, decoder, base_toke
     result = pipeline.transcribe(samples)
     # faster-whisper gives 0.83-0.99 on these passages (es lowest); ours 0.79-0.98 on the same features
     assert result.language == language and result.language_probability >= 0.7
+    assert result.info.left_out == []  # a language the model knows is never left out
     assert word_error_rate(reference, result.text) <= 0.35, result.text
     language_token = base_tokenizer.language_ids[language]
     assert decoder.prompts and all(p[1:3] == [language_token, base_tokenizer.transcribe] for p in decoder.prompts)
@@ -95,7 +96,9 @@ def test_explicit_language_fixes_a_misdetected_sentence(pipeline, decoder, base_
     explicit = pipeline.transcribe(samples, TranscribeOptions(language="it"))
     assert explicit.language == "it" and explicit.language_probability == 1.0
     assert all(p[1] == base_tokenizer.language_ids["it"] for p in decoder.prompts)
-    assert word_error_rate(reference, explicit.text) <= 0.5 < word_error_rate(reference, detected.text)
+    # Italian words ("un cane ed uegati a cala." for "Ho un cane e due gatti a casa."), not Hindi
+    assert "cane" in explicit.text.lower()
+    assert word_error_rate(reference, explicit.text) <= 0.7 and word_error_rate(reference, detected.text) > 0.9
 
 
 @pytest.mark.parametrize("language", ["de", "es"])
@@ -125,6 +128,37 @@ def test_prompts_in_another_language(pipeline, decoder, base_tokenizer, language
     assert word_error_rate(language_passages["fr"][1], forced.text) <= 0.5
 
 
+# Dutch that base does not recognise (espeak-ng's voice): it detects English at 0.47, and every decode
+# fails the log-prob test ("I'm all Dina in a plain dose under you.": WER 0.92)
+UNKNOWN_TO_BASE = ("nl", "Ik woon al tien jaar in een klein huis aan de rivier.")
+
+
+@pytest.fixture(scope="module")
+def unrecognised_speech(tmp_path_factory) -> np.ndarray:
+    from testkit.synthetic_speech import speak
+    from whisper_triton.audio import decode_audio
+
+    voice, text = UNKNOWN_TO_BASE
+    return decode_audio(speak(text, tmp_path_factory.mktemp("unknown") / "nl.wav", voice=voice).read_bytes())
+
+
+def test_speech_in_a_language_the_model_does_not_know_is_left_out_not_guessed(pipeline, unrecognised_speech, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="whisper_triton.longform"):
+        result = pipeline.transcribe(unrecognised_speech)
+    assert result.language_probability < 0.5
+    assert result.text == "" and result.segments == []
+    assert [(x.reason, x.start) for x in result.info.left_out] == [("unsure_language", 0.0)]
+    assert result.info.left_out[0].end > 2.5
+    assert any("its text is left out" in record.getMessage() for record in caplog.records)
+    # the guard off: the same decodes give invented English; the language given: the model tries Dutch
+    guessed = pipeline.transcribe(unrecognised_speech, TranscribeOptions(unsure_language_threshold=None))
+    assert guessed.text and word_error_rate(UNKNOWN_TO_BASE[1], guessed.text) > 0.8 and guessed.info.left_out == []
+    given = pipeline.transcribe(unrecognised_speech, TranscribeOptions(language="nl"))
+    assert given.info.left_out == [] and word_error_rate(UNKNOWN_TO_BASE[1], given.text) < 0.9
+
+
 @pytest.fixture(scope="module")
 def faster_whisper_model(base_model_dir):
     from faster_whisper import WhisperModel
@@ -138,10 +172,9 @@ def test_detection_agrees_with_faster_whisper(decoder, faster_whisper_model, lan
         theirs, their_probability, their_all = faster_whisper_model.detect_language(samples)
         ours = decoder.detect_language([samples])[0]
         assert theirs == max(ours, key=ours.get) == language
-        # faster-whisper pads the log-mel features of a short clip where openai-whisper (and this
-        # project) pad the audio: from audio the probabilities differ (0.93 vs 0.83 on Spanish), from
-        # the same features they are the same
-        assert ours[theirs] >= 0.5 and their_probability >= 0.5
+        # both pad a short clip's log-mel features with zeros (openai-whisper's transcribe() does too),
+        # so from the audio alone the probabilities agree, and from the same features they are equal
+        assert ours[theirs] == pytest.approx(their_probability, abs=0.02)
         features = decoder.features([samples])
         _, same_features, _ = faster_whisper_model.detect_language(features=features[0])
         assert decoder.detect_language([samples], features)[0][theirs] == pytest.approx(same_features, abs=1e-3)
@@ -158,7 +191,8 @@ def _wav(samples: np.ndarray) -> bytes:
 
 
 @pytest.mark.triton
-def test_served_multilingual_base_model(tmp_path, base_model_dir, language_passages, german_then_french):
+def test_served_multilingual_base_model(tmp_path, base_model_dir, language_passages, german_then_french,
+                                       unrecognised_speech):
     instance = start_serve(tmp_path, {"WHISPER_TRITON_MODEL_DIR": str(base_model_dir)})
     try:
         instance.wait_ready()
@@ -174,6 +208,8 @@ def test_served_multilingual_base_model(tmp_path, base_model_dir, language_passa
         assert word_error_rate(language_passages["es"][1], spanish["text"]) <= 0.35
         translated = post(language_passages["de"][0], "?task=translate")
         assert translated["language"] == "de" and word_error_rate(ENGLISH, translated["text"]) <= 0.5
+        unknown = post(unrecognised_speech)
+        assert unknown["text"] == "" and [x["reason"] for x in unknown["info"]["left_out"]] == ["unsure_language"]
         per_window = post(german_then_french, "?vad=false&chunk_length=15&language_detection=chunk")
         languages = [(s["start"] >= 15.0, s["language"]) for s in per_window["segments"]]
         assert {lang for later, lang in languages if not later} == {"de"}

@@ -73,6 +73,7 @@ def test_window_whose_every_decode_is_a_loop_keeps_no_text(ct2_engine, tokenizer
             speech_clips[1].samples, TranscribeOptions(**EVERY_TEMPERATURE_FAILS))
     assert decoder.temperatures == [0.0, 0.4, 0.8]
     assert result.text == "" and result.segments == []
+    assert [x.reason for x in result.info.left_out] == ["loop"]
     assert any("every decode was a loop" in record.getMessage() for record in caplog.records)
 
 

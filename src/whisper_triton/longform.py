@@ -18,7 +18,7 @@ import numpy as np
 from .audio import SAMPLE_RATE
 from .contract.capabilities import EngineCapabilities
 from .contract.options import DecodeOptions, QualityThresholds, TranscribeOptions
-from .contract.results import Segment, TranscriptionInfo, TranscriptionResult, Word
+from .contract.results import LeftOut, Segment, TranscriptionInfo, TranscriptionResult, Word
 from .decoding import DecodeAttempt, attempt_failed, compression_ratio, is_silence, select_attempt, split_on_timestamps
 from .engines.base import Hypothesis, TokenTimings
 from .errors import invalid_parameter
@@ -53,6 +53,7 @@ RULE_NEEDS = {
     "log_prob_fallback": "scores",  # decode again at a higher temperature when avg_logprob is low
     "timestamp_rules": "timestamp_rules",  # openai-whisper's rules while decoding timestamps
     "language_probability": "language_probabilities",
+    "unsure_language": "language_probabilities",  # leave out a failed window in a language detected unsure
 }
 
 
@@ -63,6 +64,8 @@ def not_applied(capabilities: EngineCapabilities, options: TranscribeOptions) ->
         "log_prob_fallback": options.log_prob_threshold is not None and len(options.temperature) > 1,
         "timestamp_rules": not options.without_timestamps,
         "language_probability": options.language is None and capabilities.multilingual,
+        "unsure_language": (options.unsure_language_threshold is not None and options.language is None
+                            and capabilities.multilingual),
     }
     return {rule: capabilities.missing_reason(RULE_NEEDS[rule]) for rule, asked in wanted.items()
             if asked and not getattr(capabilities, RULE_NEEDS[rule])}
@@ -76,6 +79,8 @@ class _WindowJob:
     output: WindowOutput | None = None
     temperature: float = 0.0
     follow_up: bool = False  # the rest of a window whose decode stopped before its speech ended
+    language_probability: float = 1.0  # 1.0 where the caller gave the language (or the model has one)
+    left_out: str | None = None  # why a guard left this window's text out (a LeftOut reason)
 
 
 @dataclass
@@ -128,6 +133,7 @@ class LongFormTranscriber:
         jobs = [_WindowJob(w, w.extract(audio), options.language or "") for w in windows]
         language, probability = self._assign_languages(jobs, options)
         jobs = self._decode_until_covered(jobs, options, audio)
+        info.left_out = _left_out(jobs)
         segments = self._segments(jobs, options)
         text = "".join(segment.text for segment in segments).strip()
         return TranscriptionResult(text, language, probability, duration, segments, info)
@@ -156,7 +162,9 @@ class LongFormTranscriber:
                 logger.info("stream cancelled after %d of %d windows", first, len(jobs))
                 return
             chunk = jobs[first : first + size]
-            segments = self._segments(self._decode_until_covered(chunk, options, audio), options, given) if chunk else []
+            decoded = self._decode_until_covered(chunk, options, audio) if chunk else []
+            info.left_out += _left_out(decoded)
+            segments = self._segments(decoded, options, given) if chunk else []
             given += segments
             first += max(len(chunk), 1)
             size = min(size * 2, options.batch_size)
@@ -174,12 +182,13 @@ class LongFormTranscriber:
             detected = self._detect([job.audio for job in jobs], options.batch_size)
             for job, probs in zip(jobs, detected):
                 job.language = max(probs, key=probs.get)
+                job.language_probability = float(probs[job.language])
             return _combine(detected, weights=[job.window.duration for job in jobs])
         sample = jobs[: min(3, len(jobs))]  # the first windows of speech decide for the file
         language, probability = _combine(self._detect([job.audio for job in sample], options.batch_size),
                                          weights=[job.window.duration for job in sample])
         for job in jobs:
-            job.language = language
+            job.language, job.language_probability = language, probability
         return language, probability
 
     def _detect(self, audios: list[np.ndarray], batch_size: int) -> list[dict[str, float]]:
@@ -210,7 +219,8 @@ class LongFormTranscriber:
             for job in pending:
                 rest = self._uncovered(job, options)
                 if rest is not None:
-                    follow = _WindowJob(rest, rest.extract(audio), job.language, follow_up=True)
+                    follow = _WindowJob(rest, rest.extract(audio), job.language, follow_up=True,
+                                        language_probability=job.language_probability)
                     ordered.insert(ordered.index(job) + 1, follow)
                     follow_ups.append(follow)
             if not follow_ups:
@@ -257,17 +267,33 @@ class LongFormTranscriber:
 
     def _keep(self, job: _WindowJob, decodes: list[tuple[WindowOutput, DecodeAttempt]],
               thresholds: QualityThresholds) -> None:
-        """The decode `select_attempt` picks; a window whose every decode is a loop keeps no text."""
-        choice = select_attempt([attempt for _, attempt in decodes], thresholds)
-        if choice is not None:
-            job.output, job.temperature = decodes[choice][0], decodes[choice][1].temperature
-            return
+        """The decode `select_attempt` picks. Two guards leave a window's text out instead (and the
+        answer's `info.left_out` says where and why): every decode was a loop (the loop cut), or every
+        decode failed while the window's language was detected with less than
+        `thresholds.unsure_language` probability (the model did not know the language: what it wrote
+        is guesswork in another one; a caller who knows the language gives it and gets the text)."""
+        attempts = [attempt for _, attempt in decodes]
+        choice = select_attempt(attempts, thresholds)
         start, end = job.window.start / SAMPLE_RATE, job.window.end / SAMPLE_RATE
-        logger.warning("window %.2f-%.2f s: every decode was a loop (compression ratio over %s at every "
-                       "temperature); its text is left out", start, end, thresholds.compression_ratio)
+        if choice is None:
+            logger.warning("window %.2f-%.2f s: every decode was a loop (compression ratio over %s at every "
+                           "temperature); its text is left out", start, end, thresholds.compression_ratio)
+            self._leave_out(job, decodes, "loop")
+            return
+        unsure = thresholds.unsure_language is not None and job.language_probability < thresholds.unsure_language
+        if unsure and attempt_failed(attempts[choice], thresholds):
+            logger.warning("window %.2f-%.2f s: every decode failed and the language (%s) was detected with "
+                           "probability %.2f only; its text is left out", start, end, job.language,
+                           job.language_probability)
+            self._leave_out(job, decodes, "unsure_language")
+            return
+        job.output, job.temperature = decodes[choice][0], attempts[choice].temperature
+
+    @staticmethod
+    def _leave_out(job: _WindowJob, decodes: list[tuple[WindowOutput, DecodeAttempt]], reason: str) -> None:
         last = decodes[-1][0].hypothesis
         job.output = WindowOutput(Hypothesis(tokens=[], no_speech_prob=last.no_speech_prob))
-        job.temperature = decodes[-1][1].temperature
+        job.temperature, job.left_out = decodes[-1][1].temperature, reason
 
     def _decode(self, jobs: list[_WindowJob], options: TranscribeOptions, temperature: float) -> list[WindowOutput]:
         decode_options = options.decode_options(temperature)
@@ -336,6 +362,11 @@ class LongFormTranscriber:
         word_end = min(max(window.file_time(timings.ends[indices[-1]], "end"), word_start), end)
         probability = float(np.mean([timings.probabilities[i] for i in indices]))
         return Word(round(word_start, 3), round(word_end, 3), text, round(probability, 4))
+
+
+def _left_out(jobs: list[_WindowJob]) -> list[LeftOut]:
+    return [LeftOut(round(job.window.start / SAMPLE_RATE, 3), round(job.window.end / SAMPLE_RATE, 3), job.left_out)
+            for job in jobs if job.left_out]
 
 
 def _same_text(a: str, b: str) -> bool:

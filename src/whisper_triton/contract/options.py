@@ -70,6 +70,9 @@ class QualityThresholds(_Group):
     compression_ratio: Ratio | None = 2.4
     log_prob: LogProb | None = -1.0
     no_speech: Probability | None = 0.6
+    # a window whose every decode failed is left out when its language was detected (not given)
+    # with less than this probability: the model did not know the language, so its text is guesswork
+    unsure_language: Probability | None = 0.5
 
 
 class DecodeOptions(_Group):
@@ -114,6 +117,7 @@ class TranscribeOptions(BaseModel):
     compression_ratio_threshold: Ratio | None = _QUALITY["compression_ratio"].default
     log_prob_threshold: LogProb | None = _QUALITY["log_prob"].default
     no_speech_threshold: Probability | None = _QUALITY["no_speech"].default
+    unsure_language_threshold: Probability | None = _QUALITY["unsure_language"].default
     initial_prompt: PromptText | None = Field(default=None, validation_alias=AliasChoices("initial_prompt", "prompt"))
     hotwords: PromptText | None = None
     word_timestamps: bool = False
@@ -161,7 +165,7 @@ class TranscribeOptions(BaseModel):
     @property
     def thresholds(self) -> QualityThresholds:
         return QualityThresholds(compression_ratio=self.compression_ratio_threshold, log_prob=self.log_prob_threshold,
-                                 no_speech=self.no_speech_threshold)
+                                 no_speech=self.no_speech_threshold, unsure_language=self.unsure_language_threshold)
 
     def decode_options(self, temperature: float) -> DecodeOptions:
         """The engine options of one attempt: every DecodeOptions field this request also has."""

@@ -1,8 +1,8 @@
 """The transcription result, as every route renders it (JSON, text, WebVTT, SRT).
 
 `info` says what was done, as faster-whisper's `TranscriptionInfo` does: the engine, and each rule
-of the pipeline that could not be applied on it (`not_applied`: rule -> why), so a degraded result
-is never silent."""
+of the pipeline that could not be applied on it (`not_applied`: rule -> why) and the stretches whose text a guard left out
+(`left_out`), so a degraded result is never silent."""
 
 from __future__ import annotations
 
@@ -33,9 +33,19 @@ class Segment:
 
 
 @dataclass
+class LeftOut:
+    """A stretch of the file that had speech (by VAD) but whose decodes a guard refused, and why."""
+
+    start: float
+    end: float
+    reason: str  # "loop": every decode was a loop; "unsure_language": every decode failed, language unsure
+
+
+@dataclass
 class TranscriptionInfo:
     engine: str = ""
     not_applied: dict[str, str] = field(default_factory=dict)  # rule -> why it could not be applied
+    left_out: list[LeftOut] = field(default_factory=list)  # windows whose text a guard left out
 
 
 @dataclass
