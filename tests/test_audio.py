@@ -120,3 +120,39 @@ def test_duration_limit_stops_decoding():
     with pytest.raises(PayloadTooLargeError) as info:
         decode_audio(data, max_seconds=2.0)
     assert info.value.status == 413
+
+
+@pytest.mark.parametrize("container, codec, channels, rate", [
+    ("wav", "pcm_s16le", 1, 16000), ("wav", "pcm_s16le", 2, 44100), ("wav", "pcm_f32le", 1, 48000),
+    ("wav", "pcm_u8", 1, 8000), ("wav", "pcm_s24le", 2, 22050), ("flac", "flac", 1, 16000), ("flac", "flac", 2, 44100),
+])
+def test_wav_and_flac_opened_by_their_header_decode_to_the_same_samples(container, codec, channels, rate, speech_clips):
+    """WAV and FLAC are opened with a small probe (audio._open): the samples must be exactly what
+    FFmpeg's full 5 MB probe gives, and so must the estimated length."""
+    import av
+
+    import whisper_triton.audio as audio
+
+    data = encode(speech_clips[0].samples, SAMPLE_RATE, container, codec, channels, rate)
+    assert audio._described_by_header(data)
+    fast = audio.decode_audio(data)
+    with av.open(io.BytesIO(data), metadata_errors="ignore") as full:
+        slow = audio._decode_stream(full, full.streams.audio[0], SAMPLE_RATE, None)
+        full_seconds = float(full.duration) / av.time_base
+    assert fast.shape == slow.shape and np.array_equal(fast, slow)
+    assert audio.estimate_seconds(data) == pytest.approx(full_seconds, abs=1e-3)
+
+
+def test_a_wav_with_20_kb_of_chunks_before_its_format_decodes_the_same(speech_clips):
+    """Recorders put JUNK/bext chunks before `fmt `: 20 kB of them lie past the small probe (FFmpeg's
+    WAV demuxer walks the chunks itself; where a stream stays undescribed, the full probe takes over)."""
+    import struct
+
+    import whisper_triton.audio as audio
+
+    plain = encode(speech_clips[0].samples, SAMPLE_RATE, "wav", "pcm_s16le", 1, 16000)
+    junk = b"JUNK" + struct.pack("<I", 20_000) + bytes(20_000)
+    body = plain[12:]  # the chunks after RIFF/size/WAVE
+    padded = b"RIFF" + struct.pack("<I", 4 + len(junk) + len(body)) + b"WAVE" + junk + body
+    assert audio._described_by_header(padded)
+    np.testing.assert_array_equal(audio.decode_audio(padded), audio.decode_audio(plain))

@@ -1,6 +1,7 @@
 """The long-form `transcribe` model on a real Triton, and subtitle output over HTTP."""
 
 import json
+import threading
 
 import httpx
 import numpy as np
@@ -61,6 +62,43 @@ def test_windows_of_a_file_are_batched(serve, long_speech):
         inferences, executions = (a - b for a, b in zip(stats(), before))
     assert inferences >= 5  # one request per window: 3.5 minutes, about 2.5 of them speech
     assert executions < inferences
+
+
+def test_a_short_file_is_answered_while_a_long_one_is_still_being_decoded(serve, long_speech, speech_clips):
+    """The windows of every file meet in one scheduler (earliest deadline first): a short clip sent
+    while a long file's windows are being decoded goes into the next batch, ahead of the long file's
+    remaining windows. The long file is 32 fixed windows decoded in one round (no timestamps, no
+    fallback: four engine batches, one after another); the short clip is sent once the first batch
+    has run."""
+    from speech import encode
+
+    long_flac = encode(np.tile(long_speech.samples, 5)[: 960 * 16000], 16000, "flac", "flac")
+    one_round = {"vad": False, "without_timestamps": True, "temperature": 0}
+    short = speech_clips[0]
+    assert transcribe_grpc(serve.grpc_url, short.wav_bytes)["text"]  # the engine's capabilities are known now
+    finished: list[str] = []
+    results: dict[str, dict] = {}
+
+    def send(name: str, audio: bytes, options: dict | None = None) -> None:
+        results[name] = transcribe_grpc(serve.grpc_url, audio, options)
+        finished.append(name)
+
+    with grpcclient.InferenceServerClient(serve.grpc_url) as client:
+        def executions() -> int:
+            return client.get_inference_statistics("whisper_window").model_stats[0].execution_count
+
+        before = executions()
+        long_thread = threading.Thread(target=send, args=("long", long_flac, one_round))
+        long_thread.start()
+        for _ in range(2400):  # until the long file's first batch has run (bounded: 2 minutes)
+            if executions() > before or not long_thread.is_alive():
+                break
+            threading.Event().wait(0.05)
+    send("short", short.wav_bytes)
+    long_thread.join(timeout=600)
+    assert finished == ["short", "long"]
+    assert word_error_rate(short.text, results["short"]["text"]) <= 0.2
+    assert len(results["long"]["text"].split()) > 1000
 
 
 def _covered(cues: list[tuple[float, float]], duration: float, pauses) -> float:

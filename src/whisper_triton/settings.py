@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     cross_kv_cache_fraction: float = Field(default=0.5, gt=0, lt=1)
     # host memory for encoder outputs kept for reuse (detection, fallback, alignment); 0 turns it off
     encoder_cache_mb: int = Field(default=256, ge=0)
+    # `transcribe`: files decoded at once by one instance (their windows share engine batches), and
+    # batches of windows sent to `whisper_window` before the first returns (1: the next batch is chosen
+    # as late as possible, best for short requests; 2 keeps a GPU engine busy between batches)
+    max_concurrent_files: int = Field(default=8, ge=1, le=256)
+    window_batches_in_flight: int = Field(default=1, ge=1, le=16)
 
     # Triton
     triton_home: str = ""  # empty: /opt/tritonserver, else the nvidia-pytriton wheel
@@ -125,7 +130,8 @@ class Settings(BaseSettings):
 
 
 # the settings a Triton model's config.pbtxt may carry as parameters (same names as the fields)
-MODEL_PARAMETERS = ("engine", "model_dir", "device", "compute_type", "cpu_threads", "encoder_cache_mb")
+MODEL_PARAMETERS = ("engine", "model_dir", "device", "compute_type", "cpu_threads", "encoder_cache_mb",
+                    "max_concurrent_files", "window_batches_in_flight")
 
 
 def _given(values: dict | None) -> dict:

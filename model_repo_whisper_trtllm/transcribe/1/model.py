@@ -13,4 +13,5 @@ class TritonPythonModel:
         return self.model.execute(requests)
 
     def finalize(self):
+        self.model.close()
         self.model = None

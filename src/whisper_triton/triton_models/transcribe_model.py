@@ -1,11 +1,18 @@
 """Triton Python-backend model `transcribe`: encoded audio bytes + JSON options -> JSON result.
 
 Long-form transcription for any gRPC/HTTP client, without our Python package: decode, VAD,
-windows, then the windows of a file go to `whisper_window` as BLS requests of up to its
-max_batch_size rows each (which it declares in CAPABILITIES), all in flight at once: one engine
-batch per request, and Triton's dynamic batcher still packs requests of several files together.
-Timestamps, temperature fallback and stitching run here, above the engine, so they work on every
-engine. Its I/O is `contract.tensors.TRANSCRIBE_SPEC`; options are `contract.options`.
+windows, then the windows go to `whisper_window` as BLS requests of up to its max_batch_size rows
+(which it declares in CAPABILITIES). Timestamps, temperature fallback and stitching run here, above
+the engine, so they work on every engine. Its I/O is `contract.tensors.TRANSCRIBE_SPEC`; options
+are `contract.options`.
+
+One instance decodes up to `max_concurrent_files` files at once, each on a thread of its own:
+`execute` hands the requests over and returns, and each answer leaves through its request's
+response sender (Triton allows that for non-decoupled models too: exactly one final response). The
+windows of all those files meet in one `WindowScheduler`, which fills each engine batch with the
+most urgent windows of any file (window_scheduler.py says how), so concurrent files share batches
+and a short file does not wait behind a long one. Beyond the files waiting for a thread
+(`MAX_WAITING_FILES`), a request is refused at once with 503.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -30,10 +38,17 @@ from ..longform import LongFormTranscriber
 from ..tokenizer import WhisperTokenizer
 from ..transcribe import WindowOutput, unsupported_word_timestamps
 from .common import error_response, first_value, internal_error, model_settings, text
+from .window_scheduler import WindowScheduler, file_allowance
 
 logger = logging.getLogger(__name__)
 
 _WORD_OUTPUTS = ["TOKEN_TIMES", "TOKEN_PROBS"]
+MAX_WAITING_FILES = 64  # per instance, beyond the files being decoded; the proxy's admission bound is lower
+
+
+def busy_error(waiting: int) -> WhisperTritonError:
+    return WhisperTritonError(f"The server is busy: {waiting} files are waiting to be transcribed. Retry shortly.",
+                              None, 503, "service_unavailable")
 
 
 def cancelled_error() -> WhisperTritonError:
@@ -43,35 +58,44 @@ def cancelled_error() -> WhisperTritonError:
 
 
 class TritonWindowDecoder:
-    """Decodes windows by sending them to `whisper_window` as BLS requests of up to `max_batch_size`
-    rows each, all in flight at once: a batch of windows is one request, so its first window never
-    runs alone while the rest queue (Triton's dynamic batcher still packs requests of other files).
+    """Decodes windows by BLS requests to `whisper_window`, through one `WindowScheduler` for every
+    file this instance decodes: a batch holds up to the declared `max_batch_size` rows of one kind
+    (same outputs, decoding options and word timestamps), from one file or several.
 
-    Before each round of requests it asks whether the current file's request was cancelled
-    (`watching`): a cancelled request stops between rounds, so no engine time goes to it."""
+    Each file's thread sets its cancellation flag and deadline (`serving`); before each round of
+    windows the flag is asked, so a cancelled request stops between rounds and no engine time goes
+    to it."""
 
-    def __init__(self, pb_utils, tokenizer: WhisperTokenizer, model_name: str = WINDOW.name):
+    def __init__(self, pb_utils, tokenizer: WhisperTokenizer, model_name: str = WINDOW.name, in_flight: int = 1):
         self.pb = pb_utils
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self._pool = ThreadPoolExecutor(max_workers=MAX_BATCH_SIZE, thread_name_prefix="bls")
         self._capabilities: EngineCapabilities | None = None
         self._lock = threading.Lock()
-        self._current = threading.local()  # execute() runs one file at a time per thread
+        self._current = threading.local()  # one file per thread
+        self.scheduler = WindowScheduler(self._run_batch, lambda: self.capabilities.max_batch_size, in_flight)
 
     @contextmanager
-    def watching(self, is_cancelled: Callable[[], bool]) -> Iterator[None]:
-        """Within the block, every decoding round first checks `is_cancelled` (Triton's request flag)."""
+    def serving(self, is_cancelled: Callable[[], bool], arrival: float | None = None,
+                audio_seconds: float = 0.0) -> Iterator[None]:
+        """Within the block (one file on this thread): every decoding round first checks `is_cancelled`
+        (Triton's request flag), and the file's windows are scheduled by its deadline and allowance."""
+        allowance = file_allowance(audio_seconds)
         self._current.is_cancelled = is_cancelled
+        self._current.deadline = None if arrival is None else arrival + allowance
+        self._current.slack = allowance
         try:
             yield
         finally:
-            self._current.is_cancelled = None
+            self._current.is_cancelled = self._current.deadline = self._current.slack = None
 
     def _check_cancelled(self) -> None:
         is_cancelled = getattr(self._current, "is_cancelled", None)
         if is_cancelled is not None and is_cancelled():
             raise cancelled_error()
+
+    def close(self) -> None:
+        self.scheduler.close()
 
     @property
     def capabilities(self) -> EngineCapabilities:
@@ -106,15 +130,21 @@ class TritonWindowDecoder:
 
     def _run_all(self, audios: list[np.ndarray], prompts: list[list[int]] | None, options: DecodeOptions | None,
                  words: bool, outputs: list[str]) -> list[dict[str, np.ndarray]]:
-        """Replies row by row, from requests of up to max_batch_size rows each."""
+        """Replies row by row, through the scheduler (batches of up to max_batch_size rows)."""
         self._check_cancelled()
-        size = max(1, self.capabilities.max_batch_size)  # declared by whisper_window
-        requests = [self._request(audios[first : first + size], None if prompts is None else prompts[first : first + size],
-                                  options, words, outputs) for first in range(0, len(audios), size)]
-        replies = list(self._pool.map(self._exec, requests))
-        return [{name: array[row : row + 1] for name, array in reply.items()}
-                for reply, count in zip(replies, (len(audios[f : f + size]) for f in range(0, len(audios), size)))
-                for row in range(count)]
+        deadline, slack = getattr(self._current, "deadline", None), getattr(self._current, "slack", None)
+        payloads = list(zip(audios, prompts if prompts is not None else [None] * len(audios)))
+        return self.scheduler.run((tuple(outputs), options, words), payloads,
+                                  time.monotonic() if deadline is None else deadline,
+                                  float("inf") if slack is None else slack)
+
+    def _run_batch(self, group: tuple, payloads: list[tuple[np.ndarray, list[int] | None]]) -> list[dict]:
+        """One request to whisper_window for one batch of rows; its reply split back into rows."""
+        outputs, options, words = group
+        audios = [audio for audio, _ in payloads]
+        prompts = None if payloads[0][1] is None else [prompt for _, prompt in payloads]
+        reply = self._exec(self._request(audios, prompts, options, words, list(outputs)))
+        return [{name: array[row : row + 1] for name, array in reply.items()} for row in range(len(payloads))]
 
     def _exec(self, request) -> dict[str, np.ndarray]:
         response = request.exec()
@@ -168,9 +198,13 @@ class TranscribeModel:
         self.settings = model_settings(args)
         model_dir = self.settings.resolved_model_dir()
         self.tokenizer = WhisperTokenizer.from_model_dir(model_dir)
-        self.decoder = TritonWindowDecoder(pb_utils, self.tokenizer)
+        self.decoder = TritonWindowDecoder(pb_utils, self.tokenizer, in_flight=self.settings.window_batches_in_flight)
         self.pipeline = LongFormTranscriber(self.decoder, self.tokenizer)
-        logger.info("transcribe model ready (tokenizer from %s)", model_dir)
+        self._files = ThreadPoolExecutor(max_workers=self.settings.max_concurrent_files, thread_name_prefix="file")
+        self._waiting = 0  # files handed over and not yet started
+        self._count_lock = threading.Lock()
+        logger.info("transcribe model ready (tokenizer from %s; %d files at once, %d window batches in flight)",
+                    model_dir, self.settings.max_concurrent_files, self.settings.window_batches_in_flight)
 
     def options(self, request) -> TranscribeOptions:
         raw = text(first_value(self.pb, request, "OPTIONS"))
@@ -178,30 +212,52 @@ class TranscribeModel:
             return TranscribeOptions()
         return parse_options(load_object(raw, "OPTIONS", MAX_OPTIONS_BYTES))
 
-    def transcribe(self, request) -> dict:
+    def transcribe(self, request, arrival: float | None = None) -> dict:
         options = self.pipeline.check(self.options(request))  # before any audio work
         data = first_value(self.pb, request, "AUDIO")
         audio = decode_audio(bytes(data or b""), max_seconds=self.settings.max_audio_seconds)
-        with self.decoder.watching(_cancellation_flag(request)):
+        arrival = time.monotonic() if arrival is None else arrival
+        with self.decoder.serving(_cancellation_flag(request), arrival, audio.size / 16_000):
             result = self.pipeline.transcribe(audio, options)
         return result.to_dict(words=options.word_timestamps, tokens=options.include_tokens)
 
-    def execute(self, requests: list) -> list:
-        responses = []
+    def respond(self, request, arrival: float | None = None):
+        """The one response to `request`: its RESULT, or its error."""
+        try:
+            result = self.transcribe(request, arrival)
+            return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(
+                "RESULT", np.array([json.dumps(result, ensure_ascii=False).encode()], dtype=object))])
+        except WhisperTritonError as exc:
+            if exc.status == 499:  # a warning: the stub's log shows warnings and above
+                logger.warning("request %s cancelled by its caller: decoding stopped", _request_id(request))
+            return error_response(self.pb, exc)
+        except Exception as exc:  # answer every request; never take the stub down
+            logger.exception("transcription failed")
+            return error_response(self.pb, internal_error(exc, "Transcription"))
+
+    def execute(self, requests: list) -> None:
+        """Hands each request to a file thread and returns: answers leave through the response senders."""
         for request in requests:
-            try:
-                result = self.transcribe(request)
-                responses.append(self.pb.InferenceResponse(
-                    output_tensors=[self.pb.Tensor("RESULT", np.array([json.dumps(result, ensure_ascii=False).encode()],
-                                                                      dtype=object))]))
-            except WhisperTritonError as exc:
-                if exc.status == 499:  # a warning: the stub's log shows warnings and above
-                    logger.warning("request %s cancelled by its caller: decoding stopped", _request_id(request))
-                responses.append(error_response(self.pb, exc))
-            except Exception as exc:  # answer every request; never take the stub down
-                logger.exception("transcription failed")
-                responses.append(error_response(self.pb, internal_error(exc, "Transcription")))
-        return responses
+            sender = request.get_response_sender()
+            with self._count_lock:
+                waiting = self._waiting
+                if waiting < MAX_WAITING_FILES:
+                    self._waiting += 1
+            if waiting >= MAX_WAITING_FILES:
+                sender.send(error_response(self.pb, busy_error(waiting)), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            self._files.submit(self._serve, request, sender, time.monotonic())
+        return None
+
+    def _serve(self, request, sender, arrival: float) -> None:
+        with self._count_lock:
+            self._waiting -= 1
+        response = self.respond(request, arrival)
+        sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def close(self) -> None:
+        self._files.shutdown(wait=False, cancel_futures=True)
+        self.decoder.close()
 
 
 def _cancellation_flag(request) -> Callable[[], bool]:

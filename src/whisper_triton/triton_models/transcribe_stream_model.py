@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -46,17 +47,19 @@ class TranscribeStreamModel(TranscribeModel):
 
     def _stream(self, request, sender) -> None:
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        arrival = time.monotonic()
         try:
             options = self.pipeline.check(self.options(request))  # before any audio work
             audio = decode_audio(bytes(first_value(self.pb, request, "AUDIO") or b""),
                                  max_seconds=self.settings.max_audio_seconds)
-            for chunk in self.pipeline.transcribe_iter(audio, options, cancelled=sender.is_cancelled):
-                response = self._chunk_response(stream_chunk(
-                    chunk.segments, chunk.language, chunk.language_probability, chunk.duration, chunk.info,
-                    chunk.done, words=options.word_timestamps, tokens=options.include_tokens))
-                sender.send(response, flags=final if chunk.done else 0)
-                if chunk.done:
-                    return
+            with self.decoder.serving(sender.is_cancelled, arrival, audio.size / 16_000):
+                for chunk in self.pipeline.transcribe_iter(audio, options, cancelled=sender.is_cancelled):
+                    response = self._chunk_response(stream_chunk(
+                        chunk.segments, chunk.language, chunk.language_probability, chunk.duration, chunk.info,
+                        chunk.done, words=options.word_timestamps, tokens=options.include_tokens))
+                    sender.send(response, flags=final if chunk.done else 0)
+                    if chunk.done:
+                        return
             sender.send(flags=final)  # cancelled: close the stream without another answer
         except WhisperTritonError as exc:
             sender.send(error_response(self.pb, exc), flags=final)
@@ -66,3 +69,4 @@ class TranscribeStreamModel(TranscribeModel):
 
     def close(self) -> None:
         self._streams.shutdown(wait=False, cancel_futures=True)
+        super().close()
