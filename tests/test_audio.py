@@ -156,3 +156,19 @@ def test_a_wav_with_20_kb_of_chunks_before_its_format_decodes_the_same(speech_cl
     padded = b"RIFF" + struct.pack("<I", 4 + len(junk) + len(body)) + b"WAVE" + junk + body
     assert audio._described_by_header(padded)
     np.testing.assert_array_equal(audio.decode_audio(padded), audio.decode_audio(plain))
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_decoded_frames_resampled_in_blocks_give_the_samples_of_frame_by_frame_resampling(name, speech_clips):
+    import av
+
+    container, codec, channels, rate = FORMATS[name]
+    data = encode(speech_clips[0].samples, SAMPLE_RATE, container, codec, channels, rate)
+    with av.open(io.BytesIO(data)) as source:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        pieces = []
+        for frame in source.decode(source.streams.audio[0]):
+            frame.pts = None
+            pieces += [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
+        pieces += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    np.testing.assert_array_equal(decode_audio(data), np.concatenate(pieces))

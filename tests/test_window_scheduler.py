@@ -170,3 +170,24 @@ def test_closing_fails_what_is_still_waiting(engine):
 def test_in_flight_must_be_positive(engine):
     with pytest.raises(ValueError, match="in_flight"):
         WindowScheduler(engine.run, lambda: 1, in_flight=0)
+
+
+def test_an_urgent_slot_runs_only_rows_due_before_every_running_batch(engine):
+    scheduler = WindowScheduler(engine.run, lambda: 8, in_flight=1, urgent_slots=1)
+    try:
+        long = scheduler.submit("g", [f"L{i}" for i in range(12)], deadline=file_deadline(0.0, 300.0),
+                                slack=file_allowance(300.0))
+        _wait_started(engine)  # L0-L7 run; L8-L11 wait: not more urgent than the running batch
+        time.sleep(0.2)
+        assert len(engine.batches) == 1
+        short = scheduler.submit("g", ["S0"], deadline=file_deadline(1.0, 4.0), slack=file_allowance(4.0))
+        _wait_started(engine)  # due before the running batch: it starts beside it
+        assert engine.batches[1][1] == ["S0"]
+        engine.release.release()
+        engine.release.release()
+        _wait_started(engine)
+        engine.release.release()
+        assert short[0].result(timeout=10) == "g:S0" and [f.result(timeout=10) for f in long][-1] == "g:L11"
+        assert [p for _, p in engine.batches] == [[f"L{i}" for i in range(8)], ["S0"], ["L8", "L9", "L10", "L11"]]
+    finally:
+        scheduler.close()

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # as late as possible, best for short requests; 2 keeps a GPU engine busy between batches)
     max_concurrent_files: int = Field(default=8, ge=1, le=256)
     window_batches_in_flight: int = Field(default=1, ge=1, le=16)
+    # more batches that may start only for windows due before every batch running (a short file beside
+    # a long file's batch); useful with a second whisper_window instance
+    urgent_window_batches: int = Field(default=0, ge=0, le=16)
 
     # Triton
     triton_home: str = ""  # empty: /opt/tritonserver, else the nvidia-pytriton wheel
@@ -131,7 +134,7 @@ class Settings(BaseSettings):
 
 # the settings a Triton model's config.pbtxt may carry as parameters (same names as the fields)
 MODEL_PARAMETERS = ("engine", "model_dir", "device", "compute_type", "cpu_threads", "encoder_cache_mb",
-                    "max_concurrent_files", "window_batches_in_flight")
+                    "max_concurrent_files", "window_batches_in_flight", "urgent_window_batches")
 
 
 def _given(values: dict | None) -> dict:

@@ -66,14 +66,16 @@ class TritonWindowDecoder:
     windows the flag is asked, so a cancelled request stops between rounds and no engine time goes
     to it."""
 
-    def __init__(self, pb_utils, tokenizer: WhisperTokenizer, model_name: str = WINDOW.name, in_flight: int = 1):
+    def __init__(self, pb_utils, tokenizer: WhisperTokenizer, model_name: str = WINDOW.name, in_flight: int = 1,
+                 urgent_slots: int = 0):
         self.pb = pb_utils
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._capabilities: EngineCapabilities | None = None
         self._lock = threading.Lock()
         self._current = threading.local()  # one file per thread
-        self.scheduler = WindowScheduler(self._run_batch, lambda: self.capabilities.max_batch_size, in_flight)
+        self.scheduler = WindowScheduler(self._run_batch, lambda: self.capabilities.max_batch_size, in_flight,
+                                         urgent_slots)
 
     @contextmanager
     def serving(self, is_cancelled: Callable[[], bool], arrival: float | None = None,
@@ -198,7 +200,8 @@ class TranscribeModel:
         self.settings = model_settings(args)
         model_dir = self.settings.resolved_model_dir()
         self.tokenizer = WhisperTokenizer.from_model_dir(model_dir)
-        self.decoder = TritonWindowDecoder(pb_utils, self.tokenizer, in_flight=self.settings.window_batches_in_flight)
+        self.decoder = TritonWindowDecoder(pb_utils, self.tokenizer, in_flight=self.settings.window_batches_in_flight,
+                                           urgent_slots=self.settings.urgent_window_batches)
         self.pipeline = LongFormTranscriber(self.decoder, self.tokenizer)
         self._files = ThreadPoolExecutor(max_workers=self.settings.max_concurrent_files, thread_name_prefix="file")
         self._waiting = 0  # files handed over and not yet started

@@ -12,6 +12,11 @@ allowance after it: concurrent short files share a batch, but a short file's bat
 with a long file's windows, which on a CPU engine would make it wait for all of them (per-row cost
 there falls only from 428 to 291 ms from batch 1 to 8 on tiny.en, so the rows are not free).
 
+`urgent_slots` more batches may be in flight, but only for rows due before every batch running:
+with a second `whisper_window` instance, a short file then runs beside a long file's batch instead
+of waiting for it (a CPU engine cannot stop a batch it has started), while a file alone never
+takes more than `in_flight` slots.
+
 Triton's own dynamic batcher cannot do this here: BLS requests carry no priority in this Triton
 release, and once a batch is queued there its order is fixed. Holding the choice until a slot is
 free is what keeps it late; `in_flight` > 1 keeps a GPU engine busy between batches (the next batch
@@ -60,16 +65,16 @@ class WindowScheduler:
     reply per payload; `batch_rows()` says how many rows a batch may hold (asked per batch)."""
 
     def __init__(self, run: Callable[[Hashable, list[Any]], list[Any]], batch_rows: Callable[[], int],
-                 in_flight: int = 1):
-        if in_flight < 1:
-            raise ValueError(f"in_flight must be at least 1, got {in_flight}")
-        self._run, self._batch_rows, self._in_flight = run, batch_rows, in_flight
+                 in_flight: int = 1, urgent_slots: int = 0):
+        if in_flight < 1 or urgent_slots < 0:
+            raise ValueError(f"in_flight must be at least 1 and urgent_slots at least 0, got {in_flight}, {urgent_slots}")
+        self._run, self._batch_rows, self._in_flight, self._urgent = run, batch_rows, in_flight, urgent_slots
         self._pending: list[_Row] = []
-        self._busy = 0
+        self._running: list[float] = []  # the head deadline of each batch in flight
         self._closed = False
         self._sequence = itertools.count()
         self._changed = threading.Condition()
-        self._workers = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="window-batch")
+        self._workers = ThreadPoolExecutor(max_workers=in_flight + urgent_slots, thread_name_prefix="window-batch")
         self.batches: list[int] = []  # rows per batch sent, for tests and logs (bounded below)
         self._dispatcher = threading.Thread(target=self._dispatch, name="window-scheduler", daemon=True)
         self._dispatcher.start()
@@ -111,15 +116,22 @@ class WindowScheduler:
             heapq.heappush(self._pending, row)
         return head.group, batch
 
+    def _may_start(self) -> bool:
+        if not self._pending:
+            return False
+        if len(self._running) < self._in_flight:
+            return True
+        return len(self._running) < self._in_flight + self._urgent and self._pending[0].deadline < min(self._running)
+
     def _dispatch(self) -> None:
         while True:
             with self._changed:
-                while not self._closed and (not self._pending or self._busy >= self._in_flight):
+                while not self._closed and not self._may_start():
                     self._changed.wait()
                 if self._closed:
                     return
                 group, batch = self._take()
-                self._busy += 1
+                self._running.append(batch[0].deadline)
                 self.batches = (self.batches + [len(batch)])[-1000:]
             self._workers.submit(self._execute, group, batch)
 
@@ -136,5 +148,5 @@ class WindowScheduler:
                     row.future.set_exception(exc)
         finally:
             with self._changed:
-                self._busy -= 1
+                self._running.remove(batch[0].deadline)
                 self._changed.notify_all()
