@@ -30,7 +30,7 @@ import numpy as np
 from ..audio import decode_audio
 from ..contract.capabilities import EngineCapabilities
 from ..contract.json_limits import MAX_OPTIONS_BYTES, load_object
-from ..contract.options import MAX_BATCH_SIZE, DecodeOptions, TranscribeOptions, parse_options
+from ..contract.options import DecodeOptions, TranscribeOptions, parse_options
 from ..contract.tensors import WHISPER_WINDOW_SPEC as WINDOW, decode_error, optional_number, strip_pad
 from ..engines.base import Hypothesis, TokenTimings
 from ..errors import WhisperTritonError
