@@ -46,12 +46,39 @@ class InferenceResponse:
         return self._error
 
 
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+
+class ResponseSender:
+    """Keeps what was sent; Triton wants exactly one final response per request of a non-decoupled model."""
+
+    def __init__(self):
+        import threading
+
+        self.sent: list[tuple[InferenceResponse | None, int]] = []
+        self.done = threading.Event()
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        if self.done.is_set():
+            raise RuntimeError("a response was sent after the final one")
+        self.sent.append((response, flags))
+        if flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL:
+            self.done.set()
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
 class InferenceRequest:
     def __init__(self, inputs: list, requested_output_names: list[str] | None = None, model_name: str = ""):
         self.inputs, self._outputs, self.model_name = inputs, list(requested_output_names or []), model_name
+        self.sender = ResponseSender()
 
     def requested_output_names(self) -> list[str]:
         return self._outputs
+
+    def get_response_sender(self) -> ResponseSender:
+        return self.sender
 
 
 def get_input_tensor_by_name(request: InferenceRequest, name: str):
