@@ -96,8 +96,10 @@ def test_explicit_language_fixes_a_misdetected_sentence(pipeline, decoder, base_
     explicit = pipeline.transcribe(samples, TranscribeOptions(language="it"))
     assert explicit.language == "it" and explicit.language_probability == 1.0
     assert all(p[1] == base_tokenizer.language_ids["it"] for p in decoder.prompts)
-    # Italian words ("un cane ed uegati a cala." for "Ho un cane e due gatti a casa."), not Hindi
-    assert "cane" in explicit.text.lower()
+    # Italian words ("e due gatti a cara." or, by temperature fallback, "un cane ed uegati a cala."
+    # for "Ho un cane e due gatti a casa."), not Hindi
+    italian = set(reference.lower().rstrip(".").split())
+    assert len(italian & set(explicit.text.lower().replace(".", "").split())) >= 3
     assert word_error_rate(reference, explicit.text) <= 0.7 and word_error_rate(reference, detected.text) > 0.9
 
 
