@@ -5,14 +5,12 @@ another language, agreement with faster-whisper on the same model files, and one
 
 from __future__ import annotations
 
-import io
-import wave
-
 import httpx
 import numpy as np
 import pytest
 
 from conftest import start_serve
+from speech import encode
 from testkit.multilingual_speech import SENTENCES, sentence
 from whisper_triton.evaluation import word_error_rate
 from whisper_triton.longform import LongFormTranscriber, TranscribeOptions
@@ -183,13 +181,7 @@ def test_detection_agrees_with_faster_whisper(decoder, faster_whisper_model, lan
 
 
 def _wav(samples: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(16000)
-        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
+    return encode(np.clip(samples, -1, 1), 16000, "wav", "pcm_s16le")
 
 
 @pytest.mark.triton

@@ -4,15 +4,14 @@ request is refused at once with 503, and the others are still answered."""
 
 from __future__ import annotations
 
-import io
 import json
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fake_pb_utils as pb
+from speech import encode
 from whisper_triton.contract.tensors import decode_error
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repo_whisper_trtllm"
@@ -32,13 +31,7 @@ def model():
 
 
 def _wav(samples: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(16000)
-        out.writeframes((samples * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
+    return encode(samples, 16000, "wav", "pcm_s16le")
 
 
 def _request(audio: bytes, options: dict | None = None) -> pb.InferenceRequest:
