@@ -35,8 +35,8 @@ from pathlib import Path
 
 from _path import ROOT  # the repository root, made importable
 
-from whisper_triton.audio import SAMPLE_RATE, decode_audio
-from whisper_triton.evaluation import normalize
+from whisper_triton.pipeline.audio import SAMPLE_RATE, decode_audio
+from whisper_triton.pipeline.evaluation import normalize
 
 logger = logging.getLogger("whisper_triton.bench.gpu")
 

@@ -47,7 +47,7 @@ from _path import ROOT  # the repository root, made importable
 from testkit.multilingual_speech import VOICES as LANGUAGE_VOICES
 from testkit.real_models import tiny_en_dir, whisper_base_dir
 from testkit.synthetic_speech import SENTENCES, speak
-from whisper_triton.audio import SAMPLE_RATE, decode_audio
+from whisper_triton.pipeline.audio import SAMPLE_RATE, decode_audio
 
 logger = logging.getLogger("whisper_triton.bench.hallucination")
 RESULTS = ROOT / "bench" / "results"

@@ -20,10 +20,10 @@ import numpy as np
 
 from _path import ROOT  # the repository root, made importable
 
-from whisper_triton.audio import SAMPLE_RATE, decode_audio
-from whisper_triton.evaluation import word_error_rate
+from whisper_triton.pipeline.audio import SAMPLE_RATE, decode_audio
+from whisper_triton.pipeline.evaluation import word_error_rate
 from whisper_triton.settings import load_settings
-from whisper_triton.tokenizer import WhisperTokenizer
+from whisper_triton.pipeline.tokenizer import WhisperTokenizer
 from testkit.synthetic_speech import SENTENCES, long_recording, spoken_sentences
 
 logger = logging.getLogger("whisper_triton.bench")
@@ -52,9 +52,9 @@ def run(args: argparse.Namespace) -> dict:
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     from whisper_triton.engines.ctranslate2_engine import CTranslate2Engine
-    from whisper_triton.longform import LongFormTranscriber, TranscribeOptions
-    from whisper_triton.tokenizer import WhisperTokenizer
-    from whisper_triton.transcribe import EngineWindowDecoder
+    from whisper_triton.pipeline.longform import LongFormTranscriber, TranscribeOptions
+    from whisper_triton.pipeline.tokenizer import WhisperTokenizer
+    from whisper_triton.pipeline.windows import EngineWindowDecoder
 
     settings = load_settings()
     model_dir = Path(args.model_dir) if args.model_dir else settings.resolved_model_dir()

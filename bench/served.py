@@ -85,7 +85,7 @@ def encode_flac(samples: np.ndarray, rate: int = 16_000) -> bytes:
 def make_audio(folder: Path, sentences: int) -> tuple[Clip, list[Clip]]:
     """The long file (as bench/longform.py builds it) and one short clip per sentence."""
     from testkit.synthetic_speech import SENTENCES, long_recording, speak, spoken_sentences
-    from whisper_triton.audio import SAMPLE_RATE
+    from whisper_triton.pipeline.audio import SAMPLE_RATE
 
     clips = spoken_sentences(folder)
     samples, reference, _ = long_recording(clips, list(SENTENCES), repeats=sentences)
@@ -98,10 +98,10 @@ def make_audio(folder: Path, sentences: int) -> tuple[Clip, list[Clip]]:
 def window_count(body: bytes) -> int | None:
     """Windows the served pipeline cuts the file into with default options (VAD on, 30 s)."""
     try:
-        from whisper_triton.audio import decode_audio
-        from whisper_triton.longform import TranscribeOptions
-        from whisper_triton.segmenter import windows_from_speech
-        from whisper_triton.vad import speech_spans
+        from whisper_triton.pipeline.audio import decode_audio
+        from whisper_triton.pipeline.longform import TranscribeOptions
+        from whisper_triton.pipeline.segmenter import windows_from_speech
+        from whisper_triton.pipeline.vad import speech_spans
 
         options = TranscribeOptions()
         vad = options.vad_options() if callable(options.vad_options) else options.vad_options
@@ -152,7 +152,7 @@ def role(pid: int) -> str:
         return "stub:other"
     if "tritonserver" in cmdline.split(" ")[0]:
         return "tritonserver"
-    if "whisper_triton.serve" in cmdline:
+    if "whisper_triton.supervisor.serve" in cmdline:
         return "proxy"
     return "other"
 
@@ -401,7 +401,7 @@ def summary(samples: list[float]) -> dict:
 
 
 def wer_of(references: list[str], texts: list[str]) -> float:
-    from whisper_triton.evaluation import word_error_rate
+    from whisper_triton.pipeline.evaluation import word_error_rate
 
     return word_error_rate(" ".join(references), " ".join(texts))
 

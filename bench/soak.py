@@ -31,7 +31,7 @@ import numpy as np
 from _path import ROOT  # the repository root, made importable
 
 from testkit.synthetic_speech import SENTENCES, long_recording, spoken_sentences
-from whisper_triton.evaluation import word_error_rate
+from whisper_triton.pipeline.evaluation import word_error_rate
 
 logger = logging.getLogger("whisper_triton.bench.soak")
 MAX_WER = 0.25  # tiny.en on espeak-ng speech is far below this; above it a transcript is wrong

@@ -27,13 +27,13 @@ import httpx
 
 from _path import ROOT  # the repository root, made importable
 
-from whisper_triton.audio import SAMPLE_RATE, decode_audio
+from whisper_triton.pipeline.audio import SAMPLE_RATE, decode_audio
 from whisper_triton.engines import load_engine
-from whisper_triton.longform import LongFormTranscriber
+from whisper_triton.pipeline.longform import LongFormTranscriber
 from whisper_triton.settings import load_settings
 from testkit.synthetic_speech import speak
-from whisper_triton.tokenizer import WhisperTokenizer
-from whisper_triton.transcribe import EngineWindowDecoder, ShortFormTranscriber, ShortRequest
+from whisper_triton.pipeline.tokenizer import WhisperTokenizer
+from whisper_triton.pipeline.windows import EngineWindowDecoder, ShortFormTranscriber, ShortRequest
 
 logger = logging.getLogger("whisper_triton.bench")
 DEFAULT_TEXT = ("Please send me the report before the meeting on Monday morning. "

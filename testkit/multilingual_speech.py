@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from whisper_triton.audio import decode_audio
+from whisper_triton.pipeline.audio import decode_audio
 
 from .synthetic_speech import speak
 

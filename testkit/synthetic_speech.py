@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from whisper_triton.audio import SAMPLE_RATE, decode_audio
+from whisper_triton.pipeline.audio import SAMPLE_RATE, decode_audio
 
 # sentences tiny.en transcribes word for word (numbers are avoided: "7" vs "seven")
 SENTENCES = (

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from speech import SENTENCES, speak
-from whisper_triton.audio import decode_audio
+from whisper_triton.pipeline.audio import decode_audio
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def ct2_engine(model_dir):
 
 @pytest.fixture(scope="session")
 def tokenizer(model_dir, ct2_engine):
-    from whisper_triton.tokenizer import WhisperTokenizer
+    from whisper_triton.pipeline.tokenizer import WhisperTokenizer
 
     return WhisperTokenizer.from_model_dir(model_dir, ct2_engine.is_multilingual)
 
@@ -207,7 +207,7 @@ def base_engine(base_model_dir):
 
 @pytest.fixture(scope="session")
 def base_tokenizer(base_model_dir, base_engine):
-    from whisper_triton.tokenizer import WhisperTokenizer
+    from whisper_triton.pipeline.tokenizer import WhisperTokenizer
 
     return WhisperTokenizer.from_model_dir(base_model_dir, base_engine.is_multilingual)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from speech import FORMATS, encode
-from whisper_triton.audio import SAMPLE_RATE, decode_audio
+from whisper_triton.pipeline.audio import SAMPLE_RATE, decode_audio
 from whisper_triton.errors import InvalidAudioError, PayloadTooLargeError
 
 
@@ -94,7 +94,7 @@ def test_finite_float_audio_decodes(container, codec, speech_clips):
 
 
 def test_estimate_seconds_from_the_header(speech_clips):
-    from whisper_triton.audio import estimate_seconds
+    from whisper_triton.pipeline.audio import estimate_seconds
 
     samples = speech_clips[0].samples
     for container, codec in [("wav", "pcm_s16le"), ("flac", "flac"), ("mp3", "libmp3lame")]:
@@ -131,7 +131,7 @@ def test_wav_and_flac_opened_by_their_header_decode_to_the_same_samples(containe
     FFmpeg's full 5 MB probe gives, and so must the estimated length."""
     import av
 
-    import whisper_triton.audio as audio
+    import whisper_triton.pipeline.audio as audio
 
     data = encode(speech_clips[0].samples, SAMPLE_RATE, container, codec, channels, rate)
     assert audio._described_by_header(data)
@@ -148,7 +148,7 @@ def test_a_wav_with_20_kb_of_chunks_before_its_format_decodes_the_same(speech_cl
     WAV demuxer walks the chunks itself; where a stream stays undescribed, the full probe takes over)."""
     import struct
 
-    import whisper_triton.audio as audio
+    import whisper_triton.pipeline.audio as audio
 
     plain = encode(speech_clips[0].samples, SAMPLE_RATE, "wav", "pcm_s16le", 1, 16000)
     junk = b"JUNK" + struct.pack("<I", 20_000) + bytes(20_000)

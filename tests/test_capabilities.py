@@ -8,8 +8,8 @@ import pytest
 
 from whisper_triton.contract.capabilities import EngineCapabilities
 from whisper_triton.contract.options import TranscribeOptions
-from whisper_triton.longform import LongFormTranscriber, not_applied
-from whisper_triton.transcribe import EngineWindowDecoder
+from whisper_triton.pipeline.longform import LongFormTranscriber, not_applied
+from whisper_triton.pipeline.windows import EngineWindowDecoder
 
 
 def test_ctranslate2_applies_every_rule(ct2_engine, tokenizer, speech_clips):
@@ -61,7 +61,7 @@ def test_each_window_is_encoded_once(ct2_engine, tokenizer, speech_clips, monkey
 
 
 def test_the_encoder_cache_is_bounded():
-    from whisper_triton.transcribe import EncoderCache
+    from whisper_triton.pipeline.windows import EncoderCache
 
     cache = EncoderCache(max_bytes=3 * 4000)
     keys = [EncoderCache.key(np.full(100, i, np.float32)) for i in range(5)]

@@ -18,7 +18,7 @@ from whisper_triton.clients.asynchronous import main as async_main
 from whisper_triton.clients.formats import accept_header, output_path_for, render
 from whisper_triton.clients.realtime import main as realtime_main
 from whisper_triton.clients.realtime import runtime_client, transcribe_bytes
-from whisper_triton.runtime_emulator import EmulatorOptions, create_app, serve_in_thread
+from whisper_triton.sagemaker_local.emulator import EmulatorOptions, create_app, serve_in_thread
 
 # ---------------------------------------------------------------- formats
 

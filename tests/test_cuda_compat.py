@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from whisper_triton import cuda_compat
-from whisper_triton.cuda_compat import DriverVersion, enable_forward_compatibility
+from whisper_triton.supervisor import cuda_compat
+from whisper_triton.supervisor.cuda_compat import DriverVersion, enable_forward_compatibility
 
 # what /proc/driver/nvidia/version says on the drivers SageMaker hosts run
 PROPRIETARY = ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  {v}  Tue Mar  5 22:20:25 UTC 2024\n"

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from conftest import reset_moto
-from whisper_triton.runtime_emulator import EmulatorOptions, create_app, serve_in_thread
+from whisper_triton.sagemaker_local.emulator import EmulatorOptions, create_app, serve_in_thread
 
 REGION = "us-east-1"
 ROLE = "arn:aws:iam::123456789012:role/whisper-sagemaker"
@@ -263,7 +263,7 @@ def test_async_notifies_the_sns_topics(runtime):
 
 
 def test_emulator_command_line(moto_url, container, monkeypatch):
-    """`python -m whisper_triton.runtime_emulator` as a process, used by plain boto3."""
+    """`python -m whisper_triton.sagemaker_local.emulator` as a process, used by plain boto3."""
     import os
     import subprocess
     import sys
@@ -274,7 +274,7 @@ def test_emulator_command_line(moto_url, container, monkeypatch):
     port = free_port()
     point_boto3_at(monkeypatch, moto_url, f"http://127.0.0.1:{port}")
     process = subprocess.Popen(
-        [sys.executable, "-m", "whisper_triton.runtime_emulator", "--container-url", container.url,
+        [sys.executable, "-m", "whisper_triton.sagemaker_local.emulator", "--container-url", container.url,
          "--host", "127.0.0.1", "--port", str(port)],
         env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )

@@ -16,7 +16,7 @@ from fastapi.responses import PlainTextResponse
 
 from conftest import free_port, reset_moto
 from test_emulator import BUCKET, create_endpoint, point_boto3_at, wait_for_object
-from whisper_triton.runtime_emulator import EmulatorOptions, create_app, serve_in_thread
+from whisper_triton.sagemaker_local.emulator import EmulatorOptions, create_app, serve_in_thread
 
 
 def crashing_container() -> FastAPI:

@@ -24,8 +24,8 @@ from whisper_triton.deploy import (
     EndpointOptions,
     ModelOptions,
 )
-from whisper_triton.evaluation import word_error_rate
-from whisper_triton.runtime_emulator import EmulatorOptions, create_app, serve_in_thread
+from whisper_triton.pipeline.evaluation import word_error_rate
+from whisper_triton.sagemaker_local.emulator import EmulatorOptions, create_app, serve_in_thread
 
 pytestmark = pytest.mark.triton
 

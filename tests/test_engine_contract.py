@@ -48,11 +48,11 @@ from whisper_triton.engines.tensorrtllm_engine import (
     sampling_settings,
 )
 from whisper_triton.errors import WhisperTritonError
-from whisper_triton.export.manifest import BuildConfig, EngineManifest
-from whisper_triton.features import N_FRAMES, batch_log_mel
-from whisper_triton.release import TENSORRT_LLM_VERSION
+from whisper_triton.contract.engine_manifest import BuildConfig, EngineManifest
+from whisper_triton.pipeline.features import N_FRAMES, batch_log_mel
+from whisper_triton.contract.release import TENSORRT_LLM_VERSION
 from whisper_triton.settings import load_settings
-from whisper_triton.tokenizer import PromptSpec, WhisperTokenizer
+from whisper_triton.pipeline.tokenizer import PromptSpec, WhisperTokenizer
 
 from trtllm_standin import (GPU_ARCH, StandInModelRunnerCpp, StandInRuntimeEngine, StepModel,
                             write_engine_dir)
@@ -447,7 +447,7 @@ def test_timestamp_prompts_give_timestamp_tokens(engine, features, tokenizer):
 
 
 def test_short_form_pipeline_runs_on_the_engine(engine, tokenizer, audios):
-    from whisper_triton.transcribe import ShortFormTranscriber, ShortRequest
+    from whisper_triton.pipeline.windows import ShortFormTranscriber, ShortRequest
 
     results = ShortFormTranscriber(engine, tokenizer).transcribe([ShortRequest(audio=audios[0])])
     assert {"lazy", "dog"} <= set(results[0].text.lower().replace(".", " ").split())

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 import export_fixtures as fx
-from whisper_triton.audio import decode_audio
+from whisper_triton.pipeline.audio import decode_audio
 from whisper_triton.engines import DecodeOptions, load_engine
 from whisper_triton.export.common import is_complete
 from whisper_triton.export.ct2_weights import bundled_tiny_en_dir
 from whisper_triton.export.ctranslate2_export import CT2ExportConfig, export_ctranslate2
 from whisper_triton.export.merge import MergeConfig, run_merge
-from whisper_triton.features import batch_log_mel
-from whisper_triton.tokenizer import PromptSpec, WhisperTokenizer
+from whisper_triton.pipeline.features import batch_log_mel
+from whisper_triton.pipeline.tokenizer import PromptSpec, WhisperTokenizer
 
 
 @pytest.fixture(scope="module")

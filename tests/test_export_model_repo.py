@@ -14,11 +14,11 @@ from tritonclient.grpc import model_config_pb2
 from whisper_triton.export import cli
 from whisper_triton.export.common import ExportError, is_complete, sha256_file
 from whisper_triton.export.ct2_weights import bundled_tiny_en_dir
-from whisper_triton.export.manifest import BuildConfig, EngineManifest
+from whisper_triton.contract.engine_manifest import BuildConfig, EngineManifest
 from whisper_triton.export.model_repo import (ENGINE_SUBDIR, REPOSITORY_MANIFEST, ModelRepoConfig, RenderValues,
                                               check_model_repository, default_template_dir, render_whisper_config,
                                               resolve_model_dir_parameter, write_model_repository)
-from whisper_triton.release import TENSORRT_LLM_VERSION, TRITON_SERVER_VERSION
+from whisper_triton.contract.release import TENSORRT_LLM_VERSION, TRITON_SERVER_VERSION
 
 KIND = model_config_pb2.ModelInstanceGroup.Kind
 

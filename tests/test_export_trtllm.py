@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 from whisper_triton.export.common import ExportError, is_complete
 from whisper_triton.export.ct2_weights import bundled_tiny_en_dir, openai_checkpoint_from_ct2
 from whisper_triton.export.engine_build import build_engines, build_plan, engines_ready, write_manifest_for_existing
-from whisper_triton.export.manifest import BuildConfig, EngineManifest
+from whisper_triton.contract.engine_manifest import BuildConfig, EngineManifest
 from whisper_triton.export.merge import fixed_inputs
 from whisper_triton.export.openai_model import load_openai_model
 from whisper_triton.export.trtllm_checkpoint import (CheckpointConfig, dequantize_per_channel, quantize_per_channel,
                                                      trtllm_to_openai, weight_only_logit_error, write_trtllm_checkpoint)
-from whisper_triton.release import TENSORRT_LLM_VERSION
+from whisper_triton.contract.release import TENSORRT_LLM_VERSION
 
 
 class _Cfg:

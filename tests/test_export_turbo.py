@@ -19,12 +19,12 @@ from conftest import start_serve
 from multilingual import multilingual_tokenizer_json
 from whisper_triton.export.ctranslate2_export import CT2ExportConfig, export_ctranslate2
 from whisper_triton.export.engine_build import build_engines, build_plan, resolve_build_config
-from whisper_triton.export.manifest import BuildConfig
+from whisper_triton.contract.engine_manifest import BuildConfig
 from whisper_triton.export.merge import MergeConfig, run_merge
 from whisper_triton.export.model_card import ModelCard
 from whisper_triton.export.model_repo import ENGINE_SUBDIR, ModelRepoConfig, write_model_repository
 from whisper_triton.export.trtllm_checkpoint import CheckpointConfig, trtllm_to_openai, write_trtllm_checkpoint
-from whisper_triton.release import TENSORRT_LLM_VERSION
+from whisper_triton.contract.release import TENSORRT_LLM_VERSION
 
 TURBO = dict(vocab_size=51866, num_mel_bins=128, encoder_layers=32, decoder_layers=4)
 
@@ -35,7 +35,7 @@ def turbo(tmp_path_factory, model_dir):
     import torch
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from whisper_triton.tokenizer import WhisperTokenizer
+    from whisper_triton.pipeline.tokenizer import WhisperTokenizer
 
     root = tmp_path_factory.mktemp("turbo")
     hf_dir = root / "hf"

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from whisper_triton.features import N_FRAMES, batch_log_mel, log_mel_spectrogram, mel_filters
+from whisper_triton.pipeline.features import N_FRAMES, batch_log_mel, log_mel_spectrogram, mel_filters
 
 
 @pytest.mark.parametrize("n_mels", [80, 128])

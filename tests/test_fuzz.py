@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from speech import encode
-from whisper_triton.audio import decode_audio
+from whisper_triton.pipeline.audio import decode_audio
 from whisper_triton.contract.json_limits import MAX_OPTIONS_BYTES, load_object
 from whisper_triton.contract.options import OPTION_NAMES, parse_options
 from whisper_triton.errors import WhisperTritonError

@@ -5,13 +5,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from whisper_triton.decoding import QualityThresholds, compression_ratio, needs_fallback, split_on_timestamps
+from whisper_triton.pipeline.decoding import QualityThresholds, compression_ratio, needs_fallback, split_on_timestamps
 from whisper_triton.errors import WhisperTritonError
-from whisper_triton.evaluation import word_error_rate
-from whisper_triton.longform import LongFormTranscriber, TranscribeOptions
-from whisper_triton.segmenter import fixed_windows, windows_from_speech
-from whisper_triton.transcribe import EngineWindowDecoder
-from whisper_triton.vad import Span, speech_spans
+from whisper_triton.pipeline.evaluation import word_error_rate
+from whisper_triton.pipeline.longform import LongFormTranscriber, TranscribeOptions
+from whisper_triton.pipeline.segmenter import fixed_windows, windows_from_speech
+from whisper_triton.pipeline.windows import EngineWindowDecoder
+from whisper_triton.pipeline.vad import Span, speech_spans
 
 
 @pytest.fixture(scope="module")

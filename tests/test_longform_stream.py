@@ -4,9 +4,9 @@ text as `transcribe`, and the `cancelled` hook stopping the decoding between chu
 
 import pytest
 
-from whisper_triton.evaluation import word_error_rate
-from whisper_triton.longform import MAX_FOLLOW_UPS, LongFormTranscriber, TranscribeOptions
-from whisper_triton.transcribe import EngineWindowDecoder
+from whisper_triton.pipeline.evaluation import word_error_rate
+from whisper_triton.pipeline.longform import MAX_FOLLOW_UPS, LongFormTranscriber, TranscribeOptions
+from whisper_triton.pipeline.windows import EngineWindowDecoder
 
 
 class CountingDecoder(EngineWindowDecoder):

@@ -16,7 +16,7 @@ import pytest
 
 from test_export_s3 import BUCKET, s3_endpoint  # noqa: F401  (module-scoped moto server fixture)
 from whisper_triton.export.s3 import upload_directory
-from whisper_triton.model_source import ModelSourceError, download_target, fetch_from_s3
+from whisper_triton.supervisor.model_source import ModelSourceError, download_target, fetch_from_s3
 from whisper_triton.settings import load_settings
 
 PAYLOAD = os.urandom(3 * 1024 * 1024)

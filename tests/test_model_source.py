@@ -15,16 +15,16 @@ import pytest
 import export_fixtures as fx
 from conftest import start_serve
 from test_export_s3 import BUCKET, s3_endpoint  # noqa: F401  (module-scoped moto server fixture)
-from whisper_triton.audio import decode_audio
+from whisper_triton.pipeline.audio import decode_audio
 from whisper_triton.engines import DecodeOptions, load_engine
-from whisper_triton.evaluation import word_error_rate
+from whisper_triton.pipeline.evaluation import word_error_rate
 from whisper_triton.export.ctranslate2_export import CT2ExportConfig, export_ctranslate2
 from whisper_triton.export.model_repo import ENGINE_SUBDIR, ModelRepoConfig, write_model_repository
 from whisper_triton.export.s3 import upload_directory
-from whisper_triton.features import batch_log_mel
-from whisper_triton.model_source import ModelSourceError, choose_model_source, download_target
+from whisper_triton.pipeline.features import batch_log_mel
+from whisper_triton.supervisor.model_source import ModelSourceError, choose_model_source, download_target
 from whisper_triton.settings import load_settings
-from whisper_triton.tokenizer import PromptSpec, WhisperTokenizer
+from whisper_triton.pipeline.tokenizer import PromptSpec, WhisperTokenizer
 
 pytestmark = pytest.mark.triton  # starts a real tritonserver / serve
 

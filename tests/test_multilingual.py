@@ -10,9 +10,9 @@ import pytest
 
 from conftest import start_serve
 from multilingual import multilingual_tokenizer_json
-from whisper_triton.longform import LongFormTranscriber, TranscribeOptions
-from whisper_triton.tokenizer import WhisperTokenizer
-from whisper_triton.transcribe import EngineWindowDecoder
+from whisper_triton.pipeline.longform import LongFormTranscriber, TranscribeOptions
+from whisper_triton.pipeline.tokenizer import WhisperTokenizer
+from whisper_triton.pipeline.windows import EngineWindowDecoder
 
 pytestmark = pytest.mark.triton  # starts a real tritonserver / serve
 

@@ -12,9 +12,9 @@ import pytest
 from conftest import start_serve
 from speech import encode
 from testkit.multilingual_speech import SENTENCES, sentence
-from whisper_triton.evaluation import word_error_rate
-from whisper_triton.longform import LongFormTranscriber, TranscribeOptions
-from whisper_triton.transcribe import EngineWindowDecoder
+from whisper_triton.pipeline.evaluation import word_error_rate
+from whisper_triton.pipeline.longform import LongFormTranscriber, TranscribeOptions
+from whisper_triton.pipeline.windows import EngineWindowDecoder
 
 LANGUAGES = ("de", "es", "fr", "it", "en")
 ENGLISH = " ".join(SENTENCES["en"])  # the de and es passages say the same as the English one
@@ -136,7 +136,7 @@ UNKNOWN_TO_BASE = ("nl", "Ik woon al tien jaar in een klein huis aan de rivier."
 @pytest.fixture(scope="module")
 def unrecognised_speech(tmp_path_factory) -> np.ndarray:
     from testkit.synthetic_speech import speak
-    from whisper_triton.audio import decode_audio
+    from whisper_triton.pipeline.audio import decode_audio
 
     voice, text = UNKNOWN_TO_BASE
     return decode_audio(speak(text, tmp_path_factory.mktemp("unknown") / "nl.wav", voice=voice).read_bytes())
@@ -145,7 +145,7 @@ def unrecognised_speech(tmp_path_factory) -> np.ndarray:
 def test_speech_in_a_language_the_model_does_not_know_is_left_out_not_guessed(pipeline, unrecognised_speech, caplog):
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="whisper_triton.longform"):
+    with caplog.at_level(logging.WARNING, logger="whisper_triton.pipeline.longform"):
         result = pipeline.transcribe(unrecognised_speech)
     assert result.language_probability < 0.5
     assert result.text == "" and result.segments == []

@@ -111,8 +111,8 @@ def test_length_penalty_reaches_the_engine_from_http(ct2_engine, tokenizer, spee
     """An option exposed in the request model alone reaches both engines: DecodeOptions carries every
     decoding field the request has, the Triton path sends DecodeOptions whole (DECODE_OPTIONS)."""
     from whisper_triton.engines.tensorrtllm_engine import sampling_settings
-    from whisper_triton.longform import LongFormTranscriber
-    from whisper_triton.transcribe import EngineWindowDecoder
+    from whisper_triton.pipeline.longform import LongFormTranscriber
+    from whisper_triton.pipeline.windows import EngineWindowDecoder
 
     options = parse_options({"length_penalty": "0.5", "beam_size": "2"})
     seen = []

@@ -9,12 +9,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from whisper_triton.decoding import DecodeAttempt, QualityThresholds, compression_ratio, select_attempt
+from whisper_triton.pipeline.decoding import DecodeAttempt, QualityThresholds, compression_ratio, select_attempt
 from whisper_triton.engines.base import MAX_NEW_TOKENS
-from whisper_triton.evaluation import word_error_rate
-from whisper_triton.longform import LongFormTranscriber, TranscribeOptions
-from whisper_triton.tokenizer import MAX_PROMPT_TOKENS, PromptSpec
-from whisper_triton.transcribe import EngineWindowDecoder
+from whisper_triton.pipeline.evaluation import word_error_rate
+from whisper_triton.pipeline.longform import LongFormTranscriber, TranscribeOptions
+from whisper_triton.pipeline.tokenizer import MAX_PROMPT_TOKENS, PromptSpec
+from whisper_triton.pipeline.windows import EngineWindowDecoder
 
 LOOP_TEXT = " la la" * 60  # two syllables over and over: what Whisper produces when it loops
 LOOP_LOGPROB = -0.05  # loops are decoded with high confidence: the trap of "most confident wins"
@@ -68,7 +68,7 @@ def test_every_temperature_fails_the_loop_is_not_kept(ct2_engine, tokenizer, spe
 
 def test_window_whose_every_decode_is_a_loop_keeps_no_text(ct2_engine, tokenizer, speech_clips, caplog):
     decoder = LoopingDecoder(ct2_engine, tokenizer, loop_at={0.0, 0.4, 0.8})
-    with caplog.at_level(logging.WARNING, logger="whisper_triton.longform"):
+    with caplog.at_level(logging.WARNING, logger="whisper_triton.pipeline.longform"):
         result = LongFormTranscriber(decoder, tokenizer).transcribe(
             speech_clips[1].samples, TranscribeOptions(**EVERY_TEMPERATURE_FAILS))
     assert decoder.temperatures == [0.0, 0.4, 0.8]
@@ -114,7 +114,7 @@ def test_without_a_compression_threshold_the_most_confident_failure_is_kept():
 @pytest.fixture(scope="module")
 def multilingual_layout_tokenizer(tmp_path_factory, model_dir):
     from multilingual import multilingual_tokenizer_json
-    from whisper_triton.tokenizer import WhisperTokenizer
+    from whisper_triton.pipeline.tokenizer import WhisperTokenizer
 
     folder = tmp_path_factory.mktemp("ml-tokenizer")
     multilingual_tokenizer_json(model_dir / "tokenizer.json", folder)

@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 
 from conftest import free_port
 from whisper_triton.http.app import create_app
-from whisper_triton.serve import maybe_start_ssh
+from whisper_triton.supervisor.serve import maybe_start_ssh
 from whisper_triton.settings import load_settings
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from speech import FORMATS, encode
-from whisper_triton.evaluation import word_error_rate
+from whisper_triton.pipeline.evaluation import word_error_rate
 
 pytestmark = pytest.mark.triton  # starts a real tritonserver / serve
 

@@ -76,6 +76,6 @@ def test_model_that_cannot_load_fails_fast_with_a_reason(tmp_path):
 
 @pytest.mark.parametrize("argv", [["serve"], []])
 def test_sagemaker_invocation_word_is_accepted(argv):
-    from whisper_triton.serve import parse_args
+    from whisper_triton.supervisor.serve import parse_args
 
     assert parse_args(argv).command in ("serve", None)

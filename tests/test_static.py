@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from whisper_triton import release
+from whisper_triton.contract import release
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -146,7 +146,7 @@ def test_entrypoint_is_exec_form_serve_through_nvidias_entrypoint(dockerfile):
     assert json.loads(entrypoints[0]) == ["/opt/nvidia/nvidia_entrypoint.sh", "serve"]
     assert not _all(dockerfile, "CMD")
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert re.search(r'^serve\s*=\s*"whisper_triton\.serve:main"', pyproject, re.M)
+    assert re.search(r'^serve\s*=\s*"whisper_triton\.supervisor\.serve:main"', pyproject, re.M)
 
 
 def test_sagemaker_label_and_port(dockerfile):

@@ -18,8 +18,8 @@ from botocore.config import Config
 from test_emulator import point_boto3_at, reset_moto
 from whisper_triton.clients import realtime
 from whisper_triton.contract.tensors import WHISPER_WINDOW
-from whisper_triton.evaluation import word_error_rate
-from whisper_triton.runtime_emulator import EmulatorOptions, create_app, serve_in_thread
+from whisper_triton.pipeline.evaluation import word_error_rate
+from whisper_triton.sagemaker_local.emulator import EmulatorOptions, create_app, serve_in_thread
 
 pytestmark = pytest.mark.triton
 

@@ -2,7 +2,7 @@ import pytest
 
 from multilingual import multilingual_tokenizer_json
 from whisper_triton.errors import WhisperTritonError
-from whisper_triton.tokenizer import PromptSpec, WhisperTokenizer
+from whisper_triton.pipeline.tokenizer import PromptSpec, WhisperTokenizer
 
 MULTILINGUAL_PREFIX = "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"
 

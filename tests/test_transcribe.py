@@ -3,9 +3,9 @@ import pytest
 
 from whisper_triton.engines import DecodeOptions
 from whisper_triton.errors import PayloadTooLargeError
-from whisper_triton.evaluation import word_error_rate
-from whisper_triton.tokenizer import PromptSpec
-from whisper_triton.transcribe import ShortFormTranscriber, ShortRequest
+from whisper_triton.pipeline.evaluation import word_error_rate
+from whisper_triton.pipeline.tokenizer import PromptSpec
+from whisper_triton.pipeline.windows import ShortFormTranscriber, ShortRequest
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import tritonclient.grpc as grpcclient
 import webvtt
 from tritonclient.utils import InferenceServerException
 
-from whisper_triton.evaluation import word_error_rate
+from whisper_triton.pipeline.evaluation import word_error_rate
 
 pytestmark = pytest.mark.triton  # starts a real tritonserver / serve
 

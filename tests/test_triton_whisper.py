@@ -8,8 +8,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from whisper_triton.evaluation import word_error_rate
-from whisper_triton.transcribe import ShortFormTranscriber, ShortRequest
+from whisper_triton.pipeline.evaluation import word_error_rate
+from whisper_triton.pipeline.windows import ShortFormTranscriber, ShortRequest
 
 pytestmark = pytest.mark.triton  # starts a real tritonserver / serve
 
@@ -149,7 +149,7 @@ def prompt_request(clips: list[np.ndarray], prompts: list[list[int]]):
 
 
 def test_each_row_keeps_its_own_prompt(client, speech_clips, tokenizer):
-    from whisper_triton.tokenizer import PromptSpec
+    from whisper_triton.pipeline.tokenizer import PromptSpec
 
     clips = [speech_clips[0].samples, speech_clips[1].samples]
     prompts = [tokenizer.prompt_ids(PromptSpec(language="en", timestamps=True)),

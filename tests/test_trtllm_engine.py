@@ -32,11 +32,11 @@ from whisper_triton.engines.tensorrtllm_engine import (  # noqa: E402
     fit_prompt,
     parse_generate_output,
 )
-from whisper_triton.export.manifest import EngineManifest  # noqa: E402
-from whisper_triton.features import batch_log_mel  # noqa: E402
-from whisper_triton.release import TENSORRT_LLM_VERSION  # noqa: E402
+from whisper_triton.contract.engine_manifest import EngineManifest  # noqa: E402
+from whisper_triton.pipeline.features import batch_log_mel  # noqa: E402
+from whisper_triton.contract.release import TENSORRT_LLM_VERSION  # noqa: E402
 from whisper_triton.settings import load_settings  # noqa: E402
-from whisper_triton.tokenizer import PromptSpec, WhisperTokenizer  # noqa: E402
+from whisper_triton.pipeline.tokenizer import PromptSpec, WhisperTokenizer  # noqa: E402
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.",
              "Seven hundred people waited in the rain for the morning train."]

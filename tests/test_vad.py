@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from whisper_triton import vad
+from whisper_triton.pipeline import vad
 from whisper_triton.contract.options import VadOptions
 
 

@@ -24,7 +24,7 @@ import whisper.tokenizer as openai_tokenizer  # noqa: E402
 
 from multilingual import multilingual_tokenizer_json  # noqa: E402
 from trtllm_standin import StepModel  # noqa: E402
-from whisper_triton.audio import decode_audio  # noqa: E402
+from whisper_triton.pipeline.audio import decode_audio  # noqa: E402
 from whisper_triton.engines.whisper_rules import (  # noqa: E402
     RequestPlan,
     RequestState,
@@ -34,9 +34,9 @@ from whisper_triton.engines.whisper_rules import (  # noqa: E402
     no_speech_probability,
     split_prompt,
 )
-from whisper_triton.features import batch_log_mel  # noqa: E402
+from whisper_triton.pipeline.features import batch_log_mel  # noqa: E402
 from whisper_triton.settings import load_settings  # noqa: E402
-from whisper_triton.tokenizer import WhisperTokenizer  # noqa: E402
+from whisper_triton.pipeline.tokenizer import WhisperTokenizer  # noqa: E402
 
 VOCAB = 51864  # tiny.en
 

@@ -388,9 +388,9 @@ def write_engine_dir(root: Path, model_dir: Path, *, version: str | None = None,
     """
     import shutil
 
-    from whisper_triton.export.manifest import BuildConfig, EngineManifest
-    from whisper_triton.features import N_FRAMES
-    from whisper_triton.release import TENSORRT_LLM_VERSION
+    from whisper_triton.contract.engine_manifest import BuildConfig, EngineManifest
+    from whisper_triton.pipeline.features import N_FRAMES
+    from whisper_triton.contract.release import TENSORRT_LLM_VERSION
 
     root.mkdir(parents=True, exist_ok=True)
     build = BuildConfig(max_batch_size=max_batch_size, max_beam_width=max_beam_width, max_output_len=max_seq_len,
@@ -416,7 +416,7 @@ def write_engine_dir(root: Path, model_dir: Path, *, version: str | None = None,
 
 def _engine_class():
     from whisper_triton.engines.tensorrtllm_engine import TensorRTLLMEngine
-    from whisper_triton.release import TENSORRT_LLM_VERSION
+    from whisper_triton.contract.release import TENSORRT_LLM_VERSION
 
     class StandInRuntimeEngine(TensorRTLLMEngine):
         """TensorRTLLMEngine on the CPU: platform probe, device and runner class are stand-ins, the rest is real."""

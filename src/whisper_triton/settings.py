@@ -15,6 +15,7 @@ parameters, see exactly what `serve` decided; nothing travels through `os.enviro
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Literal
@@ -150,3 +151,24 @@ def resolve_settings(cli: dict | None = None, model_parameters: dict | None = No
 def load_settings(**overrides) -> Settings:
     """Settings from the environment, with explicit non-empty overrides (tests, tools)."""
     return resolve_settings(cli=overrides)
+
+
+MODEL_DIR_PARAMETER = "model_dir"  # the config.pbtxt parameter that names the model directory
+
+
+def resolve_model_dir_parameter(model_config: dict, model_directory: str | Path) -> dict:
+    """Return `model_config` with a relative `model_dir` parameter made absolute.
+
+    A relative `model_dir` in config.pbtxt is relative to the model repository's root, i.e. the
+    parent of the model's own directory, which Triton's Python backend passes to `initialize` as
+    `args["model_repository"]` (e.g. `/opt/ml/model/whisper`). Empty and absolute values are left
+    as they are (empty still falls back to WHISPER_TRITON_MODEL_DIR). The input is not modified.
+    """
+    parameters = (model_config or {}).get("parameters") or {}
+    value = (parameters.get(MODEL_DIR_PARAMETER) or {}).get("string_value", "")
+    if not value or Path(value).is_absolute():
+        return model_config
+    resolved = copy.deepcopy(model_config)
+    absolute = (Path(model_directory).absolute().parent / value).resolve()
+    resolved["parameters"][MODEL_DIR_PARAMETER]["string_value"] = str(absolute)
+    return resolved

@@ -1,5 +1,5 @@
 """Application clients for a deployed endpoint: real-time (`invoke_endpoint`) and async
-(`invoke_endpoint_async` + S3), plain boto3 so they run unchanged against AWS or the local emulator."""
+(`invoke_endpoint_async` + S3), plain boto3 so they run unchanged against AWS or the local emulator. May import `pipeline/`, `contract/`."""
 
 from .asynchronous import AsyncInvokeOptions, AsyncResult, transcribe_async
 from .formats import FORMATS, render

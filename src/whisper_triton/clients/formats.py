@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..formats import render as subtitles
+from ..pipeline.formats import render as subtitles
 
 FORMATS: dict[str, tuple[str, str]] = {  # name -> (media type, file suffix)
     "text": ("text/plain", ".txt"),

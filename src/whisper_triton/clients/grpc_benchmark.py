@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE, decode_audio
-from ..evaluation import word_error_rate
+from ..pipeline.audio import SAMPLE_RATE, decode_audio
+from ..pipeline.evaluation import word_error_rate
 
 logger = logging.getLogger("whisper_triton.grpc_benchmark")
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".webm"}

@@ -1,4 +1,5 @@
-"""Deploy whisper-triton to SageMaker with plain boto3: library (`Deployer`) and CLI (`whisper-deploy`)."""
+"""Deploy whisper-triton to SageMaker with plain boto3: library (`Deployer`) and CLI (`whisper-deploy`).
+May import `contract/`, `errors`, `settings`."""
 
 from .aws import AwsClients
 from .deployer import Deployer, DeploymentResult, Resource

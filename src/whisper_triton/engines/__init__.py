@@ -1,4 +1,5 @@
-"""Engines behind one interface; `load_engine` picks one by name."""
+"""Engines behind one interface (`contract/engine.py`); `load_engine` picks one by name.
+May import `pipeline/`, `contract/`, `errors`, `settings`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ ENGINES = ("ctranslate2", "tensorrtllm")
 def load_engine(name: str, model_dir: str, tokens: SpecialTokens | None = None, **kwargs) -> Engine:
     """The engine `name` on `model_dir`; `tokens` from the model's tokenizer (read here when not given)."""
     if tokens is None:
-        from ..tokenizer import WhisperTokenizer
+        from ..pipeline.tokenizer import WhisperTokenizer
 
         tokens = WhisperTokenizer.from_model_dir(Path(model_dir)).special_tokens()
     if name == "ctranslate2":

@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 
 from ..contract.capabilities import EngineCapabilities
-from ..export.manifest import EngineManifest, release_of, same_release
-from ..release import TENSORRT_LLM_VERSION, TRITON_IMAGE
-from ..tokenizer import MAX_PROMPT_TOKENS, WhisperTokenizer
+from ..contract.engine_manifest import EngineManifest, release_of, same_release
+from ..contract.release import TENSORRT_LLM_VERSION, TRITON_IMAGE
+from ..pipeline.tokenizer import MAX_PROMPT_TOKENS, WhisperTokenizer
 from .base import MAX_NEW_TOKENS, DecodeOptions, Hypothesis, TokenTimings, check_batch
 from .whisper_rules import RequestPlan, RequestState, RuleTokens, split_prompt
 
@@ -645,7 +645,7 @@ class TensorRTLLMEngine:
 
     def _can_translate(self, model_info: dict) -> bool:
         """The export's model card (whisper_model.json) says; else the manifest; else multilingual models can."""
-        from ..export.model_card import ModelCard
+        from ..contract.model_card import ModelCard
 
         card = ModelCard.load(self.model_dir)
         if card is not None:

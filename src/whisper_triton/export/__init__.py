@@ -1,1 +1,2 @@
-"""Export: LoRA merge -> TensorRT-LLM checkpoint -> engines -> Triton model repository -> S3."""
+"""Export: LoRA merge -> TensorRT-LLM checkpoint -> engines -> Triton model repository -> S3.
+May import `engines/`, `pipeline/`, `contract/`, `errors`, `settings`."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from .common import ExportError
-from .manifest import BuildConfig
+from ..contract.engine_manifest import BuildConfig
 
 logger = logging.getLogger("whisper_triton.export")
 

@@ -26,9 +26,9 @@ import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..release import TENSORRT_LLM_VERSION
+from ..contract.release import TENSORRT_LLM_VERSION
 from .common import ExportError, atomic_output_dir, file_table, list_files
-from .manifest import MANIFEST_NAME, BuildConfig, EngineManifest, same_release
+from ..contract.engine_manifest import MANIFEST_NAME, BuildConfig, EngineManifest, same_release
 from .model_card import ModelCard, model_card
 
 logger = logging.getLogger(__name__)

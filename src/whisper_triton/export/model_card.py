@@ -13,15 +13,13 @@ export decides it from the layout unless told (`--translate yes|no`); the server
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
+from ..contract.model_card import FORMAT, MODEL_CARD, ModelCard, ModelCardError
 from .common import ExportError
 from .openai_model import ModelDimensions
 
-MODEL_CARD = "whisper_model.json"
-FORMAT = 1
+__all__ = ["FORMAT", "MODEL_CARD", "ModelCard", "ModelCardError", "can_translate", "dims_from_hf_config_json",
+           "layout_name", "model_card"]
+
 # (n_mels, n_audio_layer, n_text_layer, multilingual) of OpenAI's released models, for the `layout` label
 _LAYOUTS = {
     (128, 32, 4, True): "large-v3-turbo",
@@ -29,34 +27,6 @@ _LAYOUTS = {
     (80, 32, 32, True): "large-v2",
 }
 TRANSLATE_CHOICES = ("auto", "yes", "no")
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    n_mels: int
-    n_audio_layer: int
-    n_text_layer: int
-    n_vocab: int
-    multilingual: bool
-    translate: bool
-    layout: str = ""
-    format: int = FORMAT
-
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / MODEL_CARD
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "ModelCard | None":
-        path = Path(directory) / MODEL_CARD
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text())
-            return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
-        except (ValueError, TypeError) as exc:
-            raise ExportError(f"{path} is not a valid model card ({exc}); export the model again.") from exc
 
 
 def layout_name(dims: ModelDimensions) -> str:

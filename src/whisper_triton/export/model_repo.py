@@ -21,7 +21,6 @@ for `resolve_model_dir_parameter` alone.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -29,10 +28,11 @@ import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ..release import TENSORRT_LLM_VERSION, TRITON_CONTAINER_RELEASE, TRITON_IMAGE, TRITON_SERVER_VERSION
+from ..contract.release import TENSORRT_LLM_VERSION, TRITON_CONTAINER_RELEASE, TRITON_IMAGE, TRITON_SERVER_VERSION
 from .common import ExportError, atomic_output_dir, file_table, is_complete, list_files, mark_complete
-from .manifest import MANIFEST_NAME, BuildConfig, EngineManifest
+from ..contract.engine_manifest import MANIFEST_NAME, BuildConfig, EngineManifest
 from ..contract.tensors import WHISPER_WINDOW
+from ..settings import MODEL_DIR_PARAMETER, resolve_model_dir_parameter  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ CONFIG_NAME = "config.pbtxt"
 ENGINE_SUBDIR = f"{WHISPER_MODEL}/1/engine"  # where the model lives, relative to the repository root
 REPOSITORY_MANIFEST = "repository_manifest.json"
 ENGINES = ("tensorrtllm", "ctranslate2")
-MODEL_DIR_PARAMETER = "model_dir"
 _SKIPPED_NAMES = {"__pycache__", ".ipynb_checkpoints"}
 
 
@@ -57,24 +56,6 @@ def default_template_dir() -> Path:
 
 
 # ---- load-time resolution (called by the Triton models) --------------------------------------------
-def resolve_model_dir_parameter(model_config: dict, model_directory: str | Path) -> dict:
-    """Return `model_config` with a relative `model_dir` parameter made absolute.
-
-    A relative `model_dir` in config.pbtxt is relative to the model repository's root, i.e. the
-    parent of the model's own directory, which Triton's Python backend passes to `initialize` as
-    `args["model_repository"]` (e.g. `/opt/ml/model/whisper`). Empty and absolute values are left
-    as they are (empty still falls back to WHISPER_TRITON_MODEL_DIR). The input is not modified.
-    """
-    parameters = (model_config or {}).get("parameters") or {}
-    value = (parameters.get(MODEL_DIR_PARAMETER) or {}).get("string_value", "")
-    if not value or Path(value).is_absolute():
-        return model_config
-    resolved = copy.deepcopy(model_config)
-    absolute = (Path(model_directory).absolute().parent / value).resolve()
-    resolved["parameters"][MODEL_DIR_PARAMETER]["string_value"] = str(absolute)
-    return resolved
-
-
 # ---- configuration --------------------------------------------------------------------------------
 @dataclass
 class ModelRepoConfig:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ..release import TENSORRT_LLM_VERSION
+from ..contract.release import TENSORRT_LLM_VERSION
 from .common import ExportError, atomic_output_dir, is_complete, mark_complete
 from .openai_model import ModelDimensions, load_openai_model
 

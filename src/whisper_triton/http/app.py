@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import WhisperTritonError
-from ..formats import FORMATS, render
+from ..pipeline.formats import FORMATS, render
 from ..settings import Settings
 from .guards import Admission, Guards
 from .metrics import MetricsMiddleware, ProxyMetrics

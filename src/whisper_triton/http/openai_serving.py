@@ -20,7 +20,7 @@ from fastapi import Request
 from ..contract.languages import LANGUAGE_NAMES, language_name
 from ..contract.options import TranscribeOptions, parse_options, validated
 from ..errors import InvalidAudioError, PayloadTooLargeError, WhisperTritonError, invalid_parameter
-from ..formats import render
+from ..pipeline.formats import render
 from ..settings import Settings
 from .openai_protocol import (
     OPENAI_FIELDS, STREAMING_FORMATS, AudioRequest, ModelCard, ModelList, TextDeltaEvent, TextDoneEvent,

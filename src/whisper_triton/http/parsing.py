@@ -14,7 +14,7 @@ from fastapi import Request
 from ..contract.json_limits import load_object
 from ..contract.options import TranscribeOptions, parse_options
 from ..errors import InvalidAudioError, PayloadTooLargeError, WhisperTritonError, invalid_parameter
-from ..formats import FORMATS
+from ..pipeline.formats import FORMATS
 from ..settings import Settings
 
 _AUDIO_TYPES = ("application/octet-stream",)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from ..audio import estimate_seconds
+from ..pipeline.audio import estimate_seconds
 from ..contract.options import TranscribeOptions
 from ..contract.tensors import MODELS, TRANSCRIBE_SPEC, TRANSCRIBE_STREAM_SPEC, WHISPER_WINDOW, decode_error
 from ..errors import WhisperTritonError

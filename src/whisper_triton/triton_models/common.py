@@ -10,14 +10,12 @@ import numpy as np
 
 from ..contract.tensors import TensorSpec, encode_error
 from ..errors import WhisperTritonError, invalid_parameter
-from ..settings import Settings, resolve_settings
+from ..settings import Settings, resolve_model_dir_parameter, resolve_settings
 
 
 def model_settings(args: dict) -> Settings:
     """The settings of a model from its own config.pbtxt parameters (`serve` renders them), then the
     environment; a relative `model_dir` is relative to the repository, as the export lays it out."""
-    from ..export.model_repo import resolve_model_dir_parameter
-
     model_config = resolve_model_dir_parameter(json.loads(args["model_config"]), args["model_repository"])
     parameters = model_config.get("parameters", {}) or {}
     return resolve_settings(model_parameters={key: value.get("string_value", "") for key, value in parameters.items()})

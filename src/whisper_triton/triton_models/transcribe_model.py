@@ -27,16 +27,16 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..audio import decode_audio
+from ..pipeline.audio import decode_audio
 from ..contract.capabilities import EngineCapabilities
 from ..contract.json_limits import MAX_OPTIONS_BYTES, load_object
 from ..contract.options import DecodeOptions, TranscribeOptions, parse_options
 from ..contract.tensors import WHISPER_WINDOW_SPEC as WINDOW, decode_error, optional_number, strip_pad
 from ..engines.base import Hypothesis, TokenTimings
 from ..errors import WhisperTritonError
-from ..longform import LongFormTranscriber
-from ..tokenizer import WhisperTokenizer
-from ..transcribe import WindowOutput, unsupported_word_timestamps
+from ..pipeline.longform import LongFormTranscriber
+from ..pipeline.tokenizer import WhisperTokenizer
+from ..pipeline.windows import WindowOutput, unsupported_word_timestamps
 from .common import error_response, first_value, internal_error, model_settings, text
 from .window_scheduler import WindowScheduler, file_allowance
 

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..audio import decode_audio
+from ..pipeline.audio import decode_audio
 from ..contract.results import stream_chunk
 from ..contract.tensors import TRANSCRIBE_STREAM_SPEC as SPEC
 from ..errors import WhisperTritonError

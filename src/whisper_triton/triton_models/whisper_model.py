@@ -16,13 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE
+from ..pipeline.audio import SAMPLE_RATE
 from ..contract.options import DecodeOptions, validated
 from ..contract.tensors import (NVIDIA_OPTION_FIELDS, TRANSCRIBE, WHISPER_SPEC as SPEC, WHISPER_WINDOW_SPEC as WINDOW,
                                 decode_error, padded)
 from ..errors import WhisperTritonError, invalid_parameter
-from ..features import N_SAMPLES
-from ..tokenizer import PromptSpec, read_text_prefix
+from ..pipeline.features import N_SAMPLES
+from ..pipeline.tokenizer import PromptSpec, read_text_prefix
 from .common import (error_response, first_value, input_array, internal_error, requested_outputs, rows_of, tensor,
                      text_prefixes)
 

@@ -19,9 +19,9 @@ from ..contract.options import DecodeOptions, validated
 from ..contract.tensors import WHISPER_WINDOW_SPEC as SPEC
 from ..engines import load_engine
 from ..errors import PayloadTooLargeError, WhisperTritonError, invalid_parameter
-from ..features import N_SAMPLES
-from ..tokenizer import PromptSpec, WhisperTokenizer
-from ..transcribe import ShortFormTranscriber, ShortRequest, ShortResult, unsupported_word_timestamps
+from ..pipeline.features import N_SAMPLES
+from ..pipeline.tokenizer import PromptSpec, WhisperTokenizer
+from ..pipeline.windows import ShortFormTranscriber, ShortRequest, ShortResult, unsupported_word_timestamps
 from .common import (error_response, first_value, input_array, internal_error, max_batch_size, model_settings,
                      requested_outputs, rows_of, tensor, text, text_prefixes)
 

@@ -3,7 +3,7 @@ against a container on loopback.
 
     AWS_ENDPOINT_URL=http://127.0.0.1:5000           # the control plane and S3 (moto server)
     AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=http://127.0.0.1:8081   # this emulator
-    python -m whisper_triton.runtime_emulator --container-url http://127.0.0.1:8080 --port 8081
+    python -m whisper_triton.sagemaker_local.emulator --container-url http://127.0.0.1:8080 --port 8081
 
 Routes (the wire format boto3 speaks):
 - `POST /endpoints/{name}/invocations`: the endpoint is looked up in the control plane
@@ -49,7 +49,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .deploy.aws import AwsClients, parse_s3_uri
+from ..deploy.aws import AwsClients, parse_s3_uri
 from .eventstream import model_stream_error, payload_part
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .settings import Settings
+from ..settings import Settings
 from .triton_server import TritonStartError
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def download_target(settings: Settings, uri: str) -> Path:
 
 
 def fetch_from_s3(settings: Settings, uri: str) -> Path:
-    from .export.s3 import download_directory
+    from ..export.s3 import download_directory
 
     target = download_target(settings, uri)
     logger.info("fetching the model repository from %s into %s", uri, target)
@@ -82,7 +82,7 @@ def _disk_full(exc: BaseException | None) -> bool:
 
 
 def _fetch_error(uri: str, exc: Exception) -> ModelSourceError:
-    from .export.common import ExportError
+    from ..export.common import ExportError
 
     if isinstance(exc, ExportError):
         return ModelSourceError(f"Cannot fetch the model repository from {uri} (WHISPER_TRITON_MODEL_S3_URI): {exc}")
@@ -94,8 +94,8 @@ def _fetch_error(uri: str, exc: Exception) -> ModelSourceError:
 
 
 def check_repository(source: ModelSource) -> None:
-    from .export.common import ExportError
-    from .export.model_repo import check_model_repository
+    from ..export.common import ExportError
+    from ..export.model_repo import check_model_repository
 
     try:
         check_model_repository(source.repository)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from .contract.capabilities import SpecialTokens
-from .contract.options import MAX_PROMPT_TOKENS
-from .errors import invalid_parameter
+from ..contract.capabilities import SpecialTokens
+from ..contract.options import MAX_PROMPT_TOKENS
+from ..errors import invalid_parameter
 
 _SPECIAL_RE = re.compile(r"<\|[^|<>]*\|>")
 TASKS = ("transcribe", "translate")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 
-from .contract.options import QualityThresholds
-from .contract.results import Segment, Word  # noqa: F401  (re-exported: the pipeline's vocabulary)
+from ..contract.options import QualityThresholds
+from ..contract.results import Segment, Word  # noqa: F401  (re-exported: the pipeline's vocabulary)
 
 TIME_PRECISION = 0.02  # seconds per timestamp token step
 

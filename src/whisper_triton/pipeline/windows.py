@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .audio import SAMPLE_RATE
-from .contract.capabilities import EngineCapabilities
-from .engines.base import DecodeOptions, Engine, Hypothesis, TokenTimings
-from .errors import PayloadTooLargeError, WhisperTritonError
+from ..contract.capabilities import EngineCapabilities
+from ..contract.engine import Engine, Hypothesis, TokenTimings
+from ..contract.options import DecodeOptions
+from ..errors import PayloadTooLargeError, WhisperTritonError
 from .features import CHUNK_SECONDS, N_SAMPLES, HOP_LENGTH, batch_log_mel
 from .tokenizer import PromptSpec, WhisperTokenizer
 from .decoding import QualityThresholds, is_silence

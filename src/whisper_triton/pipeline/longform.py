@@ -16,15 +16,15 @@ from typing import Protocol
 import numpy as np
 
 from .audio import SAMPLE_RATE
-from .contract.capabilities import EngineCapabilities
-from .contract.options import DecodeOptions, QualityThresholds, TranscribeOptions
-from .contract.results import LeftOut, Segment, TranscriptionInfo, TranscriptionResult, Word
+from ..contract.capabilities import EngineCapabilities
+from ..contract.options import DecodeOptions, QualityThresholds, TranscribeOptions
+from ..contract.results import LeftOut, Segment, TranscriptionInfo, TranscriptionResult, Word
 from .decoding import DecodeAttempt, attempt_failed, compression_ratio, is_silence, select_attempt, split_on_timestamps
-from .engines.base import Hypothesis, TokenTimings
-from .errors import invalid_parameter
+from ..contract.engine import Hypothesis, TokenTimings
+from ..errors import invalid_parameter
 from .segmenter import Window, fixed_windows, windows_from_speech
 from .tokenizer import PromptSpec, WhisperTokenizer
-from .transcribe import WindowOutput, unsupported_word_timestamps
+from .windows import WindowOutput, unsupported_word_timestamps
 from .vad import speech_spans
 
 __all__ = ["LongFormTranscriber", "StreamChunk", "TranscribeOptions", "TranscriptionResult", "WindowDecoder", "not_applied"]

@@ -19,7 +19,7 @@ import logging
 import av
 import numpy as np
 
-from .errors import InvalidAudioError, PayloadTooLargeError
+from ..errors import InvalidAudioError, PayloadTooLargeError
 
 SAMPLE_RATE = 16_000
 # float PCM is nominally within +-1; beyond this (120 dB over full scale) a sample is not audio, and

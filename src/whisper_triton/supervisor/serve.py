@@ -11,12 +11,12 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .contract.tensors import MODELS, WHISPER_WINDOW
+from ..contract.tensors import MODELS, WHISPER_WINDOW
 from .model_source import model_parameters, model_repository, render_repository
-from .settings import Settings, load_settings, resolve_settings
+from ..settings import Settings, load_settings, resolve_settings
 from .triton_server import TritonPorts, TritonServer, TritonStartError
 
-logger = logging.getLogger("whisper_triton.serve")
+logger = logging.getLogger("whisper_triton.supervisor.serve")
 
 
 def default_model_repository() -> Path:
@@ -121,7 +121,7 @@ class Supervisor:
     def _serve_http(self) -> None:
         import uvicorn
 
-        from .http.app import create_app
+        from ..http.app import create_app
 
         app = create_app(self.settings)
         # log_config=None: uvicorn's lines go through serve's handlers, with the request id
@@ -181,7 +181,7 @@ def _alive(pid: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .http.guards import install_request_id_logging
+    from ..http.guards import install_request_id_logging
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")

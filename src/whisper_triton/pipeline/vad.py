@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import SAMPLE_RATE
-from .contract.options import VadOptions
+from ..contract.options import VadOptions
 
 logger = logging.getLogger(__name__)
 
