@@ -22,19 +22,21 @@ import pytest
 
 from conftest import start_serve
 from speech import encode
-from whisper_triton.evaluation import word_error_rate
+from whisper_triton.pipeline.evaluation import word_error_rate
 
 pytestmark = pytest.mark.triton
 
 BOUND = 2
-DEADLINE_S = 45  # short requests finish well within it even on a busy 2-core machine
+# The deadline test runs on its own serve: with a short deadline on the shared one, a slow first
+# window on a loaded machine let the deadline (not the client) end the disconnect test's request,
+# so the proxy never saw the client go (the flaky failure of issue 21).
+DEADLINE_S = 10
 
 
 @pytest.fixture(scope="module")
 def hardened(tmp_path_factory):
     instance = start_serve(tmp_path_factory.mktemp("hardened"), {
         "WHISPER_TRITON_MAX_REQUESTS_IN_FLIGHT": str(BOUND),
-        "WHISPER_TRITON_REQUEST_TIMEOUT_S": str(DEADLINE_S),
         "WHISPER_TRITON_RETRY_AFTER_S": "3",
         "WHISPER_TRITON_MAX_BODY_BYTES": str(32 * 1024 * 1024),  # the long file below
     })
@@ -132,20 +134,44 @@ def raw_post(instance, body: bytes, query: str, request_id: str) -> socket.socke
     return sock
 
 
-def admitted_post(instance, body: bytes, query: str, request_id: str, tries: int = 20) -> socket.socket:
-    """`raw_post`, sent again while the server refuses it as busy (503 + Retry-After): a request of an
-    earlier test may still hold an admission slot (its route ends only when its window is done)."""
+def admitted_post(instance, body: bytes, query: str, request_id: str, before: int, tries: int = 20,
+                  timeout_s: float = 180.0) -> socket.socket:
+    """`raw_post`, once its first window is decoded (`whisper_window`'s count past `before`); sent again
+    while the server refuses it as busy (503 + Retry-After: a request of an earlier test may still hold
+    an admission slot). Any other answer fails the test."""
     for _ in range(tries):
         sock = raw_post(instance, body, query, request_id)
-        sock.settimeout(1.0)
-        try:
-            head = sock.recv(64)
-        except socket.timeout:
-            return sock  # no immediate answer: admitted, being decoded
-        sock.close()
-        assert head.startswith(b"HTTP/1.1 503"), head
-        time.sleep(3)
+        sock.settimeout(0.25)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                head = sock.recv(64)
+            except socket.timeout:
+                head = None
+            if head is not None:
+                sock.close()
+                assert head.startswith(b"HTTP/1.1 503"), head
+                time.sleep(3)
+                break
+            if stats(instance, "whisper_window") > before:
+                return sock
+        else:
+            raise AssertionError(f"{request_id}: no window decoded within {timeout_s} s:\n{instance.log(3000)}")
     raise AssertionError(f"{request_id} was never admitted")
+
+
+def metric(instance, name: str, **labels: str) -> float:
+    """The value of one series of the proxy's /metrics (0 when it does not exist yet)."""
+    with urllib.request.urlopen(instance.url + "/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    wanted = {f'{key}="{value}"' for key, value in labels.items()}
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            series, value = line.rsplit(" ", 1)
+            if wanted <= set(series[len(name) + 1:-1].split(",")):
+                total += float(value)
+    return total
 
 
 def wait_until(condition, timeout_s: float, step_s: float = 0.25) -> bool:
@@ -170,28 +196,38 @@ def settled_count(instance, model: str, quiet_s: float = 4.0, timeout_s: float =
     return last
 
 
-def test_a_client_that_disconnects_stops_being_decoded(hardened, long_opus):
+def test_a_client_that_disconnects_stops_being_decoded(hardened, http, long_opus, speech_clips):
     body, windows = long_opus
     before = settled_count(hardened, "whisper_window")
-    sock = admitted_post(hardened, body, "batch_size=1&beam_size=10", "gone-client-1")
-    assert wait_until(lambda: stats(hardened, "whisper_window") > before, 120), hardened.log(3000)
+    gone = metric(hardened, "whisper_http_requests_total", route="/invocations", status="499")
+    sock = admitted_post(hardened, body, "batch_size=1&beam_size=10", "gone-client-1", before)
     sock.close()  # the client goes away after its first window
-    assert wait_until(lambda: "[gone-client-1]: client disconnected" in hardened.log(), 60), hardened.log(4000)
-    # the request id reached Triton: the transcribe model names it when it stops
-    assert wait_until(lambda: "request gone-client-1 cancelled by its caller" in hardened.log(), 120), \
-        hardened.log(4000)
+    # the proxy saw it go and cancelled the request (counted as 499, "client closed request")
+    assert wait_until(lambda: metric(hardened, "whisper_http_requests_total", route="/invocations",
+                                     status="499") == gone + 1, 60), hardened.log(4000)
     decoded = settled_count(hardened, "whisper_window") - before
     assert decoded < windows / 2, f"{decoded} of {windows} windows decoded after the client left"
+    # its admission slot came back (released before the 499 is counted): a short request is served
+    reply = post_wav(http, speech_clips[0].wav_bytes)
+    assert reply.status_code == 200 and word_error_rate(speech_clips[0].text, reply.json()["text"]) <= 0.15
 
 
-def test_a_request_past_its_deadline_is_a_504_and_stops(hardened, http, long_opus):
+def test_a_request_past_its_deadline_is_a_504_and_stops(tmp_path, long_opus):
     body, windows = long_opus
-    before = settled_count(hardened, "whisper_window")
-    reply = http.post("/invocations?batch_size=1&beam_size=10", content=body, headers={"Content-Type": "audio/ogg"})
-    assert_refused(reply, 504, None)
-    assert wait_until(lambda: hardened.log().count("cancelled by its caller") >= 2, 120), hardened.log(4000)
-    decoded = settled_count(hardened, "whisper_window") - before
-    assert decoded < windows, f"{decoded} of {windows} windows decoded past the deadline"
+    instance = start_serve(tmp_path, {"WHISPER_TRITON_REQUEST_TIMEOUT_S": str(DEADLINE_S),
+                                      "WHISPER_TRITON_MAX_BODY_BYTES": str(32 * 1024 * 1024)})
+    try:
+        instance.wait_ready()
+        before = stats(instance, "whisper_window")
+        with httpx.Client(base_url=instance.url, timeout=120) as client:
+            reply = client.post("/invocations?batch_size=1&beam_size=10", content=body,
+                                headers={"Content-Type": "audio/ogg"})
+        assert_refused(reply, 504, None)
+        decoded = settled_count(instance, "whisper_window") - before
+        assert decoded < windows, f"{decoded} of {windows} windows decoded past the deadline"
+        assert metric(instance, "whisper_http_requests_total", route="/invocations", status="504") == 1
+    finally:
+        instance.terminate()
 
 
 # ---- backpressure --------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 _OVERLOAD_STATUS: contextvars.ContextVar[int] = contextvars.ContextVar("overload_status", default=503)
 
 REQUEST_ID_HEADER = "x-request-id"
+CLIENT_GONE = "client_gone"  # scope["state"] key: the client left before its answer was complete
+CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request": the label a cancelled request gets
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 OPEN_PATHS = frozenset({"/ping"})  # no key, never refused for load
 UNMETERED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # cheap reads are not admitted work
@@ -213,6 +215,7 @@ class Guards:
                 await route
                 return
             logger.info("client disconnected: cancelling %s %s", scope.get("method"), scope.get("path"))
+            scope.setdefault("state", {})[CLIENT_GONE] = True  # the metrics count it as 499, not as an error
             route.cancel()
             try:
                 await route

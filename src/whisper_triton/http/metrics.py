@@ -2,7 +2,7 @@
 metrics stay on Triton's metrics port, 8002). One registry per app, so several apps in one process
 (tests) never share counters.
 
-- whisper_http_requests_total{route,method,status}
+- whisper_http_requests_total{route,method,status}: status 499 where the client left before its answer
 - whisper_http_request_duration_seconds{route} (histogram; a stream counts until its last byte)
 - whisper_http_requests_in_flight{route}
 - whisper_audio_seconds_total{route}: seconds of audio transcribed
@@ -16,6 +16,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .guards import CLIENT_CLOSED_STATUS, CLIENT_GONE
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 UNMATCHED = "unmatched"  # any path that is not a route: one label, whatever was asked
@@ -73,4 +75,6 @@ class MetricsMiddleware:
         finally:
             self.metrics.in_flight.labels(route).dec()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            if scope["state"].get(CLIENT_GONE):  # cancelled because the client left: no status was sent
+                status["code"] = CLIENT_CLOSED_STATUS
             self.metrics.requests.labels(route, scope.get("method", ""), str(status["code"])).inc()
