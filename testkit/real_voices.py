@@ -246,8 +246,8 @@ def conversation(voices: tuple[str, ...], seed: int, turns: int = 12, min_turn_s
     order = list(voices) + [None] * max(0, turns - len(voices))  # every voice speaks at least once
     speakers: list[str] = []
     for slot in order:
-        choices = [v for v in voices if not speakers or v != speakers[-1]]
-        pick = slot if slot is not None and (not speakers or slot != speakers[-1]) else rng.choice(choices)
+        choices = [v for v in voices if not speakers or v != speakers[-1]] or list(voices)
+        pick = slot if slot is not None and slot in choices else rng.choice(choices)
         speakers.append(str(pick))
     overlap_at = set(rng.choice(np.arange(1, turns), size=min(overlaps, turns - 1), replace=False).tolist()) \
         if overlaps else set()

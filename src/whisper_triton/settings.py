@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # more batches that may start only for windows due before every batch running (a short file beside
     # a long file's batch); useful with a second whisper_window instance
     urgent_window_batches: int = Field(default=0, ge=0, le=16)
+    # speaker diarization: the voice encoder's weights converted at install time (speakers/weights.py);
+    # empty: <python prefix>/share/whisper-triton/voice_encoder.npz
+    speaker_encoder: str = ""
 
     # Triton
     triton_home: str = ""  # empty: /opt/tritonserver, else the nvidia-pytriton wheel

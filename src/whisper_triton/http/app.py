@@ -110,16 +110,20 @@ def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
         streamed_type = stream_type(request.headers.get("accept"))
         output_type = None if streamed_type else choose_output_type(request.headers.get("accept"))
         invocation = await parse_invocation(request, settings)
+        if output_type is not None and FORMATS[output_type] == "rttm" and not invocation.options.diarize:
+            raise WhisperTritonError("RTTM lists who spoke when: add diarize=true to ask for speakers.", "Accept", 406,
+                                     "not_acceptable")
         state = request.app.state
         if streamed_type or invocation.stream:
-            chunks = await first_chunk(state.triton.transcribe_stream(invocation.audio, invocation.options))
+            chunks = await first_chunk(state.triton.transcribe_stream(invocation.audio, invocation.options,
+                                                                      invocation.references))
             lines = json_lines(
                 until_disconnected(request, chunks),
                 on_first_segment=lambda: state.metrics.first_segment.labels("/invocations").observe(
                     time.perf_counter() - started),
                 on_done=lambda chunk: state.metrics.audio_seconds.labels("/invocations").inc(chunk.get("duration", 0)))
             return StreamingResponse(lines, media_type=streamed_type or STREAM_TYPES[0])
-        result = await state.triton.transcribe(invocation.audio, invocation.options)
+        result = await state.triton.transcribe(invocation.audio, invocation.options, invocation.references)
         state.metrics.audio_seconds.labels("/invocations").inc(result.get("duration", 0.0))
         if output_type == "application/json":
             return JSONResponse(result)

@@ -58,19 +58,20 @@ async def _audio(request: Request, task: str) -> Response:
     route = request.url.path
     form = await serving.read_form(request, state.settings.body_limit())
     theirs, ours = serving.openai_fields(form.fields)
-    audio_request = serving.audio_request(theirs, task)
+    audio_request, references = serving.audio_request(theirs, task)
     (await models_of(request)).resolve(audio_request.model)
     options = serving.transcribe_options(audio_request, ours, task)
     try:
         if audio_request.stream:
-            chunks = await first_chunk(state.triton.transcribe_stream(form.audio, options))
+            chunks = await first_chunk(state.triton.transcribe_stream(form.audio, options, references))
             events = serving.text_events(
                 until_disconnected(request, chunks),
                 on_first_segment=lambda: state.metrics.first_segment.labels(route).observe(time.perf_counter() - started),
-                on_done=lambda chunk: state.metrics.audio_seconds.labels(route).inc(chunk.get("duration", 0.0)))
+                on_done=lambda chunk: state.metrics.audio_seconds.labels(route).inc(chunk.get("duration", 0.0)),
+                diarized_segments=audio_request.response_format == "diarized_json")
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        result = await state.triton.transcribe(form.audio, options)
+        result = await state.triton.transcribe(form.audio, options, references)
     except WhisperTritonError as exc:
         if task == "translate" and exc.param == "task":  # the endpoint chose the task: name the model
             exc.param = "model"

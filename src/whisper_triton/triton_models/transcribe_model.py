@@ -37,7 +37,8 @@ from ..errors import WhisperTritonError
 from ..pipeline.longform import LongFormTranscriber
 from ..pipeline.tokenizer import WhisperTokenizer
 from ..pipeline.windows import WindowOutput, unsupported_word_timestamps
-from .common import error_response, first_value, internal_error, model_settings, text
+from ..speakers.service import KnownSpeaker, SpeakerTranscriber, diarization_unavailable
+from .common import error_response, first_value, input_array, internal_error, model_settings, text
 from .window_scheduler import WindowScheduler, file_allowance
 
 logger = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ class TranscribeModel:
         self.decoder = TritonWindowDecoder(pb_utils, self.tokenizer, in_flight=self.settings.window_batches_in_flight,
                                            urgent_slots=self.settings.urgent_window_batches)
         self.pipeline = LongFormTranscriber(self.decoder, self.tokenizer)
+        self.speakers, self.speakers_missing = _speaker_transcriber(self.pipeline, self.settings.speaker_encoder)
         self._files = ThreadPoolExecutor(max_workers=self.settings.max_concurrent_files, thread_name_prefix="file")
         self._waiting = 0  # files handed over and not yet started
         self._count_lock = threading.Lock()
@@ -215,13 +217,27 @@ class TranscribeModel:
             return TranscribeOptions()
         return parse_options(load_object(raw, "OPTIONS", MAX_OPTIONS_BYTES))
 
+    def known_speakers(self, request, options: TranscribeOptions) -> list[KnownSpeaker] | None:
+        """With diarize: the reference clips checked and embedded (400s name the parameter); None without."""
+        array = input_array(self.pb, request, "SPEAKER_REFERENCES")
+        references = [] if array is None else [bytes(v) for v in array.reshape(-1)]
+        if not options.diarize and not references:
+            return None
+        if self.speakers is None:
+            raise diarization_unavailable(self.speakers_missing)
+        return self.speakers.known_speakers(options, references)
+
     def transcribe(self, request, arrival: float | None = None) -> dict:
         options = self.pipeline.check(self.options(request))  # before any audio work
+        known = self.known_speakers(request, options)
         data = first_value(self.pb, request, "AUDIO")
         audio = decode_audio(bytes(data or b""), max_seconds=self.settings.max_audio_seconds)
         arrival = time.monotonic() if arrival is None else arrival
         with self.decoder.serving(_cancellation_flag(request), arrival, audio.size / 16_000):
-            result = self.pipeline.transcribe(audio, options)
+            if known is not None:
+                result = self.speakers.transcribe(audio, options, known)
+            else:
+                result = self.pipeline.transcribe(audio, options)
         return result.to_dict(words=options.word_timestamps, tokens=options.include_tokens)
 
     def respond(self, request, arrival: float | None = None):
@@ -260,7 +276,25 @@ class TranscribeModel:
 
     def close(self) -> None:
         self._files.shutdown(wait=False, cancel_futures=True)
+        if self.speakers is not None:
+            self.speakers.close()
         self.decoder.close()
+
+
+def _speaker_transcriber(pipeline: LongFormTranscriber, encoder_path: str) -> tuple[SpeakerTranscriber | None, str]:
+    """The diarizing transcriber, or None and why not (diarize=true requests then get a 422 saying so).
+    A capability of this model, declared by what is installed: the encoder's converted weights and scikit-learn."""
+    from ..speakers.encoder import load_encoder
+    from ..speakers.weights import default_encoder_path
+
+    try:
+        import sklearn  # noqa: F401  (the clustering)
+
+        encoder = load_encoder(encoder_path or str(default_encoder_path()))
+    except (ImportError, FileNotFoundError, OSError, ValueError) as exc:
+        logger.warning("speaker diarization is off: %s", exc)
+        return None, str(exc)
+    return SpeakerTranscriber(pipeline, encoder), ""
 
 
 def _cancellation_flag(request) -> Callable[[], bool]:

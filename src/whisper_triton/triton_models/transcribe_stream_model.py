@@ -50,13 +50,19 @@ class TranscribeStreamModel(TranscribeModel):
         arrival = time.monotonic()
         try:
             options = self.pipeline.check(self.options(request))  # before any audio work
+            known = self.known_speakers(request, options)
             audio = decode_audio(bytes(first_value(self.pb, request, "AUDIO") or b""),
                                  max_seconds=self.settings.max_audio_seconds)
             with self.decoder.serving(sender.is_cancelled, arrival, audio.size / 16_000):
-                for chunk in self.pipeline.transcribe_iter(audio, options, cancelled=sender.is_cancelled):
+                if known is not None:
+                    chunks = self.speakers.transcribe_iter(audio, options, known, cancelled=sender.is_cancelled)
+                else:
+                    chunks = ((c, None) for c in self.pipeline.transcribe_iter(audio, options,
+                                                                                cancelled=sender.is_cancelled))
+                for chunk, speakers in chunks:
                     response = self._chunk_response(stream_chunk(
                         chunk.segments, chunk.language, chunk.language_probability, chunk.duration, chunk.info,
-                        chunk.done, words=options.word_timestamps, tokens=options.include_tokens))
+                        chunk.done, words=options.word_timestamps, tokens=options.include_tokens, speakers=speakers))
                     sender.send(response, flags=final if chunk.done else 0)
                     if chunk.done:
                         return
