@@ -89,11 +89,16 @@ class _Turn:
 
 
 def baselines(conv: Conversation, probabilities: np.ndarray) -> dict:
-    from whisper_triton.speakers.diarize import regions
+    from whisper_triton.speakers.diarize import BRIDGE_S, regions
 
     spans = [(first / 100, last / 100) for first, last in regions(probabilities, conv.audio.size)]
     reference = annotation(conv.turns)
-    one = [_Turn(s, e, "S0") for s, e in spans]
+    one: list[_Turn] = []
+    for s, e in spans:  # bridged as the diarizer bridges a speaker's short pauses
+        if one and s - one[-1].end <= BRIDGE_S:
+            one[-1].end = e
+        else:
+            one.append(_Turn(s, e, "S0"))
     every = [_Turn(s, e, f"S{i}") for i, (s, e) in enumerate(spans)]
     return {"one_speaker": der(reference, annotation(one), conv.duration),
             "speaker_per_pause": der(reference, annotation(every), conv.duration)}
@@ -124,6 +129,8 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for set_name in args.sets:
         for conv in conversations(set_name):
+            if args.speakers and len(conv.speakers) not in args.speakers:
+                continue
             probabilities = speech_probabilities(conv.audio)
             reference = annotation(conv.turns)
             row = {"set": set_name, "name": conv.name, "speakers": len(conv.speakers), "voices": list(conv.speakers),
@@ -268,6 +275,7 @@ def main() -> None:
     parser.add_argument("--no-words", dest="words", action="store_false",
                         help="diarization only (no transcription: no word share, no request time)")
     parser.add_argument("--model", default="base", choices=["base", "tiny.en"])
+    parser.add_argument("--speakers", type=int, nargs="*", default=None, help="only conversations of these sizes")
     parser.add_argument("--rounds", type=int, default=1, help="paired timing rounds per conversation")
     parser.add_argument("--output", type=Path, default=RESULTS / "diarization.json")
     args = parser.parse_args()

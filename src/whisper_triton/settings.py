@@ -38,6 +38,15 @@ def default_model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+def default_speaker_encoder() -> Path:
+    """Where the speaker encoder's converted weights live unless WHISPER_TRITON_SPEAKER_ENCODER says
+    otherwise: beside the Python environment that serves (a virtualenv, or the image's Python), written
+    at install time by `python -m whisper_triton.speakers.weights`."""
+    import sys
+
+    return Path(sys.prefix) / "share" / "whisper-triton" / "voice_encoder.npz"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WHISPER_TRITON_", extra="ignore", populate_by_name=True)
 
@@ -122,9 +131,15 @@ class Settings(BaseSettings):
     def cpu_thread_count(self) -> int:
         return self.cpu_threads or (os.cpu_count() or 1)
 
+    def resolved_speaker_encoder(self) -> Path:
+        return Path(self.speaker_encoder) if self.speaker_encoder else default_speaker_encoder()
+
     def model_parameters(self) -> dict[str, str]:
-        """The values `serve` renders into each model's config.pbtxt parameters."""
-        return {name: str(getattr(self, name)) for name in MODEL_PARAMETERS}
+        """The values `serve` renders into each model's config.pbtxt parameters (the speaker encoder's
+        path resolved here: Triton's Python stub may not share serve's `sys.prefix`)."""
+        values = {name: str(getattr(self, name)) for name in MODEL_PARAMETERS}
+        values["speaker_encoder"] = str(self.resolved_speaker_encoder())
+        return values
 
     def engine_options(self) -> dict:
         """Keyword arguments of `engines.load_engine` for the configured engine."""
@@ -138,7 +153,7 @@ class Settings(BaseSettings):
 
 # the settings a Triton model's config.pbtxt may carry as parameters (same names as the fields)
 MODEL_PARAMETERS = ("engine", "model_dir", "device", "compute_type", "cpu_threads", "encoder_cache_mb",
-                    "max_concurrent_files", "window_batches_in_flight", "urgent_window_batches")
+                    "max_concurrent_files", "window_batches_in_flight", "urgent_window_batches", "speaker_encoder")
 
 
 def _given(values: dict | None) -> dict:

@@ -59,6 +59,15 @@ class SpeakerSummary:
 
 
 @dataclass
+class Turn:
+    """A stretch of speech by one speaker (diarize): who spoke when, independent of the text."""
+
+    start: float
+    end: float
+    speaker: str
+
+
+@dataclass
 class TranscriptionResult:
     text: str
     language: str
@@ -67,12 +76,14 @@ class TranscriptionResult:
     segments: list[Segment]
     info: TranscriptionInfo = field(default_factory=TranscriptionInfo)
     speakers: list[SpeakerSummary] | None = None  # with diarize, in label order
+    turns: list[Turn] | None = None  # with diarize, in time order
 
     def to_dict(self, words: bool = False, tokens: bool = False) -> dict:
         result = asdict(self)
         result["segments"] = [segment_dict(s, words, tokens) for s in result["segments"]]
-        if result["speakers"] is None:
-            result.pop("speakers")
+        for name in ("speakers", "turns"):
+            if result[name] is None:
+                result.pop(name)
         return result
 
 

@@ -3,7 +3,7 @@
 With speakers (diarize=true) each cue says who speaks: WebVTT as a voice span (`<v A>text`, the
 WebVTT way), SRT as a prefix (`A: text`, what subtitle editors show), plain text one line per
 change of speaker; RTTM (NIST's Rich Transcription Time Marked, what diarization scorers read) lists
-each segment as a SPEAKER line."""
+each speaker turn as a SPEAKER line."""
 
 from __future__ import annotations
 
@@ -70,12 +70,13 @@ def to_vtt(result: dict) -> str:
 
 
 def to_rttm(result: dict, file_id: str = "audio") -> str:
-    """One SPEAKER line per segment: file, channel 1, onset, duration, speaker (spaces in names become '_')."""
+    """One SPEAKER line per speaker turn (the diarization's `turns`; the segments where a result has none):
+    file, channel 1, onset, duration, speaker (spaces in names become '_')."""
     lines = []
-    for segment in result.get("segments", []):
-        speaker = "_".join(str(segment.get("speaker") or "unknown").split())
-        duration = max(0.0, segment["end"] - segment["start"])
-        lines.append(f"SPEAKER {file_id} 1 {segment['start']:.3f} {duration:.3f} <NA> <NA> {speaker} <NA> <NA>\n")
+    for turn in result.get("turns") or result.get("segments", []):
+        speaker = "_".join(str(turn.get("speaker") or "unknown").split())
+        duration = max(0.0, turn["end"] - turn["start"])
+        lines.append(f"SPEAKER {file_id} 1 {turn['start']:.3f} {duration:.3f} <NA> <NA> {speaker} <NA> <NA>\n")
     return "".join(lines)
 
 

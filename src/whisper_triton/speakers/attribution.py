@@ -9,7 +9,7 @@ from __future__ import annotations
 import string
 from dataclasses import replace
 
-from ..contract.results import Segment, SpeakerSummary, Word
+from ..contract.results import Segment, SpeakerSummary, Turn, Word
 from ..pipeline.decoding import compression_ratio
 from .diarize import Diarization
 
@@ -39,6 +39,10 @@ def speaker_labels(diarization: Diarization, names: dict[int, str] | None = None
 def summaries(diarization: Diarization, labels: list[str]) -> list[SpeakerSummary]:
     times = diarization.speaking_time()
     return [SpeakerSummary(label, round(times[index], 3)) for index, label in enumerate(labels)]
+
+
+def turns(diarization: Diarization, labels: list[str]) -> list[Turn]:
+    return [Turn(turn.start, turn.end, labels[turn.speaker]) for turn in diarization.turns]
 
 
 def _speaker(diarization: Diarization, labels: list[str], start: float, end: float) -> str | None:

@@ -9,7 +9,9 @@ embeddings on sliding windows -> clustering -> speaker turns.
    count is estimated: the tree cut where clusters are further apart than one voice's windows are
    (`SPLIT_DISTANCE`), small clusters not counted, held within `min_speakers`..`max_speakers`.
 4. Each 10 ms frame of speech goes to the speaker whose centroid the windows covering it resemble
-   most; runs of frames are the turns, runs shorter than `MIN_TURN_S` join their neighbours.
+   most; runs of frames are the turns, runs shorter than `MIN_TURN_S` join their neighbours, and a
+   pause of up to `BRIDGE_S` between two turns of one speaker belongs to the turn (a breath, a
+   quiet word the VAD let go).
 Overlapped speech gets one speaker (the louder voice usually wins): overlaps count as missed speech.
 """
 
@@ -30,6 +32,7 @@ WINDOW_FRAMES = 150  # 1.5 s
 STEP_FRAMES = 50  # 0.5 s
 MIN_WINDOW_FRAMES = 40  # a region shorter than 0.4 s is not embedded (its frames take the nearest speaker)
 MIN_TURN_S = 0.5
+BRIDGE_S = 0.5  # a pause this short between two turns of one speaker is part of the turn
 # count estimation, chosen on the development voices (bench/diarization.py; held-out voices only checked):
 SPLIT_DISTANCE = 0.36  # average cosine distance between clusters above which they are different voices
 MIN_CLUSTER_SHARE = 0.08  # of the windows: a smaller cluster is not a speaker of its own
@@ -227,8 +230,16 @@ def _turns(speakers: np.ndarray) -> list[SpeakerTurn]:
             runs = merged
             changed = True
             break
-    return [SpeakerTurn(round(first / FRAMES_PER_SECOND, 3), round(last / FRAMES_PER_SECOND, 3), speaker)
-            for first, last, speaker in runs if speaker >= 0]
+    turns: list[SpeakerTurn] = []
+    for first, last, speaker in runs:
+        if speaker < 0:
+            continue
+        start, end = round(first / FRAMES_PER_SECOND, 3), round(last / FRAMES_PER_SECOND, 3)
+        if turns and turns[-1].speaker == speaker and start - turns[-1].end <= BRIDGE_S:
+            turns[-1] = SpeakerTurn(turns[-1].start, end, speaker)
+        else:
+            turns.append(SpeakerTurn(start, end, speaker))
+    return turns
 
 
 def _first_appearance(turns: list[SpeakerTurn], count: int) -> list[int]:

@@ -27,7 +27,7 @@ from ..errors import WhisperTritonError, invalid_parameter
 from ..pipeline.audio import SAMPLE_RATE, decode_audio
 from ..pipeline.longform import LongFormTranscriber, StreamChunk
 from ..pipeline.vad import speech_probabilities
-from .attribution import attribute, speaker_labels, summaries
+from .attribution import attribute, speaker_labels, summaries, turns
 from .diarize import Diarization, diarize
 from .encoder import VoiceEncoder, level_gain
 
@@ -114,6 +114,7 @@ class SpeakerTranscriber:
         labels = speaker_labels(diarization, self.names(diarization, known or []))
         result.segments = attribute(result.segments, diarization, labels)
         result.speakers = summaries(diarization, labels)
+        result.turns = turns(diarization, labels)
         _note_words(result.info.not_applied, self.pipeline.decoder.capabilities)
         if not options.word_timestamps:
             result.segments = [replace(s, words=None) for s in result.segments]

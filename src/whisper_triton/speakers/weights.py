@@ -18,7 +18,6 @@ import importlib.util
 import logging
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +49,10 @@ def resemblyzer_weights_path() -> Path:
 
 
 def default_encoder_path() -> Path:
-    """Where the converted weights live unless WHISPER_TRITON_SPEAKER_ENCODER says otherwise: beside the
-    environment that serves (a virtualenv, or the image's Python), written at install time."""
-    return Path(sys.prefix) / "share" / "whisper-triton" / "voice_encoder.npz"
+    """Where the converted weights go unless WHISPER_TRITON_SPEAKER_ENCODER says otherwise (settings.py)."""
+    from ..settings import load_settings
+
+    return load_settings().resolved_speaker_encoder()
 
 
 class _Storage:

@@ -204,7 +204,8 @@ class TranscribeModel:
         self.decoder = TritonWindowDecoder(pb_utils, self.tokenizer, in_flight=self.settings.window_batches_in_flight,
                                            urgent_slots=self.settings.urgent_window_batches)
         self.pipeline = LongFormTranscriber(self.decoder, self.tokenizer)
-        self.speakers, self.speakers_missing = _speaker_transcriber(self.pipeline, self.settings.speaker_encoder)
+        self.speakers, self.speakers_missing = _speaker_transcriber(self.pipeline,
+                                                                    self.settings.resolved_speaker_encoder())
         self._files = ThreadPoolExecutor(max_workers=self.settings.max_concurrent_files, thread_name_prefix="file")
         self._waiting = 0  # files handed over and not yet started
         self._count_lock = threading.Lock()
@@ -281,16 +282,15 @@ class TranscribeModel:
         self.decoder.close()
 
 
-def _speaker_transcriber(pipeline: LongFormTranscriber, encoder_path: str) -> tuple[SpeakerTranscriber | None, str]:
+def _speaker_transcriber(pipeline: LongFormTranscriber, encoder_path) -> tuple[SpeakerTranscriber | None, str]:
     """The diarizing transcriber, or None and why not (diarize=true requests then get a 422 saying so).
     A capability of this model, declared by what is installed: the encoder's converted weights and scikit-learn."""
     from ..speakers.encoder import load_encoder
-    from ..speakers.weights import default_encoder_path
 
     try:
         import sklearn  # noqa: F401  (the clustering)
 
-        encoder = load_encoder(encoder_path or str(default_encoder_path()))
+        encoder = load_encoder(str(encoder_path))
     except (ImportError, FileNotFoundError, OSError, ValueError) as exc:
         logger.warning("speaker diarization is off: %s", exc)
         return None, str(exc)
