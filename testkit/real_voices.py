@@ -215,6 +215,11 @@ class Conversation:
                 return turn.speaker
         return None
 
+    def wav(self) -> bytes:
+        """The conversation as a 16-bit WAV file at the rate it was recorded at (8 kHz ones at 8 kHz)."""
+        samples = self.audio if self.rate == RATE else _resample(self.audio, RATE, self.rate)
+        return wav_bytes(samples, self.rate)
+
     def rttm(self) -> str:
         return "".join(f"SPEAKER {self.name} 1 {t.start:.3f} {t.end - t.start:.3f} <NA> <NA> {t.speaker} <NA> <NA>\n"
                        for t in self.turns)

@@ -117,3 +117,28 @@ def test_formats_say_who_speaks():
         "SPEAKER audio 1 2.000 2.000 <NA> <NA> Dr._Who <NA> <NA>"]
     plain = {"text": "x", "segments": [{"id": 0, "start": 0.0, "end": 1.0, "text": " x"}]}
     assert "<v" not in render(plain, "vtt") and render(plain, "text") == "x"
+
+
+def test_openai_form_fields_map_onto_the_one_request_model():
+    """diarized_json turns diarize on; names and data-URL references as the SDK sends them (repeated
+    `name[]` fields); chunking_strategy server_vad tunes our VAD; our own fields (num_speakers) pass."""
+    from whisper_triton.errors import WhisperTritonError
+    from whisper_triton.http.openai_serving import audio_request, openai_fields, transcribe_options
+
+    fields = {"model": ["whisper-1"], "response_format": ["diarized_json"],
+              "known_speaker_names[]": ["agent", "customer"],
+              "known_speaker_references[]": ["data:audio/wav;base64,UklGRg==", "data:audio/wav;base64,UklGRg=="],
+              "chunking_strategy[type]": ["server_vad"], "chunking_strategy[silence_duration_ms]": ["500"],
+              "chunking_strategy[threshold]": ["0.6"], "num_speakers": ["2"]}
+    theirs, ours = openai_fields(fields)
+    request, references = audio_request(theirs, "transcribe")
+    options = transcribe_options(request, ours, "transcribe")
+    assert options.diarize and options.num_speakers == 2 and options.known_speaker_names == ["agent", "customer"]
+    assert references == [b"RIFF", b"RIFF"]
+    assert (options.vad_min_silence_ms, options.vad_threshold) == (500, 0.6)
+    with pytest.raises(WhisperTritonError) as caught:
+        audio_request({"response_format": "diarized_json", "known_speaker_names": ["a"]}, "transcribe")
+    assert caught.value.param == "known_speaker_names"
+    with pytest.raises(WhisperTritonError) as caught:
+        audio_request({"response_format": "diarized_json"}, "translate")
+    assert caught.value.param == "response_format"
