@@ -30,15 +30,17 @@ from testkit.synthetic_speech import spoken_sentences
 from whisper_triton.engines import load_engine
 from whisper_triton.engines.base import DecodeOptions, Hypothesis
 from whisper_triton.engines.ctranslate2_engine import CTranslate2Engine
-from whisper_triton.engines.tensorrtllm_engine import (
+from whisper_triton.engines.tensorrtllm.compatibility import (
     EngineCompatibilityError,
+    TensorRTLLMUnavailableError,
+    check_compatibility,
+)
+from whisper_triton.engines.tensorrtllm.engine import TensorRTLLMEngine
+from whisper_triton.engines.tensorrtllm.requests import (
     EngineLimits,
     RuntimeOutput,
-    TensorRTLLMEngine,
-    TensorRTLLMUnavailableError,
     build_generate_request,
     build_language_request,
-    check_compatibility,
     encoder_output_lengths,
     engine_limits,
     feature_tensors,
@@ -245,7 +247,8 @@ def test_module_imports_without_tensorrt_llm_or_torch():
         "        if name.split('.')[0] in ('tensorrt_llm', 'torch'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import whisper_triton.engines.tensorrtllm_engine as m\n"
+        "import whisper_triton.engines.tensorrtllm.engine\n"
+        "import whisper_triton.engines.tensorrtllm.compatibility as m\n"
         "assert 'torch' not in sys.modules and 'tensorrt_llm' not in sys.modules\n"
         "try:\n"
         "    m._import_runtime()\n"

@@ -110,7 +110,7 @@ def test_error_message_does_not_echo_huge_values():
 def test_length_penalty_reaches_the_engine_from_http(ct2_engine, tokenizer, speech_clips, monkeypatch):
     """An option exposed in the request model alone reaches both engines: DecodeOptions carries every
     decoding field the request has, the Triton path sends DecodeOptions whole (DECODE_OPTIONS)."""
-    from whisper_triton.engines.tensorrtllm_engine import sampling_settings
+    from whisper_triton.engines.tensorrtllm.requests import sampling_settings
     from whisper_triton.pipeline.longform import LongFormTranscriber
     from whisper_triton.pipeline.windows import EngineWindowDecoder
 

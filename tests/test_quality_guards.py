@@ -165,7 +165,7 @@ def test_tensorrtllm_request_keeps_the_newest_prompt_tokens_and_caps_new_tokens(
     """The TensorRT-LLM engine fits the same prompt into its build's max_prompt_len (oldest previous
     tokens dropped first) and asks for no more new tokens than the 448 positions leave."""
     from whisper_triton.engines.base import DecodeOptions
-    from whisper_triton.engines.tensorrtllm_engine import EngineLimits, build_generate_request
+    from whisper_triton.engines.tensorrtllm.requests import EngineLimits, build_generate_request
 
     tok = multilingual_layout_tokenizer
     prompt = tok.prompt_ids(PromptSpec(language="de", previous_text=" ".join(f"w{i}" for i in range(1000))))

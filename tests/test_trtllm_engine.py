@@ -24,10 +24,9 @@ from whisper_triton.contract.capabilities import EngineCapabilities  # noqa: E40
 from whisper_triton.engines import load_engine  # noqa: E402
 from whisper_triton.engines.base import DecodeOptions  # noqa: E402
 from whisper_triton.engines.ctranslate2_engine import CTranslate2Engine  # noqa: E402
-from whisper_triton.engines.tensorrtllm_engine import (  # noqa: E402
+from whisper_triton.engines.tensorrtllm.compatibility import _release, check_compatibility  # noqa: E402
+from whisper_triton.engines.tensorrtllm.requests import (  # noqa: E402
     RuntimeOutput,
-    _release,
-    check_compatibility,
     engine_limits,
     fit_prompt,
     parse_generate_output,
@@ -87,7 +86,7 @@ def fake_runtime(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=0: (8, 6))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # tensors stay on the CPU
-    from whisper_triton.engines import tensorrtllm_engine
+    from whisper_triton.engines.tensorrtllm import engine as tensorrtllm_engine
 
     if hasattr(tensorrtllm_engine.TensorRTLLMEngine, "_torch_device"):
         monkeypatch.setattr(tensorrtllm_engine.TensorRTLLMEngine, "_torch_device", lambda self: torch.device("cpu"))

@@ -415,7 +415,7 @@ def write_engine_dir(root: Path, model_dir: Path, *, version: str | None = None,
 
 
 def _engine_class():
-    from whisper_triton.engines.tensorrtllm_engine import TensorRTLLMEngine
+    from whisper_triton.engines.tensorrtllm.engine import TensorRTLLMEngine
     from whisper_triton.contract.release import TENSORRT_LLM_VERSION
 
     class StandInRuntimeEngine(TensorRTLLMEngine):

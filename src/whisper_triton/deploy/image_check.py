@@ -23,7 +23,7 @@ from ..contract.release import TENSORRT_LLM_VERSION
 logger = logging.getLogger(__name__)
 
 GPU_MODULES = ("tensorrt_llm", "tensorrt_llm.bindings.executor")
-PACKAGE_MODULES = ("whisper_triton.engines.tensorrtllm_engine", "whisper_triton.engines.ctranslate2_engine",
+PACKAGE_MODULES = ("whisper_triton.engines.tensorrtllm.engine", "whisper_triton.engines.ctranslate2_engine",
                    "whisper_triton.http.app", "whisper_triton.supervisor.serve", "whisper_triton.triton_models.whisper_model",
                    "whisper_triton.triton_models.window_model", "whisper_triton.triton_models.transcribe_model")
 DEFAULT_BACKEND_DIR = Path("/opt/tritonserver/backends/python")  # where the image keeps triton_python_backend_utils
