@@ -78,7 +78,8 @@ class WindowModel:
             values = json.loads(raw)
         except ValueError as exc:
             raise invalid_parameter("DECODE_OPTIONS", f"DECODE_OPTIONS is not valid JSON ({exc}).") from None
-        return validated(DecodeOptions, values).check_beam(self.capabilities.max_beam_size)
+        return validated(DecodeOptions, values).check_beam(self.capabilities.max_beam_size,
+                                                           self.capabilities.notes.get("beam_size"))
 
     def _prompt_ids(self, request, rows: int) -> list[list[int] | None]:
         """One decoder prompt per WAV row: PROMPT_IDS [rows, L] (-1 padded) or [1, L] for every row."""

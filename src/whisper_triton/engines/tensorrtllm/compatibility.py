@@ -81,19 +81,29 @@ def engine_vocab_size(decoder_config: dict | None, manifest: EngineManifest, is_
 
 
 
+def _import_error(exc: Exception) -> TensorRTLLMUnavailableError:
+    return TensorRTLLMUnavailableError(
+        f"The TensorRT-LLM engine cannot start: {exc}. It needs tensorrt_llm {TENSORRT_LLM_VERSION}, torch "
+        f"and an NVIDIA GPU. Run it in the GPU image (Dockerfile.server, FROM {TRITON_IMAGE}), or install "
+        f"tensorrt_llm=={TENSORRT_LLM_VERSION} from https://pypi.nvidia.com on a GPU machine. Without a GPU, "
+        "use WHISPER_TRITON_ENGINE=ctranslate2."
+    )
+
+
+def _import_torch():
+    """torch, or a clear error saying why not and what to do (imported before tensorrt_llm: the GPU is chosen first)."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise _import_error(exc) from exc
+    return torch
+
+
 def _import_runtime():
-    """(tensorrt_llm, torch, ModelRunnerCpp), or a clear error saying why not and what to do."""
+    """(tensorrt_llm version, `tensorrt_llm.bindings.executor`), or a clear error saying why not and what to do."""
     try:
         import tensorrt_llm
-        import torch
-        from tensorrt_llm.runtime import ModelRunnerCpp
+        import tensorrt_llm.bindings.executor as executor
     except ImportError as exc:
-        raise TensorRTLLMUnavailableError(
-            f"The TensorRT-LLM engine cannot start: {exc}. It needs tensorrt_llm {TENSORRT_LLM_VERSION}, torch "
-            f"and an NVIDIA GPU. Run it in the GPU image (Dockerfile.server, FROM {TRITON_IMAGE}), or install "
-            f"tensorrt_llm=={TENSORRT_LLM_VERSION} from https://pypi.nvidia.com on a GPU machine. Without a GPU, "
-            "use WHISPER_TRITON_ENGINE=ctranslate2."
-        ) from exc
-    return tensorrt_llm, torch, ModelRunnerCpp
-
-
+        raise _import_error(exc) from exc
+    return str(tensorrt_llm.__version__), executor

@@ -1,26 +1,27 @@
-"""What crosses the TensorRT-LLM runtime boundary, as plain data: engine limits, requests built from
-windows and prompts, and the runtime's outputs parsed back into hypotheses. Pure Python and numpy.
+"""What crosses the TensorRT-LLM runtime boundary, as plain data: engine limits, one executor request per
+window (its sent prompt, the start sequence the rules force, its token budget, its sampling), and the
+executor's output tokens parsed back. Pure Python and numpy; `engine.py` turns these into
+`tensorrt_llm.bindings.executor` objects.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ...contract.engine_manifest import EngineManifest
 from ...pipeline.tokenizer import MAX_PROMPT_TOKENS
-from ..base import MAX_NEW_TOKENS, DecodeOptions, Hypothesis
-from ..whisper_rules import RequestPlan, RequestState, split_prompt
+from ..base import MAX_NEW_TOKENS, DecodeOptions
+from ..whisper_rules import RequestPlan, split_prompt
+from .rules import AUTO_LANGUAGE
 
 logger = logging.getLogger(__name__)
 
 _POSITIONS = 448  # Whisper decoder positions (n_text_ctx): prompt + generated tokens must fit
-_LANGUAGE_BEAMS = 4  # top-k first tokens read for language detection without the hook (fallback parsing)
 PREVIOUS_TEXT_BUDGET = MAX_PROMPT_TOKENS  # openai keeps up to n_text_ctx // 2 - 1 = 223 previous-text tokens
 # decoder input a build needs for the full budget: <|startofprev|> + 223 + <|startoftranscript|>
 # (the rest of the start sequence is forced by the logits hook and counts as generated tokens)
@@ -59,71 +60,6 @@ def engine_limits(manifest: EngineManifest, decoder_config: dict | None = None,
 
 
 
-# ---- what crosses the runtime boundary ---------------------------------------------------------
-@dataclass
-class RuntimeRequest:
-    """One `ModelRunnerCpp.generate` call, as plain data."""
-
-    prompts: list[list[int]]  # decoder input ids per request (up to <|startoftranscript|> when the hook forces)
-    features: list[np.ndarray]  # per request [frames, n_mels]: float16, or float32 to be cast to `feature_dtype`
-    encoder_output_lengths: list[int]  # per request, frames // 2
-    max_new_tokens: int
-    end_id: int
-    pad_id: int
-    sampling: dict  # generate() keyword arguments: num_beams, temperature, top_k, top_p, penalties
-    bad_words: list[list[list[int]]] | None = None  # per request: words, each a token list
-    feature_dtype: str = "float16"
-    forced: list[tuple[int, ...]] | None = None  # per request: start-sequence tokens the hook forces
-    plans: list[RequestPlan] | None = None  # per request: the rules the hook applies
-    output_max_tokens: int | None = None  # new tokens a hypothesis may keep (forced ones not counted)
-
-
-@dataclass
-class RuntimeOutput:
-    """What `generate(return_dict=True, ...)` gives back, as plain data."""
-
-    output_ids: list[list[list[int]]]  # [B][beams][tokens], maybe padded with end_id, maybe with the prompt
-    sequence_lengths: list[list[int]] | None = None  # [B][beams]
-    cum_log_probs: list[list[float]] | None = None  # [B][beams]
-    generation_logits: np.ndarray | None = None  # [B, beams, steps, vocab] when the engine gathers them
-    states: list[RequestState | None] | None = None  # what the logits hook measured, per request
-    extra: dict = field(default_factory=dict)
-
-
-# ---- request building (pure) -------------------------------------------------------------------
-def feature_tensors(features: np.ndarray, dtype: str = "float16") -> list[np.ndarray]:
-    """[B, n_mels, frames] log-mel -> B contiguous [frames, n_mels] arrays (the runtime's layout).
-
-    float16 engines get float16 arrays; bfloat16 (which numpy lacks) and float32 engines get float32
-    arrays that `_run` casts on the device.
-    """
-    numpy_dtype = np.float16 if dtype == "float16" else np.float32
-    return [np.ascontiguousarray(window.T, dtype=numpy_dtype) for window in features]
-
-
-def encoder_output_lengths(features: np.ndarray) -> list[int]:
-    """Encoder output length per window: Whisper's second conv has stride 2."""
-    return [int(features.shape[2]) // 2] * int(features.shape[0])
-
-
-def sampling_settings(options: DecodeOptions) -> dict:
-    """DecodeOptions -> TensorRT-LLM sampling keywords.
-
-    Greedy: top_k 1. Beam search: num_beams > 1 with length_penalty. Temperature > 0 samples from the
-    whole distribution (top_k 0, top_p 1.0) with one beam, as CTranslate2 and openai-whisper do.
-    `patience` has no TensorRT-LLM equivalent (beam search stops at beam_width finished hypotheses,
-    which is patience 1.0); `suppress_blank` is applied by the logits hook.
-    """
-    settings = {"repetition_penalty": float(options.repetition_penalty)}
-    if options.temperature > 0:
-        settings.update(num_beams=1, temperature=float(options.temperature), top_k=0, top_p=1.0)
-    elif options.beam_size > 1:
-        settings.update(num_beams=int(options.beam_size), length_penalty=float(options.length_penalty))
-    else:
-        settings.update(num_beams=1, top_k=1)
-    return settings
-
-
 def fit_prompt(prompt: list[int], max_len: int, sot: int, sot_prev: int,
                previous_budget: int = PREVIOUS_TEXT_BUDGET) -> list[int]:
     """Shorten the previous-text part of a prompt (oldest tokens first) to openai's budget and the engine."""
@@ -145,96 +81,105 @@ def fit_prompt(prompt: list[int], max_len: int, sot: int, sot_prev: int,
     )
 
 
-def request_plan(forced: tuple[int, ...], no_timestamps: int, options: DecodeOptions) -> RequestPlan:
-    """The rules for one request: timestamps are decoded when <|notimestamps|> is not in its prompt."""
-    return RequestPlan(forced=forced, timestamps=no_timestamps not in forced, suppress_blank=options.suppress_blank)
+# ---- one window, one executor request ----------------------------------------------------------------
+@dataclass(frozen=True)
+class PromptTokens:
+    """The special tokens a request is built from (the model's tokenizer)."""
+
+    sot: int
+    sot_prev: int
+    eot: int
+    no_timestamps: int
+    transcribe: int
+    translate: int
+    language_ids: frozenset[int]
+    multilingual: bool
 
 
-def build_generate_request(features: np.ndarray, prompts: list[list[int]], options: DecodeOptions, *,
-                           eot: int, sot: int, sot_prev: int, limits: EngineLimits,
-                           suppress_tokens: list[int] | None = None, feature_dtype: str = "float16",
-                           no_timestamps: int | None = None) -> RuntimeRequest:
-    """Everything `generate` needs for one batch, checked against the engine's limits.
+@dataclass
+class WindowRequest:
+    """What the executor gets for one window, as plain data."""
 
-    With `no_timestamps` given, the logits hook runs: each prompt is sent up to
-    <|startoftranscript|> and the rest is forced (so those tokens count against the new tokens), and
-    the suppressed tokens are the hook's (no bad_words: the runtime applies those after the hook,
-    where the scores would not see them). Without it, the full prompts are sent and `suppress_tokens`
-    become bad_words.
+    sent: list[int]  # decoder input ids: up to and including <|startoftranscript|>
+    plan: RequestPlan  # what the rules force after it (AUTO_LANGUAGE: the sot step's language) and apply
+    max_new_tokens: int  # the forced tokens count among them
+    output_max: int  # new tokens a hypothesis may keep (forced ones not counted)
+    sampling: dict  # SamplingConfig keywords
+    features: np.ndarray  # [frames, n_mels], float16 or float32 (cast to the engine's dtype on the way)
+    encoder_output_length: int  # frames // 2 (Whisper's stride-2 conv)
+    auto_language: bool = False
+
+
+def sampling_settings(options: DecodeOptions) -> dict:
+    """DecodeOptions -> `SamplingConfig` keywords (names of the v0.17.0 backend's SamplingConfig call).
+
+    Greedy: top_k 1. Temperature > 0 samples from the whole distribution (top_k 0, top_p 1.0), as CTranslate2
+    and openai-whisper do. One beam always: beam search is refused while the rules run (rules.py says why).
     """
-    frames = int(features.shape[2])
-    if frames > limits.max_input_frames or frames % 2:
-        raise ValueError(
-            f"features have {frames} frames; the encoder takes an even number up to {limits.max_input_frames}."
-        )
-    fitted = [fit_prompt(prompt, limits.max_prompt_len + _forced_len(prompt, sot, no_timestamps), sot, sot_prev)
-              for prompt in prompts]
-    if no_timestamps is not None:
-        split = [split_prompt(prompt, sot) for prompt in fitted]
-        sent = [head for head, _ in split]
-        forced = [rest for _, rest in split]
+    settings = {"beam_width": 1, "repetition_penalty": float(options.repetition_penalty)}
+    if options.temperature > 0:
+        settings.update(temperature=float(options.temperature), top_k=0, top_p=1.0)
     else:
-        sent, forced = fitted, [() for _ in fitted]
-    too_long = [len(prompt) for prompt in sent if len(prompt) > limits.max_prompt_len]
-    if too_long:
-        raise ValueError(
-            f"a {max(too_long)}-token prompt is above the engine's max_prompt_len {limits.max_prompt_len}.")
-    longest = max(len(prompt) + len(rest) for prompt, rest in zip(sent, forced))
-    output_max = min(options.max_new_tokens, MAX_NEW_TOKENS, limits.max_seq_len - longest)
-    if output_max < 1:
-        raise ValueError(f"a {longest}-token prompt leaves no room for new tokens in {limits.max_seq_len}.")
-    extra = max(len(rest) for rest in forced)
-    max_new_tokens = min(output_max + extra, limits.max_seq_len - max(len(prompt) for prompt in sent))
-    bad_words = None
-    if suppress_tokens and no_timestamps is None:
-        words = [[int(token)] for token in suppress_tokens]
-        bad_words = [words for _ in sent]
-    plans = [request_plan(rest, no_timestamps, options) for rest in forced] if no_timestamps is not None else None
-    return RuntimeRequest(
-        prompts=sent,
-        features=feature_tensors(features, feature_dtype),
-        encoder_output_lengths=encoder_output_lengths(features),
-        max_new_tokens=int(max_new_tokens),
-        end_id=eot,
-        pad_id=eot,
-        sampling=sampling_settings(options),
-        bad_words=bad_words,
-        feature_dtype=feature_dtype,
-        forced=forced if no_timestamps is not None else None,
-        plans=plans,
-        output_max_tokens=int(output_max),
-    )
+        settings.update(top_k=1)
+    return settings
 
 
-def _forced_len(prompt: list[int], sot: int, no_timestamps: int | None) -> int:
-    """Tokens after <|startoftranscript|> that the hook forces (and so need no room in max_prompt_len)."""
-    if no_timestamps is None or sot not in prompt:
-        return 0
-    return len(prompt) - prompt.index(sot) - 1
+def window_features(window: np.ndarray, dtype: str = "float16") -> np.ndarray:
+    """[n_mels, frames] log-mel -> contiguous [frames, n_mels] (the executor's layout); float16 engines get float16,
+    bfloat16 (which numpy lacks) and float32 engines get float32 cast on the way."""
+    return np.ascontiguousarray(window.T, dtype=np.float16 if dtype == "float16" else np.float32)
 
 
-def build_language_request(features: np.ndarray, *, sot: int, eot: int, limits: EngineLimits,
-                           feature_dtype: str = "float16", hook: bool = False) -> RuntimeRequest:
-    """<|startoftranscript|> alone, one new token.
+def needs_language(prompt: list[int], tokens: PromptTokens) -> bool:
+    """A multilingual prompt whose start sequence holds no language token: the sot step chooses it."""
+    if not tokens.multilingual or tokens.sot not in prompt:
+        return False
+    after = prompt[prompt.index(tokens.sot) + 1:]
+    return bool(after) and after[0] in (tokens.transcribe, tokens.translate)
 
-    With the hook, one greedy step whose logits at the sot position give a softmax over the language
-    tokens (openai's rule). Without, beam search over a few beams yields the top first tokens.
+
+def build_window_request(window: np.ndarray, prompt: list[int], options: DecodeOptions, *, tokens: PromptTokens,
+                         limits: EngineLimits, feature_dtype: str = "float16") -> WindowRequest:
+    """One window's executor request, checked against the engine's limits.
+
+    The prompt is sent up to <|startoftranscript|>; the rest of the start sequence (language, task,
+    <|notimestamps|>) is forced by the rules processor over the first steps, so its first step is the sot
+    position where openai reads the no-speech probability and the language. A multilingual prompt without a
+    language token after <|startoftranscript|> asks for auto language: the sot step picks it.
     """
-    beams = 1 if hook else max(1, min(_LANGUAGE_BEAMS, limits.max_beam_width))
-    sampling = {"num_beams": beams, "repetition_penalty": 1.0}
-    if beams == 1:
-        sampling["top_k"] = 1
-    return RuntimeRequest(
-        prompts=[[sot] for _ in range(features.shape[0])],
-        features=feature_tensors(features, feature_dtype),
-        encoder_output_lengths=encoder_output_lengths(features),
-        max_new_tokens=1,
-        end_id=eot,
-        pad_id=eot,
-        sampling=sampling,
-        feature_dtype=feature_dtype,
-        plans=[RequestPlan(detect_only=True) for _ in range(features.shape[0])] if hook else None,
-    )
+    frames = int(window.shape[-1])
+    if frames > limits.max_input_frames or frames % 2:
+        raise ValueError(f"features have {frames} frames; the encoder takes an even number up to "
+                         f"{limits.max_input_frames}.")
+    forced_len = len(prompt) - prompt.index(tokens.sot) - 1 if tokens.sot in prompt else 0
+    fitted = fit_prompt(prompt, limits.max_prompt_len + forced_len, tokens.sot, tokens.sot_prev)
+    sent, forced = split_prompt(fitted, tokens.sot)
+    auto = needs_language(fitted, tokens)
+    if auto:
+        forced = (AUTO_LANGUAGE,) + tuple(forced)
+    if len(sent) > limits.max_prompt_len:
+        raise ValueError(f"a {len(sent)}-token prompt is above the engine's max_prompt_len {limits.max_prompt_len}.")
+    output_max = min(options.max_new_tokens, MAX_NEW_TOKENS, limits.max_seq_len - len(sent) - len(forced))
+    if output_max < 1:
+        raise ValueError(f"a {len(sent) + len(forced)}-token prompt leaves no room for new tokens in "
+                         f"{limits.max_seq_len}.")
+    plan = RequestPlan(forced=tuple(forced), timestamps=tokens.no_timestamps not in forced,
+                       suppress_blank=options.suppress_blank)
+    return WindowRequest(sent=sent, plan=plan, max_new_tokens=int(output_max + len(forced)), output_max=int(output_max),
+                         sampling=sampling_settings(options), features=window_features(window, feature_dtype),
+                         encoder_output_length=frames // 2, auto_language=auto)
+
+
+def build_detect_request(window: np.ndarray, *, sot: int, limits: EngineLimits,
+                         feature_dtype: str = "float16") -> WindowRequest:
+    """Language detection alone: <|startoftranscript|>, one step, read at the sot position (openai's rule)."""
+    frames = int(window.shape[-1])
+    if frames > limits.max_input_frames or frames % 2:
+        raise ValueError(f"features have {frames} frames; the encoder takes an even number up to "
+                         f"{limits.max_input_frames}.")
+    return WindowRequest(sent=[sot], plan=RequestPlan(detect_only=True), max_new_tokens=1, output_max=0,
+                         sampling={"beam_width": 1, "top_k": 1}, features=window_features(window, feature_dtype),
+                         encoder_output_length=frames // 2)
 
 
 # ---- output parsing (pure) ---------------------------------------------------------------------
@@ -248,87 +193,32 @@ def new_tokens(sequence: list[int], prompt: list[int], eot: int, length: int | N
     return [int(token) for token in sequence]
 
 
-def parse_generate_output(output: RuntimeOutput, prompts: list[list[int]], eot: int, max_new_tokens: int,
-                          forced: list[tuple[int, ...]] | None = None,
-                          request_max_new_tokens: int | None = None) -> list[Hypothesis]:
-    """The best beam of each request as a Hypothesis.
+def parse_window_output(output_ids: list[int], request: WindowRequest, tokens: PromptTokens
+                        ) -> tuple[list[int], list[int], bool]:
+    """One window's output tokens -> (forced tokens as decoded, kept new tokens, ended on <|endoftext|>).
 
-    Scores: the logits hook's (openai's sum of log-probabilities of the filtered distribution) where it
-    ran, else the runtime's cum_log_probs where it gave them. The forced start-sequence tokens are
-    checked and removed.
+    The prompt is removed when echoed, the output cut at the first eot; the forced start sequence is checked
+    (the rules processor was applied) and removed. A request that stopped before its token budget ended on eot
+    (the executor leaves the end token out of the output).
     """
-    if len(output.output_ids) != len(prompts):
-        raise RuntimeError(f"the runtime returned {len(output.output_ids)} results for {len(prompts)} requests")
-    hypotheses = []
-    for index, (beams, prompt) in enumerate(zip(output.output_ids, prompts)):
-        length = output.sequence_lengths[index][0] if output.sequence_lengths else None
-        generated = new_tokens(beams[0], prompt, eot, length)
-        raw = list(beams[0][:length] if length is not None else beams[0])[len(prompt):]
-        ended = eot in raw or (request_max_new_tokens is not None and len(raw) < request_max_new_tokens)
-        rest = tuple(forced[index]) if forced else ()
-        if rest:
-            if tuple(generated[: len(rest)]) != rest:
-                raise RuntimeError(
-                    "The runtime did not decode the forced start sequence: the logits processors were not applied. "
-                    "Check that ModelRunnerCpp.from_dir got logits_processor_map and generate got "
-                    "logits_processor_names (TensorRT-LLM's logits post-processor needs the C++ runtime)."
-                )
-            generated = generated[len(rest):]
-        tokens = generated[:max_new_tokens]
-        if len(tokens) < len(generated):
-            ended = False
-        state = output.states[index] if output.states else None
-        sum_logprob = state.sum_logprob(tokens, ended) if state is not None else None
-        if sum_logprob is None and output.cum_log_probs is not None and state is None:
-            sum_logprob = float(output.cum_log_probs[index][0])
-        avg_logprob = sum_logprob / (len(tokens) + 1) if sum_logprob is not None else None
-        hypotheses.append(Hypothesis(tokens=tokens, sum_logprob=sum_logprob, avg_logprob=avg_logprob,
-                                     no_speech_prob=state.no_speech_prob if state is not None else None))
-    return hypotheses
-
-
-def _normalised(scores: dict[str, float]) -> dict[str, float]:
-    """log-scores -> probabilities summing to 1, most likely first."""
-    top = max(scores.values())
-    weights = {code: math.exp(score - top) for code, score in scores.items()}
-    total = sum(weights.values())
-    return dict(sorted(((code, w / total) for code, w in weights.items()), key=lambda item: -item[1]))
-
-
-def parse_language_output(output: RuntimeOutput, prompts: list[list[int]], eot: int,
-                          language_by_id: dict[int, str], default: str = "en") -> list[dict[str, float]]:
-    """Language probabilities per window.
-
-    From the logits hook: its softmax over the language tokens at the sot position (openai's rule).
-    With generation logits: the same softmax over the first step's logits. Without either: the first
-    new token of each beam with its log-probability, normalised over the languages seen; a window
-    whose beams hold no language token gets `{default: 1.0}`.
-    """
-    results = []
-    language_ids = np.array(sorted(language_by_id), dtype=np.int64)
-    for index, (beams, prompt) in enumerate(zip(output.output_ids, prompts)):
-        state = output.states[index] if output.states else None
-        if state is not None and state.language_probs:
-            results.append(dict(state.language_probs))
-            continue
-        if output.generation_logits is not None:
-            logits = np.asarray(output.generation_logits[index][0][0], dtype=np.float64)
-            results.append(_normalised({language_by_id[int(i)]: float(logits[i]) for i in language_ids}))
-            continue
-        scores: dict[str, float] = {}
-        for beam, sequence in enumerate(beams):
-            length = output.sequence_lengths[index][beam] if output.sequence_lengths else None
-            generated = new_tokens(sequence, prompt, eot=-1, length=length)
-            if not generated or generated[0] not in language_by_id:
-                continue
-            score = float(output.cum_log_probs[index][beam]) if output.cum_log_probs is not None else -float(beam)
-            code = language_by_id[generated[0]]
-            scores[code] = max(score, scores.get(code, -math.inf))
-        if not scores:
-            logger.warning("language detection found no language token in window %d; using %r", index, default)
-            scores = {default: 0.0}
-        results.append(_normalised(scores))
-    return results
+    raw = list(output_ids)
+    if raw[: len(request.sent)] == list(request.sent):
+        raw = raw[len(request.sent):]
+    generated = new_tokens(raw, [], tokens.eot)
+    ended = tokens.eot in raw or len(raw) < request.max_new_tokens
+    forced = request.plan.forced
+    seen = generated[: len(forced)]
+    expected_ok = len(seen) == len(forced) and all(
+        (token in tokens.language_ids) if want == AUTO_LANGUAGE else token == want for token, want in zip(seen, forced))
+    if forced and not expected_ok and not (ended and len(seen) < len(forced)):
+        raise RuntimeError(
+            "The executor did not decode the forced start sequence: the Whisper logits processor was not applied. "
+            "Check that ExecutorConfig.logits_post_processor_config has processor_batched and each Request names "
+            "Request.BATCHED_POST_PROCESSOR_NAME.")
+    kept = generated[len(forced):]
+    if len(kept) > request.output_max:
+        kept, ended = kept[: request.output_max], False
+    return seen, kept, ended
 
 
 def read_suppress_tokens(model_dir: Path) -> list[int]:
