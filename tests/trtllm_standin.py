@@ -139,11 +139,12 @@ class StandInCuda:
     """The engine's CUDA calls (engine.CudaDevice) on the stand-in: calls recorded in order."""
 
     memory = (20 << 30, 24 << 30)  # (free, total) bytes reported by mem_get_info; tests may change it
+    runtime_bytes = 1 << 30  # what the executor allocates before its KV cache (engines, activations)
     capability = (8, 6)
 
     def __init__(self, torch_module, index: int | None):
         self.torch = torch_module
-        self.index = index
+        self.index = 0 if index is None else int(index)
         self.calls: list[str] = []
 
     def select(self) -> None:
@@ -480,7 +481,7 @@ class Executor:
             raise RuntimeError("an encoder-decoder model needs KvCacheConfig.cross_kv_cache_fraction "
                                "(trtGptModelInflightBatching.cpp: cross KV cache is required)")
         per_token = 2 * int(pretrained["num_hidden_layers"]) * int(pretrained["hidden_size"]) * 2  # K and V, fp16
-        total = int(StandInCuda.memory[0] * fraction)
+        total = int((StandInCuda.memory[0] - StandInCuda.runtime_bytes) * fraction)  # free after loading
         return {"self_tokens": int(total * (1 - cross)) // per_token, "cross_tokens": int(total * cross) // per_token,
                 "bytes_per_token": per_token, "fraction": fraction, "cross_fraction": cross}
 
@@ -502,6 +503,7 @@ class Executor:
         rid = next(self._ids)
         beams = int(request.sampling_config.beam_width or 1)
         item = _Active(rid, request, list(request.input_token_ids), beams, request.budget)
+        item.slots = [[] for _ in range(beams)]  # every slot starts from the prompt
         seed = request.sampling_config.random_seed
         item.rng = np.random.default_rng(0 if seed is None else int(seed))
         with self._cv:
@@ -677,8 +679,6 @@ class Executor:
         while len(chosen) < item.beams:  # keep every slot busy (duplicates of the best)
             chosen.append(chosen[0])
         item.paths = [item.paths[beam] + [token] for _, beam, token in chosen]  # the true paths (gathered)
-        if len(item.slots) < item.beams:
-            item.slots = [list(item.slots[0]) for _ in range(item.beams)]
         for slot, (_, _, token) in zip(item.slots, chosen):
             slot.append(token)  # each slot's raw list: no reordering along parents (getTokens())
         item.cum = [score for score, _, _ in chosen]
@@ -705,6 +705,30 @@ def executor_module() -> types.ModuleType:
                  "SamplingConfig", "OutputConfig", "Request", "Result", "Response", "Executor"):
         setattr(module, name, globals()[name])
     return module
+
+
+def patch_torch_cuda(monkeypatch, capability=(8, 6)) -> list[str]:
+    """torch.cuda as the engine's CudaDevice calls it, on a machine without CUDA: calls recorded in order."""
+    calls: list[str] = []
+
+    def record(name, value=None):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return value
+        return call
+
+    monkeypatch.setattr(torch.cuda, "is_available", record("is_available", True))
+    monkeypatch.setattr(torch.cuda, "set_device", record("set_device"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", record("get_device_capability", capability))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", record("mem_get_info", StandInCuda.memory))
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda ptr: STREAMS[ptr])
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: _entered(stream))
+    return calls
+
+
+def _entered(stream: CountedStream):
+    stream.entered += 1
+    return contextlib.nullcontext()
 
 
 def install_fake_tensorrt_llm(monkeypatch, version: str) -> types.ModuleType:
@@ -776,7 +800,12 @@ def _engine_class():
         runtime_version = TENSORRT_LLM_VERSION
 
         def _runtime(self):
+            self._cuda.calls.append("import tensorrt_llm")
             return self.runtime_version, executor_module()
+
+        @property
+        def executor(self) -> Executor:
+            return self._executor
 
         def _cuda_device(self, torch_module, index):
             return StandInCuda(torch_module, index)

@@ -173,12 +173,12 @@ class TensorRTLLMEngine:
         # the GPU first: nothing touches CUDA (nor imports tensorrt_llm) before this instance's device is set
         self._torch = self._import_torch()
         self._cuda = self._cuda_device(self._torch, self.device_id)
-        self._cuda.select()
-        if not self._cuda.available():
+        if not self._cuda.available():  # a device count (no CUDA context yet)
             raise TensorRTLLMUnavailableError(
                 "The TensorRT-LLM engine needs an NVIDIA GPU but CUDA sees none. Run the container with the GPU "
                 "(docker run --gpus all, or a SageMaker GPU instance), or use WHISPER_TRITON_ENGINE=ctranslate2."
             )
+        self._cuda.select()
         runtime_version, self._trtllm = self._runtime()
         major, minor = self._cuda.device_capability()
         gpu_arch = f"sm_{major}{minor}"

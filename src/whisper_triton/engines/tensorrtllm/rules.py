@@ -364,10 +364,10 @@ class WhisperRulesProcessor:
         """
         state = self.state(client_id)
         try:
+            if state is not None and state.error is not None:
+                raise RuntimeError(f"the Whisper logits processor failed: {state.error}")
             if state is None or state.slot < 0 or self._buffers is None:
                 return Measurements(None, None, None)
-            if state.error is not None:
-                raise RuntimeError(f"the Whisper logits processor failed: {state.error}")
             torch = self._import_torch()
             buffers, slot = self._buffers, state.slot
             final = self.tokens.eot if ended else (sampled[-1] if sampled else None)
