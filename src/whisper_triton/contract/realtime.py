@@ -203,8 +203,9 @@ def parse_client_event(data: str | bytes) -> SessionUpdate | AudioAppend | Audio
         return _CLIENT_EVENT.validate_python(raw)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        location = ".".join(str(part) for part in first.get("loc", ()) if not str(part).startswith("function"))
-        path = ".".join(p for p in location.split(".")[1:]) if location.startswith(str(kind)) else location
+        parts = [str(part) for part in first.get("loc", ())]
+        parts = parts[1:] if parts and parts[0] == kind else parts  # the union's tag: the event type
+        path = ".".join(p for p in parts if "/" not in p and not p.startswith("function"))  # no format tags
         message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
         raise EventError(f"Invalid {path or 'event'} in {kind}: {message}.", "invalid_value", path or None,
                          event_id) from None

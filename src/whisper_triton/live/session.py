@@ -93,6 +93,7 @@ class LiveSession:
         self.config = TranscriptionSession()
         self._input = LiveAudioInput(self.config.audio.input.format.type)
         self._vad = VadStream()
+        self._frames_seen = 0  # VAD frames turn detection has gone through
         self._audio = np.zeros(0, dtype=np.float32)  # samples from self._offset on
         self._offset = 0
         self.position = 0  # samples received (16 kHz)
@@ -165,6 +166,7 @@ class LiveSession:
         if (config.audio.input.turn_detection is None) != (self.turn_detection is None):
             await self._close_open_item(keep_audio=True)
             self._vad, self._probs = VadStream(), deque(maxlen=self._probs.maxlen)
+            self._frames_seen = self.position // FRAME  # the new VAD stream starts here
         self.config = config
         await self.send(SessionUpdated(session=self.config))
 
@@ -222,7 +224,8 @@ class LiveSession:
         vad = self.turn_detection
         assert vad is not None
         self._probs.append(prob)
-        end = self._vad.frames * FRAME  # this frame's end (the frames are scored in order)
+        self._frames_seen += 1
+        end = self._frames_seen * FRAME  # this frame's end
         frame_start = end - FRAME
         if self._item is None:
             if prob >= vad.threshold:
@@ -258,7 +261,7 @@ class LiveSession:
             self._partial = None
         eager, self._eager = self._eager, None
         if stopped:
-            await self.send(SpeechStopped(audio_end_ms=_ms(self._vad.frames * FRAME), item_id=item.id))
+            await self.send(SpeechStopped(audio_end_ms=_ms(self._frames_seen * FRAME), item_id=item.id))
         reuse = eager[1] if eager is not None and eager[0] == end else None
         if eager is not None and reuse is None:
             eager[1].cancel()
@@ -269,12 +272,12 @@ class LiveSession:
         item = self._item
         assert item is not None
         frames = list(self._probs)
-        total = self._vad.frames
+        total = self._frames_seen
         first_frame = max(item.start // FRAME + 1, total - int(self.limits.cut_search_s * SAMPLE_RATE / FRAME),
                           total - len(frames))
         candidates = range(first_frame, total - 1)
         if not candidates:
-            cut = self._vad.frames * FRAME
+            cut = total * FRAME
         else:
             def quietness(index: int) -> tuple[float, float]:
                 start = index * FRAME - self._offset
