@@ -16,7 +16,8 @@ import pytest
 
 from whisper_triton.contract import realtime as rt
 from whisper_triton.live.agreement import LocalAgreement
-from whisper_triton.live.audio_input import LiveAudioInput, encode_pcm16
+from whisper_triton.live.audio_input import LiveAudioInput
+from whisper_triton.pipeline.audio import encode_pcm16
 from whisper_triton.live.decoding import UtteranceDecoder
 from whisper_triton.live.session import LiveLimits, LiveSession
 from whisper_triton.pipeline.evaluation import word_error_rate

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import start_serve
-from whisper_triton.live.audio_input import encode_pcm16
+from whisper_triton.pipeline.audio import encode_pcm16
 from whisper_triton.pipeline.evaluation import word_error_rate
 
 pytestmark = pytest.mark.triton
@@ -237,11 +237,36 @@ def test_another_intent_is_refused_with_an_error_event(live_serve):
     assert event["error"]["code"] == "unsupported_intent" and code == 1008
 
 
-def test_live_metrics_count_sessions_and_utterances(live_serve):
+def test_live_metrics_count_sessions_and_utterances(live_serve, recorded):
     import httpx
+
+    samples, _ = recorded[2]  # one utterance of this test's own, committed by hand
+    manual = json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "turn_detection": None}}}})
+    asyncio.run(raw_session(live_serve, "/v1/realtime?intent=transcription",
+                            [manual] + appends(encode_pcm16(samples)) + [json.dumps({"type": "input_audio_buffer.commit"})], 1))
 
     text = httpx.get(live_serve.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
               if line.startswith("whisper_live_") and " " in line}
     assert values.get('whisper_live_utterances_total{outcome="completed"}', 0) >= 1
     assert values.get('whisper_live_final_seconds_count', 0) >= 1
+
+
+def test_whisper_invoke_realtime_live_streams_a_file(live_serve, recorded, tmp_path, capsys):
+    import io
+
+    from speech import encode
+    from whisper_triton.clients.live import file_chunks, run_live
+    from whisper_triton.clients.realtime import main
+
+    samples, text = recorded[1]
+    path = tmp_path / "prompt.wav"
+    path.write_bytes(encode(samples, 16_000, "wav", "pcm_s16le"))
+    out, err = io.StringIO(), io.StringIO()
+    finals = asyncio.run(run_live(ws_url(live_serve, ""), file_chunks(path, pace=False), KEY, "en", out, err))
+    assert len(finals) == 1 and word_error_rate(text, finals[0]) <= 0.2
+    assert out.getvalue() == finals[0] + "\n"
+    # an endpoint name is not a WebSocket: the CLI says what --live needs
+    assert main(["my-endpoint", "--live", str(path)]) == 1
+    assert "WebSocket URL" in capsys.readouterr().err

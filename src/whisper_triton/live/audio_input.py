@@ -64,13 +64,3 @@ class LiveAudioInput:
         self.input_samples += pcm.size
         out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, dtype=np.float32)
-
-
-def encode_pcm16(samples: np.ndarray, rate: int = PCM_RATE) -> bytes:
-    """16 kHz float samples -> OpenAI's audio/pcm (16-bit little-endian at 24 kHz); for clients and tests."""
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
-    frame = av.AudioFrame.from_ndarray(np.asarray(samples, dtype=np.float32).reshape(1, -1), format="flt",
-                                       layout="mono")
-    frame.sample_rate = SAMPLE_RATE
-    frames = resampler.resample(frame) + resampler.resample(None)
-    return b"".join(f.to_ndarray().astype("<i2").tobytes() for f in frames)
