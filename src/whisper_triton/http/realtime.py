@@ -120,7 +120,7 @@ class LiveService:
         tokenizer = await asyncio.to_thread(WhisperTokenizer.from_model_dir, model_dir)
         window = GrpcWindowDecoder(url, timeout_s=min(settings.request_timeout_s, 300.0))
         await asyncio.to_thread(lambda: window.capabilities)  # asked once, before the first utterance
-        return cls(UtteranceDecoder(LongFormTranscriber(window, tokenizer)), window, settings)
+        return cls(UtteranceDecoder(LongFormTranscriber(window, tokenizer), window.urgency), window, settings)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

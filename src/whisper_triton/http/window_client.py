@@ -4,7 +4,8 @@
 Each call is one request of up to `whisper_window`'s declared `max_batch_size` rows (WAV zero-padded,
 WAV_LENS, PROMPT_IDS padded with -1, DECODE_OPTIONS per row: `contract/tensors.py`), so a live
 window meets the windows of files and of other sessions in the engine model's dynamic batcher:
-every request queued while the engine runs goes into its next execution together. Synchronous (a
+every request queued while the engine runs goes into its next execution together, a live final
+first (priority 1), then file windows (2), then live partials (3). Synchronous (a
 live session decodes on threads of its own); the gRPC channel is shared and thread-safe.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -23,17 +26,30 @@ from ..errors import WhisperTritonError
 from ..pipeline.windows import WindowOutput, unsupported_word_timestamps
 
 
+# whisper_window's dynamic batcher has 3 priority levels (its config.pbtxt): 1 leaves the queue first
+PRIORITY = {"final": 1, "file": 2, "partial": 3}
+
+
 class GrpcWindowDecoder:
-    def __init__(self, url: str, timeout_s: float = 120.0, priority: int = 0):
+    def __init__(self, url: str, timeout_s: float = 120.0):
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
         self.client = grpcclient.InferenceServerClient(url=url)
         self.timeout_s = timeout_s
-        self.priority = priority
         self._capabilities: EngineCapabilities | None = None
         self._lock = threading.Lock()
+        self._urgency = threading.local()  # the priority of this thread's requests
         self.requests = 0  # requests sent (for tests)
+
+    @contextmanager
+    def urgency(self, kind: str) -> Iterator[None]:
+        """Within the block, this thread's requests queue in whisper_window at `kind`'s priority level."""
+        self._urgency.priority = PRIORITY[kind]
+        try:
+            yield
+        finally:
+            self._urgency.priority = 0
 
     @property
     def capabilities(self) -> EngineCapabilities:
@@ -54,7 +70,7 @@ class GrpcWindowDecoder:
         self.requests += 1
         try:
             return self.client.infer(WINDOW.name, inputs, outputs=[self._grpc.InferRequestedOutput(n) for n in outputs],
-                                     client_timeout=self.timeout_s, priority=self.priority)
+                                     client_timeout=self.timeout_s, priority=getattr(self._urgency, "priority", 0))
         except InferenceServerException as exc:
             message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
             raise decode_error(message or "") or WhisperTritonError(

@@ -13,6 +13,8 @@ decoder it is given (Triton's `whisper_window` over gRPC in `serve`, an engine i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,10 +43,15 @@ def prompt_text(session_prompt: str | None, history: list[str]) -> str | None:
 
 
 class UtteranceDecoder:
-    """Partial and final decodes of live audio (16 kHz float32); synchronous, run on a thread."""
+    """Partial and final decodes of live audio (16 kHz float32); synchronous, run on a thread.
 
-    def __init__(self, transcriber: LongFormTranscriber):
+    `urgency(kind)` ("final" / "partial"), when given, is entered around each decode: the window
+    decoder behind it queues a final before file windows and a partial after them."""
+
+    def __init__(self, transcriber: LongFormTranscriber,
+                 urgency: Callable[[str], AbstractContextManager] | None = None):
         self.transcriber = transcriber
+        self.urgency = urgency or (lambda kind: nullcontext())
 
     @property
     def multilingual(self) -> bool:
@@ -60,11 +67,13 @@ class UtteranceDecoder:
     def partial(self, audio: np.ndarray, language: str | None, prompt: str | None) -> str:
         options = TranscribeOptions(vad=False, without_timestamps=True, temperature=[0.0], language=language,
                                     initial_prompt=prompt)
-        return self.transcriber.transcribe(audio, options).text
+        with self.urgency("partial"):
+            return self.transcriber.transcribe(audio, options).text
 
     def final(self, audio: np.ndarray, language: str | None, prompt: str | None, vad: bool = False) -> FinalText:
         options = TranscribeOptions(vad=vad, language=language, initial_prompt=prompt)
-        result = self.transcriber.transcribe(audio, options)
+        with self.urgency("final"):
+            result = self.transcriber.transcribe(audio, options)
         if result.info.left_out:
             logger.info("live utterance of %.2f s: text left out by %s", audio.size / SAMPLE_RATE,
                         ", ".join(item.reason for item in result.info.left_out))
