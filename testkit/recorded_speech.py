@@ -51,6 +51,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _download(package: str, folder: Path) -> None:
+    """`apt-get download`, after one `apt-get update` when the package lists do not know it yet."""
+    for attempt in range(2):
+        done = subprocess.run(["apt-get", "download", package], cwd=folder, timeout=300, capture_output=True)
+        if done.returncode == 0:
+            return
+        if attempt == 0:
+            subprocess.run(["apt-get", "update", "-qq"], timeout=300, capture_output=True)
+    raise RuntimeError(f"apt-get download {package} failed: {done.stderr.decode(errors='replace')[-300:]}")
+
+
 def fetch() -> Path:
     """The unpacked packages (downloaded and checked once); RuntimeError says how to get them."""
     if SOUNDS.is_dir() and TEXTS.is_file():
@@ -60,8 +71,7 @@ def fetch() -> Path:
     with tempfile.TemporaryDirectory(dir=WORK.parent if WORK.parent.exists() else None) as tmp:
         folder = Path(tmp)
         for name, sha256 in PACKAGES.items():
-            subprocess.run(["apt-get", "download", f"{name}={VERSION}"], cwd=folder, check=True, timeout=300,
-                           capture_output=True)
+            _download(f"{name}={VERSION}", folder)
             deb = next(folder.glob(f"{name}_*.deb"))
             if _sha256(deb) != sha256:
                 raise RuntimeError(f"{deb.name} does not have the pinned sha256 {sha256}: refusing to use it.")
