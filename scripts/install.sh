@@ -67,4 +67,8 @@ if [[ "${mode}" == "test" ]]; then
   # pull a GPU compiler (triton) we do not need, so they are listed in the test extra instead
   "${pip[@]}" --no-deps "openai-whisper==20250625"
 fi
+if [[ "${mode}" == "test" ]] && command -v apt-get >/dev/null 2>&1; then
+  # recorded speech with its text (Debian's asterisk-core-sounds-en-g722, pinned and sha256-checked)
+  .venv/bin/python -m testkit.recorded_speech >/dev/null
+fi
 echo "${wanted}" > "${stamp}"

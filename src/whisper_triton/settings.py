@@ -95,6 +95,13 @@ class Settings(BaseSettings):
     # (what OpenAI clients send) or `x-api-key: <key>`; empty (the default): open, as on SageMaker,
     # where the platform authenticates callers
     api_key: SecretStr = SecretStr("")
+    # Live transcription (/v1/realtime, /invocations-bidirectional-stream): sessions at once (each also
+    # holds one of max_requests_in_flight), the longest session, the longest silence from the client
+    # (no event at all), and new audio between two partial decodes of an utterance
+    live_max_sessions: int = Field(default=16, ge=0, le=1_000)
+    live_max_session_s: float = Field(default=3_600.0, gt=0)
+    live_idle_timeout_s: float = Field(default=60.0, gt=0)
+    live_partial_interval_s: float = Field(default=1.0, ge=0.2, le=30.0)
     # OpenAI audio API (/v1): the served model's id (empty: from its model_dir) and ids that name it too,
     # so clients written for OpenAI (model="whisper-1") work unchanged
     served_model_name: str = ""
