@@ -17,10 +17,10 @@ import time
 import boto3
 import pytest
 from botocore.config import Config
+from conftest import reset_moto
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from conftest import reset_moto
 from whisper_triton.deploy import AwsClients, Deployer, TransformOptions
 from whisper_triton.sagemaker_local.emulator import EmulatorOptions, create_app, serve_in_thread
 
@@ -277,7 +277,6 @@ def test_a_job_created_directly_on_moto_is_observed_and_run(local, container, mo
 
 def test_a_loop_back_to_the_emulator_is_refused(moto_url, container, monkeypatch):
     import httpx
-
     from conftest import free_port
 
     for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", REGION)):
