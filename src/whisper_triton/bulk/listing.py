@@ -1,10 +1,10 @@
 """What there is to transcribe: the audio objects under an S3 prefix, filtered by suffix and size, each
 with its audio length read from the first bytes of the object (a ranged GET, never the whole file).
 
-Lengths: a file that fits in the probe is opened whole (exact); WAV from its header's data size and
-byte rate, FLAC / WebM / MP4 with the index in front / MP3 with a Xing-Info header from what FFmpeg
-reads in the container header (exact); otherwise an estimate (flagged `exact=False`): the stream's
-bit rate over the object's size, or the probe's own length scaled by size (Ogg), or 64 kbit/s.
+Lengths: WAV from its header's data size and byte rate; FLAC, WebM, MP4 with its index in front and
+MP3 with a Xing/Info header from what FFmpeg reads in the container header; any other file that fits
+in the probe is decoded (all exact). Otherwise an estimate (flagged `exact=False`): the stream's bit
+rate over the object's size, or the audio the probe's packets hold scaled by size (Ogg), or 64 kbit/s.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import av
 
 from ..deploy.aws import parse_s3_uri
+from ..pipeline.audio import SAMPLE_RATE, decode_audio
 
 logger = logging.getLogger(__name__)
 
@@ -123,34 +124,49 @@ def _wav_seconds(head: bytes, size: int) -> float | None:
 
 def probe_seconds(head: bytes, size: int) -> tuple[float, bool]:
     """(audio seconds, exact) of an object of `size` bytes from its first bytes `head`."""
+    wav = _wav_seconds(head, size)
+    if wav is not None:
+        return wav, True
     whole = len(head) >= size
-    if not whole:
-        wav = _wav_seconds(head, size)
-        if wav is not None:
-            return wav, True
     try:
         with av.open(io.BytesIO(head)) as container:
             stream = container.streams.audio[0] if container.streams.audio else None
             duration = container.duration / av.time_base if container.duration else 0.0
-            if not duration and stream is not None and stream.duration and stream.time_base:
-                duration = float(stream.duration * stream.time_base)
-            if whole and duration > 0:
-                return duration, True
             name = container.format.name
             if name in _HEADER_EXACT and duration > 0:
                 return duration, True
             bit_rate = (stream.bit_rate if stream is not None else 0) or 0
-            if name == "mp3" and bit_rate and duration > 0:
+            if name == "mp3" and bit_rate and duration > 0 and not whole:
                 from_buffer = len(head) * 8 / bit_rate  # FFmpeg's own estimate when no Xing header states it
                 if abs(duration - from_buffer) > 0.05 * duration:
                     return duration, True
-            if bit_rate:
-                return size * 8 / bit_rate, False
-            if duration > 0:
-                return duration * size / len(head), False
+            if not whole:
+                if bit_rate:
+                    return size * 8 / bit_rate, False
+                covered = _seconds_in(container, stream) if stream is not None else 0.0
+                if covered > 0:
+                    return covered * size / len(head), False
     except Exception:  # noqa: BLE001 - an estimate; an unreadable file fails later, when it is sent
         pass
+    if whole:  # small enough to decode: Ogg's and raw streams' own timing is not to be trusted
+        try:
+            return decode_audio(head).size / SAMPLE_RATE, True
+        except Exception:  # noqa: BLE001 - not audio: the server will say so
+            pass
     return size * 8 / ASSUMED_BITS_PER_SECOND, False
+
+
+def _seconds_in(container: Any, stream: Any) -> float:
+    """How much audio the packets in a probe hold: the sum of their durations, nothing decoded (their
+    timestamps are not used: FFmpeg derives Ogg's from the last page, which a probe does not hold)."""
+    total = 0.0
+    try:
+        for packet in container.demux(stream):
+            if packet.duration and packet.time_base:
+                total += float(packet.duration * packet.time_base)
+    except Exception:  # noqa: BLE001 - the probe ends mid-packet
+        pass
+    return total
 
 
 def probe_all(s3: Any, bucket: str, objects: Iterable[AudioObject], threads: int = 16) -> None:
