@@ -30,7 +30,7 @@ from ..clients.realtime import runtime_client
 from ..deploy import AwsClients, ModelOptions
 from .listing import DEFAULT_SUFFIXES, BulkError, Filters, Location
 from .outputs import DEFAULT_FORMATS, check_formats
-from .plan import cost_model, describe
+from .plan import cost_model, describe, hours
 from .run import BulkRun, RunOptions
 from .runners.asynchronous import AsyncRunner
 from .runners.local import LocalRunner
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         files = summary["files"]
-        print(f"transcribed {files['transcribed']} files ({summary['audio_seconds'] / 3600:.2f} audio h) in "
+        print(f"transcribed {files['transcribed']} files ({hours(summary['audio_seconds'])} of audio) in "
               f"{summary['wall_seconds']:.0f} s; failed {files['failed']}, over the size limit {files['too_large']}, "
               f"already done {files['already_done']}, refused before {files['refused_before']}")
         for item in summary["not_transcribed"]:

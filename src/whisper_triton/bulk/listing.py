@@ -169,8 +169,9 @@ def _seconds_in(container: Any, stream: Any) -> float:
     return total
 
 
-def probe_all(s3: Any, bucket: str, objects: Iterable[AudioObject], threads: int = 16) -> None:
-    """Fill in `seconds` / `exact` of each object (ranged GETs on a thread pool)."""
+def probe_all(s3: Any, bucket: str, objects: Iterable[AudioObject], threads: int = 8) -> None:
+    """Fill in `seconds` / `exact` of each object (ranged GETs on a thread pool no wider than boto3's
+    connection pool, 10)."""
     def probe(obj: AudioObject) -> None:
         try:
             head = s3.get_object(Bucket=bucket, Key=obj.key, Range=f"bytes=0-{PROBE_BYTES - 1}")["Body"].read()

@@ -17,9 +17,10 @@ from .listing import AudioObject, BulkError
 from .manifest import Record
 
 MIB = 1024 * 1024
-# SageMaker on-demand prices, USD per instance hour, us-east-1, as published (2026-12): check your
-# region and pass --price-per-hour for any other instance type
-PRICES = {"ml.g5.xlarge": 1.408, "ml.m5.large": 0.115}
+# SageMaker on-demand prices, USD per instance hour, us-east-1 (secondary sources, 2025: ml.g5.xlarge
+# $1.41, ml.m5.xlarge $0.269, of which ml.m5.large is half); check your region, and pass
+# --price-per-hour for any other instance type
+PRICES = {"ml.g5.xlarge": 1.408, "ml.m5.large": 0.1345}
 # Not measured: TensorRT-LLM large-v3 on one A10G, scaled from the published A100 figure (RTFx 245,
 # open_asr_leaderboard PR #42) by the memory bandwidth ratio (600 / 2,039 GB/s) of a decoder-bound model
 GPU_RTFX_ESTIMATE = 70.0
@@ -120,12 +121,15 @@ def cost_model(instance_type: str | None, instances: int, price: float | None, r
 
 
 def hours(seconds: float) -> str:
-    return f"{seconds / 3600:,.2f} h"
+    """Audio amounts: minutes below an hour, else hours."""
+    return f"{seconds / 60:,.1f} min" if seconds < 3600 else f"{seconds / 3600:,.2f} h"
 
 
 def duration_text(seconds: float | None) -> str:
     if seconds is None:
         return "unknown (pass --rtfx or --bench-json)"
+    if seconds < 90:
+        return f"{seconds:,.0f} s"
     minutes = seconds / 60
     return f"{minutes:,.1f} min" if minutes < 120 else f"{minutes / 60:,.1f} h"
 

@@ -59,6 +59,7 @@ class BulkRun:
         self.counts = {OK: 0, FAILED: 0}
         self.audio_done = 0.0
         self.bar: tqdm | None = None
+        self.bar_unit = 3600.0
         self._manifest_written = time.monotonic()
 
     # ------------------------------------------------------------------ plan
@@ -101,10 +102,13 @@ class BulkRun:
                 obj.key, TOO_LARGE, duration=obj.seconds, error_kind=PERMANENT, via=self.runner.via, finished=now(),
                 error=f"{obj.size} bytes, over the payload limit of {plan.limit_bytes} bytes "
                       f"({(plan.limit_bytes or 0) / MIB:.0f} MiB) of --via {self.runner.via}: not sent")
-        self.bar = tqdm(total=round(plan.todo_seconds / 3600, 4), unit="h", disable=not self.options.progress,
+        # the bar counts audio (hours, or minutes for less than an hour); its ETA is tqdm's, from the rate so far
+        self.bar_unit = 3600.0 if plan.todo_seconds >= 3600 else 60.0
+        unit = "h" if self.bar_unit == 3600.0 else "min"
+        self.bar = tqdm(total=plan.todo_seconds / self.bar_unit, disable=not self.options.progress,
                         file=sys.stderr, desc=f"via {self.runner.via}",
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.2f}/{total:.2f} audio h "
-                                   "[{elapsed}<{remaining}]{postfix}")
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.2f}/{total:.2f} audio " + unit +
+                                   " [{elapsed}<{remaining}]{postfix}")
         interrupted = False
         try:
             if plan.todo:
@@ -145,7 +149,7 @@ class BulkRun:
             if record.status == OK:
                 self.audio_done += record.duration or 0.0
             if self.bar is not None:
-                self.bar.update(round((obj.seconds or 0.0) / 3600, 6))
+                self.bar.update((obj.seconds or 0.0) / self.bar_unit)
                 self.bar.set_postfix(ok=self.counts[OK], failed=self.counts[FAILED], refresh=False)
             if time.monotonic() - self._manifest_written > MANIFEST_EVERY_S:
                 write_manifest(self.s3, self.options.target, self.records)

@@ -61,3 +61,12 @@ def error_message(body: bytes | str) -> tuple[str, str]:
     if isinstance(data, dict) and data.get("message"):
         return str(data["message"]), RETRYABLE
     return text, RETRYABLE
+
+
+def guarded(one: Callable[[AudioObject], Outcome], obj: AudioObject) -> Outcome:
+    """`one(obj)`, with anything it raises turned into the file's (retryable) failure: one file's
+    surprise must not end the run."""
+    try:
+        return one(obj)
+    except Exception as exc:  # noqa: BLE001
+        return Outcome(obj, error=f"{type(exc).__name__}: {exc}", error_kind=RETRYABLE)

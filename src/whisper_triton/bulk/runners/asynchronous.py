@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -23,7 +23,7 @@ from ...deploy.aws import AwsClients
 from ...deploy.resources import SCALABLE_DIMENSION, resource_id
 from ..listing import AudioObject, BulkError, Location
 from ..manifest import PERMANENT, RETRYABLE
-from . import Outcome, Report, error_message
+from . import Outcome, Report, error_message, guarded
 from .local import content_type_for_key
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class AsyncRunner:
 
     def run(self, objects: list[AudioObject], report: Report) -> None:
         with ThreadPoolExecutor(max_workers=self.in_flight) as pool:
-            for future in [pool.submit(self.one, obj) for obj in objects]:
+            for future in as_completed([pool.submit(guarded, self.one, obj) for obj in objects]):
                 report(future.result())
 
     def invoke(self, obj: AudioObject) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -15,7 +15,7 @@ import httpx
 from ...clients.formats import content_type_for
 from ..listing import AudioObject, BulkError, Location
 from ..manifest import PERMANENT, RETRYABLE
-from . import Outcome, Report, error_message
+from . import Outcome, Report, error_message, guarded
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class LocalRunner:
 
     def run(self, objects: list[AudioObject], report: Report) -> None:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            for future in [pool.submit(self.one, obj) for obj in objects]:
+            for future in as_completed([pool.submit(guarded, self.one, obj) for obj in objects]):
                 report(future.result())
 
     def one(self, obj: AudioObject) -> Outcome:
