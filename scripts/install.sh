@@ -43,9 +43,9 @@ if [[ ! -x .venv/bin/python ]]; then
   "${python}" -m venv .venv
 fi
 
-extras="triton,vad"
+extras="model,triton,vad"
 if [[ "${mode}" == "test" ]]; then
-  extras="triton,vad,test,export,aws"
+  extras="model,triton,vad,test,export,aws"
 fi
 stamp=".venv/.installed-${mode}"
 wanted="$(sha256sum pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"

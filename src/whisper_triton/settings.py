@@ -47,9 +47,10 @@ class Settings(BaseSettings):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     compute_type: str = "float32"
     cpu_threads: int = Field(default=0, ge=0)  # 0: one per core
-    # TensorRT-LLM engine: GPU memory for the KV cache, and the cross-attention share of it
+    # TensorRT-LLM engine: the most GPU memory for the KV cache (less when the word-timestamp copy needs the
+    # room), and the cross-attention share of it (None: sized for 1,500 encoder positions, engines/tensorrtllm/memory.py)
     kv_cache_free_gpu_memory_fraction: float = Field(default=0.8, gt=0, lt=1)
-    cross_kv_cache_fraction: float = Field(default=0.5, gt=0, lt=1)
+    cross_kv_cache_fraction: float | None = Field(default=None, gt=0, lt=1)
     # host memory for encoder outputs kept for reuse (detection, fallback, alignment); 0 turns it off
     encoder_cache_mb: int = Field(default=256, ge=0)
     # `transcribe`: files decoded at once by one instance (their windows share engine batches), and

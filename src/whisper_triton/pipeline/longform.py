@@ -112,8 +112,9 @@ class LongFormTranscriber:
         if options.word_timestamps and not capabilities.word_timestamps:
             raise unsupported_word_timestamps(capabilities)
         if options.beam_size > capabilities.max_beam_size:
+            why = capabilities.notes.get("beam_size")
             raise invalid_parameter("beam_size", f"beam_size must be at most {capabilities.max_beam_size} on this "
-                                    f"engine, got {options.beam_size}.")
+                                    f"engine, got {options.beam_size}" + (f": {why}." if why else "."))
         return options
 
     def windows(self, audio: np.ndarray, options: TranscribeOptions) -> list[Window]:
