@@ -80,27 +80,34 @@ def container():
         yield running
 
 
+@pytest.fixture(scope="module")
+def emulator(moto_url, container):
+    """The emulator for the module (its own AWS calls to moto, a look for new jobs every 0.2 s)."""
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                            ("AWS_DEFAULT_REGION", REGION), ("AWS_ENDPOINT_URL", moto_url)):
+            env.setenv(name, value)
+        env.delenv("AWS_PROFILE", raising=False)
+        options = EmulatorOptions(container_url=container.url, aws_endpoint_url=moto_url, transform_poll_s=0.2)
+        with serve_in_thread(create_app(options)) as running:
+            yield running
+
+
 @pytest.fixture
-def local(moto_url, container, monkeypatch):
-    """moto; the emulator (its own AWS calls to moto, every second a look for new jobs); boto3's
-    control-plane client pointed at the emulator, S3 and logs at moto."""
+def local(moto_url, container, emulator, monkeypatch):
+    """Fresh moto state (a job re-created under an old name is a new job: its creation time differs);
+    boto3's control-plane client pointed at the emulator, S3 and logs at moto."""
     reset_moto(moto_url)
     container.app.state.calls.clear()
     container.app.state.max_in_flight, container.app.state.flaky_left = 0, 2
     container.app.state.execution_parameters = None
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", REGION), ("AWS_ENDPOINT_URL", moto_url)):
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    options = EmulatorOptions(container_url=container.url, aws_endpoint_url=moto_url, transform_poll_s=0.2)
-    with serve_in_thread(create_app(options)) as emulator:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER", emulator.url)
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket=BUCKET)
-        sm = boto3.client("sagemaker", config=Config(retries={"total_max_attempts": 1}))
-        sm.create_model(ModelName="whisper", ExecutionRoleArn=ROLE,
-                        PrimaryContainer={"Image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/whisper-triton:0.1.0"})
-        yield {"s3": s3, "sm": sm, "logs": boto3.client("logs"), "moto_url": moto_url, "emulator": emulator}
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER", emulator.url)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    sm = boto3.client("sagemaker", config=Config(retries={"total_max_attempts": 1}))
+    sm.create_model(ModelName="whisper", ExecutionRoleArn=ROLE,
+                    PrimaryContainer={"Image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/whisper-triton:0.1.0"})
+    yield {"s3": s3, "sm": sm, "logs": boto3.client("logs"), "moto_url": moto_url, "emulator": emulator}
 
 
 def put(s3, objects: dict[str, bytes]) -> None:
