@@ -61,9 +61,6 @@ class Location:
     def uri(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{key or self.prefix}"
 
-    def contains(self, other: "Location") -> bool:
-        return self.bucket == other.bucket and other.prefix.startswith(self.prefix)
-
 
 @dataclass
 class AudioObject:

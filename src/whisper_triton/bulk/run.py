@@ -13,7 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .listing import AudioObject, BulkError, Filters, Location, list_audio, probe_all
+from .listing import Filters, Location, list_audio, probe_all
 from .manifest import (
     FAILED,
     JOBS_FOLDER,
@@ -183,14 +183,3 @@ class BulkRun:
     def all_done(summary: dict) -> bool:
         return not summary["not_transcribed"] and not summary["interrupted"]
 
-
-def plan_only(run: BulkRun) -> Plan:
-    try:
-        return run.plan()
-    except BulkError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise BulkError(f"Could not plan the run: {exc}") from exc
-
-
-__all__ = ["AudioObject", "BulkRun", "RunOptions", "plan_only"]
