@@ -43,9 +43,9 @@ if [[ ! -x .venv/bin/python ]]; then
   "${python}" -m venv .venv
 fi
 
-extras="triton,vad,speakers"
+extras="model,triton,vad,speakers"
 if [[ "${mode}" == "test" ]]; then
-  extras="triton,vad,speakers,test,export,aws"
+  extras="model,triton,vad,speakers,test,export,aws"
 fi
 stamp=".venv/.installed-${mode}"
 wanted="$(sha256sum pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
@@ -73,5 +73,9 @@ if [[ "${mode}" == "test" ]]; then
   # recorded voices for the speaker diarization tests and benchmark (Debian packages and pocketsphinx's
   # sources; pinned, sha256-checked, cached under .work/real_voices)
   .venv/bin/python -m testkit.real_voices >/dev/null
+fi
+if [[ "${mode}" == "test" ]] && command -v apt-get >/dev/null 2>&1; then
+  # recorded speech with its text (Debian's asterisk-core-sounds-en-g722, pinned and sha256-checked)
+  .venv/bin/python -m testkit.recorded_speech >/dev/null
 fi
 echo "${wanted}" > "${stamp}"

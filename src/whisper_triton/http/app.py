@@ -1,6 +1,7 @@
 """The routes of `serve`'s HTTP side: the SageMaker contract (GET /ping, POST /invocations,
-GET /execution-parameters), OpenAI's audio API under /v1 (`openai_router`) and the proxy's
-Prometheus metrics (GET /metrics). Parsing lives in `parsing`, Triton in `triton_client`; a route
+GET /execution-parameters, the WebSocket /invocations-bidirectional-stream), OpenAI's audio API under
+/v1 (`openai_router`), live transcription over WebSocket (`realtime`) and the proxy's Prometheus
+metrics (GET /metrics). Parsing lives in `parsing`, Triton in `triton_client`; a route
 only wires them together and renders the answer.
 
 POST /invocations streams (SageMaker `InvokeEndpointWithResponseStream`: chunked transfer, one JSON
@@ -9,6 +10,7 @@ application/jsonlines (or application/x-ndjson), or the query / custom attribute
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -25,6 +27,8 @@ from .metrics import MetricsMiddleware, ProxyMetrics
 from .openai_router import OPENAI_PREFIX, openai_error_response
 from .openai_router import router as openai_router
 from .parsing import STREAM_TYPES, choose_output_type, parse_invocation, stream_type
+from .realtime import SessionAdmission
+from .realtime import router as realtime_router
 from .streaming import first_chunk, json_lines, until_disconnected
 from .triton_client import TritonClient
 
@@ -53,9 +57,12 @@ def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.triton = TritonClient(url, settings.request_timeout_s, admission)
+        app.state.live_lock = asyncio.Lock()
         try:
             yield
         finally:
+            if app.state.live is not None:
+                app.state.live.close()
             await app.state.triton.close()
 
     app = FastAPI(title="whisper-triton", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -63,6 +70,9 @@ def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
     app.state.metrics = ProxyMetrics()
     app.state.openai_models = None
     app.state.admission = admission
+    app.state.triton_url = url
+    app.state.live = None  # the live transcription service, set up by the first session (http/realtime.py)
+    app.state.session_admission = SessionAdmission(admission, settings.live_max_sessions)
     app.add_middleware(Guards, settings=settings, admission=admission)  # request id, API key, load, disconnects
 
     @app.exception_handler(WhisperTritonError)
@@ -130,6 +140,7 @@ def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
         return Response(render(result, FORMATS[output_type]), media_type=output_type)
 
     app.include_router(openai_router)
+    app.include_router(realtime_router)
     routes = {route.path for route in (*app.routes, *openai_router.routes) if hasattr(route, "path")}
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
     return app

@@ -75,8 +75,8 @@ class TritonWindowDecoder:
         self._capabilities: EngineCapabilities | None = None
         self._lock = threading.Lock()
         self._current = threading.local()  # one file per thread
-        self.scheduler = WindowScheduler(self._run_batch, lambda: self.capabilities.max_batch_size, in_flight,
-                                         urgent_slots)
+        self._in_flight = in_flight
+        self.scheduler = WindowScheduler(self._run_batch, self._batch_rows, self._slots, urgent_slots)
 
     @contextmanager
     def serving(self, is_cancelled: Callable[[], bool], arrival: float | None = None,
@@ -91,6 +91,15 @@ class TritonWindowDecoder:
             yield
         finally:
             self._current.is_cancelled = self._current.deadline = self._current.slack = None
+
+    def _batch_rows(self) -> int:
+        """Rows per request to whisper_window: one window each for engines that decode in flight (each returns as
+        soon as it finishes), else its declared max_batch_size."""
+        return 1 if self.capabilities.in_flight_windows else self.capabilities.max_batch_size
+
+    def _slots(self) -> int:
+        """Requests to whisper_window at once: the engine's windows in flight, else the configured batches."""
+        return max(self._in_flight, self.capabilities.in_flight_windows)
 
     def _check_cancelled(self) -> None:
         is_cancelled = getattr(self._current, "is_cancelled", None)
