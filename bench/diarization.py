@@ -21,7 +21,8 @@ Measured per conversation:
   asks the engine for word timestamps, which it needs to split segments).
 
 Writes a table, bench/results/diarization.json and bench/results/diarization.png (reference vs found
-speakers on a timeline for a few conversations). About 10 minutes on 2 quiet cores.
+speakers on a timeline for a few conversations). About 15 minutes on 2 quiet cores (the transcriptions of
+the 2-speaker conversations take most of it; --no-words leaves them out).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> dict:
             row.update(baselines(conv, probabilities))
             row["turns"] = [asdict(t) for t in given.turns]
             row["reference_turns"] = [asdict(t) for t in conv.turns]
-            if transcriber is not None and len(conv.speakers) >= 2:
+            if transcriber is not None and len(conv.speakers) in args.words_for:
                 row.update(_words_and_time(transcriber, conv, args.rounds))
             rows.append(row)
             logger.info("%-16s %5.1fs DER given %5.1f %% (miss %.1f fa %.1f conf %.1f) est %5.1f %% (n=%d/%d) "
@@ -294,6 +295,8 @@ def main() -> None:
     parser.add_argument("--no-words", dest="words", action="store_false",
                         help="diarization only (no transcription: no word share, no request time)")
     parser.add_argument("--model", default="base", choices=["base", "tiny.en"])
+    parser.add_argument("--words-for", type=int, nargs="+", default=[2],
+                        help="conversation sizes also transcribed (word share, request time); the slow part")
     parser.add_argument("--speakers", type=int, nargs="*", default=None, help="only conversations of these sizes")
     parser.add_argument("--rounds", type=int, default=2, help="paired timing rounds per conversation")
     parser.add_argument("--output", type=Path, default=RESULTS / "diarization.json")

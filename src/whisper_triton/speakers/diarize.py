@@ -29,7 +29,7 @@ from .encoder import FRAMES_PER_SECOND, HOP, VoiceEncoder, level_gain, mel_spect
 logger = logging.getLogger(__name__)
 
 WINDOW_FRAMES = 150  # 1.5 s
-STEP_FRAMES = 50  # 0.5 s
+STEP_FRAMES = 75  # 0.75 s
 MIN_WINDOW_FRAMES = 40  # a region shorter than 0.4 s is not embedded (its frames take the nearest speaker)
 MIN_TURN_S = 0.5
 BRIDGE_S = 0.5  # a pause this short between two turns of one speaker is part of the turn
