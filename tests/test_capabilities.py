@@ -16,7 +16,13 @@ def test_ctranslate2_applies_every_rule(ct2_engine, tokenizer, speech_clips):
     result = LongFormTranscriber(EngineWindowDecoder(ct2_engine, tokenizer), tokenizer).transcribe(
         speech_clips[0].samples)
     assert result.info.engine == "ctranslate2" and result.info.not_applied == {}
-    assert result.to_dict()["info"] == {"engine": "ctranslate2", "not_applied": {}, "left_out": []}
+    info = result.to_dict()["info"]
+    assert {k: info[k] for k in ("engine", "not_applied", "left_out")} == {"engine": "ctranslate2", "not_applied": {},
+                                                                             "left_out": []}
+    # what the request cost: one window, decoded once, on the engine's clock
+    work = info["work"]
+    assert (work["windows"], work["decodes"], work["fallback_decodes"], work["follow_up_decodes"]) == (1, 1, 0, 0)
+    assert {"vad", "decoding", "encoder", "decoder"} <= set(work["seconds"])
 
 
 def test_an_engine_without_no_speech_probability_says_so(ct2_engine, tokenizer, speech_clips):

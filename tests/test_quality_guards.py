@@ -34,9 +34,9 @@ class LoopingDecoder(EngineWindowDecoder):
         begin = self.tokenizer.timestamp_begin
         return [begin] + self.tokenizer.encode(LOOP_TEXT) + [begin + 150, self.tokenizer.eot]
 
-    def decode(self, audios, prompts, options, word_timestamps=False, features=None):
+    def decode(self, audios, prompts, options, word_timestamps=False, features=None, scope=None):
         self.temperatures.append(options.temperature)
-        outputs = super().decode(audios, prompts, options, word_timestamps, features)
+        outputs = super().decode(audios, prompts, options, word_timestamps, features, scope)
         if options.temperature in self.loop_at:
             for output in outputs:
                 output.hypothesis = replace(output.hypothesis, tokens=self.loop_tokens(), avg_logprob=LOOP_LOGPROB)
@@ -148,9 +148,9 @@ def test_huge_initial_prompt_transcribes_the_speech(ct2_engine, tokenizer, speec
     prompts = []
     original = decoder.decode
 
-    def recording(audios, prompt_ids, options, word_timestamps=False, features=None):
+    def recording(audios, prompt_ids, options, word_timestamps=False, features=None, scope=None):
         prompts.extend(prompt_ids)
-        return original(audios, prompt_ids, options, word_timestamps, features)
+        return original(audios, prompt_ids, options, word_timestamps, features, scope)
 
     decoder.decode = recording
     huge = "The meeting notes say many things about the weather. " * 150  # under the request model's 8,192 characters

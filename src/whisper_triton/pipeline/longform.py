@@ -9,8 +9,11 @@ every engine.
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -18,7 +21,7 @@ import numpy as np
 from .audio import SAMPLE_RATE
 from ..contract.capabilities import EngineCapabilities
 from ..contract.options import DecodeOptions, QualityThresholds, TranscribeOptions
-from ..contract.results import LeftOut, Segment, TranscriptionInfo, TranscriptionResult, Word
+from ..contract.results import LeftOut, Segment, TranscriptionInfo, TranscriptionResult, Word, Work
 from .decoding import DecodeAttempt, attempt_failed, compression_ratio, is_silence, select_attempt, split_on_timestamps
 from ..contract.engine import Hypothesis, TokenTimings
 from ..errors import invalid_parameter
@@ -42,9 +45,9 @@ class WindowDecoder(Protocol):
     capabilities: EngineCapabilities
 
     def decode(self, audios: list[np.ndarray], prompts: list[list[int]], options: DecodeOptions,
-               word_timestamps: bool = False) -> list[WindowOutput]: ...
+               word_timestamps: bool = False, scope: str | None = None) -> list[WindowOutput]: ...
 
-    def detect_language(self, audios: list[np.ndarray]) -> list[dict[str, float]]: ...
+    def detect_language(self, audios: list[np.ndarray], scope: str | None = None) -> list[dict[str, float]]: ...
 
 
 # rule of the pipeline -> the capability it needs (for `info.not_applied`)
@@ -95,6 +98,24 @@ class StreamChunk:
     done: bool = False  # the last chunk of the file
 
 
+@dataclass
+class _Run:
+    """One request's state: its encoder-reuse scope (a random id: nothing crosses requests) and its work."""
+
+    options: TranscribeOptions
+    audio: np.ndarray
+    work: Work = field(default_factory=Work)
+    scope: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.work.add_seconds(stage, time.perf_counter() - started)
+
+
 class LongFormTranscriber:
     def __init__(self, decoder: WindowDecoder, tokenizer: WhisperTokenizer):
         self.decoder = decoder
@@ -121,18 +142,25 @@ class LongFormTranscriber:
             return fixed_windows(audio.size, options.chunk_length)
         return windows_from_speech(speech_spans(audio, options.vad_options), options.chunk_length)
 
+    def _start(self, audio: np.ndarray, options: TranscribeOptions) -> tuple[_Run, TranscriptionInfo, list[Window]]:
+        run = _Run(options, audio)
+        info = TranscriptionInfo(engine=self.decoder.capabilities.engine,
+                                 not_applied=not_applied(self.decoder.capabilities, options), work=run.work)
+        with run.timed("vad"):
+            windows = self.windows(audio, options)
+        run.work.windows = len(windows)
+        return run, info, windows
+
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions | None = None) -> TranscriptionResult:
         options = self.check(options or TranscribeOptions())
         duration = round(audio.size / SAMPLE_RATE, 3)
-        info = TranscriptionInfo(engine=self.decoder.capabilities.engine,
-                                 not_applied=not_applied(self.decoder.capabilities, options))
-        windows = self.windows(audio, options)
+        run, info, windows = self._start(audio, options)
         if not windows:  # no speech at all: nothing to decode, nothing to invent
             return TranscriptionResult("", options.language or "en", 1.0 if options.language else 0.0, duration, [],
                                        info)
         jobs = [_WindowJob(w, w.extract(audio), options.language or "") for w in windows]
-        language, probability = self._assign_languages(jobs, options)
-        jobs = self._decode_until_covered(jobs, options, audio)
+        language, probability = self._assign_languages(jobs, run)
+        jobs = self._decode_until_covered(jobs, run)
         info.left_out = _left_out(jobs)
         segments = self._segments(jobs, options)
         text = "".join(segment.text for segment in segments).strip()
@@ -147,12 +175,10 @@ class LongFormTranscriber:
         `transcribe`. `cancelled()` is asked before each chunk: True stops the decoding (the client left)."""
         options = self.check(options or TranscribeOptions())
         duration = round(audio.size / SAMPLE_RATE, 3)
-        info = TranscriptionInfo(engine=self.decoder.capabilities.engine,
-                                 not_applied=not_applied(self.decoder.capabilities, options))
-        windows = self.windows(audio, options)
+        run, info, windows = self._start(audio, options)
         jobs = [_WindowJob(w, w.extract(audio), options.language or "") for w in windows]
         if jobs:
-            language, probability = self._assign_languages(jobs, options)
+            language, probability = self._assign_languages(jobs, run)
         else:
             language, probability = options.language or "en", 1.0 if options.language else 0.0
         given: list[Segment] = []
@@ -162,7 +188,7 @@ class LongFormTranscriber:
                 logger.info("stream cancelled after %d of %d windows", first, len(jobs))
                 return
             chunk = jobs[first : first + size]
-            decoded = self._decode_until_covered(chunk, options, audio) if chunk else []
+            decoded = self._decode_until_covered(chunk, run) if chunk else []
             info.left_out += _left_out(decoded)
             segments = self._segments(decoded, options, given) if chunk else []
             given += segments
@@ -171,7 +197,8 @@ class LongFormTranscriber:
             yield StreamChunk(segments, language, probability, duration, info, done=first >= len(jobs))
 
     # ---- languages ------------------------------------------------------------------------
-    def _assign_languages(self, jobs: list[_WindowJob], options: TranscribeOptions) -> tuple[str, float]:
+    def _assign_languages(self, jobs: list[_WindowJob], run: _Run) -> tuple[str, float]:
+        options = run.options
         if options.language:
             return options.language, 1.0
         if not self.decoder.capabilities.multilingual:
@@ -179,22 +206,25 @@ class LongFormTranscriber:
                 job.language = "en"
             return "en", 1.0
         if options.language_detection == "chunk":
-            detected = self._detect([job.audio for job in jobs], options.batch_size)
+            detected = self._detect([job.audio for job in jobs], run)
             for job, probs in zip(jobs, detected):
                 job.language = max(probs, key=probs.get)
                 job.language_probability = float(probs[job.language])
             return _combine(detected, weights=[job.window.duration for job in jobs])
         sample = jobs[: min(3, len(jobs))]  # the first windows of speech decide for the file
-        language, probability = _combine(self._detect([job.audio for job in sample], options.batch_size),
+        language, probability = _combine(self._detect([job.audio for job in sample], run),
                                          weights=[job.window.duration for job in sample])
         for job in jobs:
             job.language, job.language_probability = language, probability
         return language, probability
 
-    def _detect(self, audios: list[np.ndarray], batch_size: int) -> list[dict[str, float]]:
+    def _detect(self, audios: list[np.ndarray], run: _Run) -> list[dict[str, float]]:
         detected: list[dict[str, float]] = []
-        for first in range(0, len(audios), batch_size):
-            detected += self.decoder.detect_language(audios[first : first + batch_size])
+        batch_size = run.options.batch_size
+        with run.timed("detection"):
+            for first in range(0, len(audios), batch_size):
+                detected += self.decoder.detect_language(audios[first : first + batch_size], scope=run.scope)
+        run.work.detections += len(audios)
         return detected
 
     # ---- decoding -------------------------------------------------------------------------
@@ -204,15 +234,15 @@ class LongFormTranscriber:
                           previous_text=previous)
         return self.tokenizer.prompt_ids(spec)
 
-    def _decode_until_covered(self, jobs: list[_WindowJob], options: TranscribeOptions,
-                              audio: np.ndarray) -> list[_WindowJob]:
+    def _decode_until_covered(self, jobs: list[_WindowJob], run: _Run) -> list[_WindowJob]:
         """Decode every window; where Whisper closed its last segment well before the window's speech
         ended (it drops trailing sentences now and then), decode the rest of that window again, as
         openai-whisper does by seeking to the last timestamp. All jobs come back in timeline order."""
+        options, audio = run.options, run.audio
         ordered = list(jobs)
         pending = jobs
         for round_ in range(1 + MAX_FOLLOW_UPS):
-            self._decode_with_fallback(pending, options)
+            self._decode_with_fallback(pending, run)
             if options.without_timestamps or round_ == MAX_FOLLOW_UPS:
                 break
             follow_ups = []
@@ -240,13 +270,15 @@ class LongFormTranscriber:
         rest = job.window.after(pieces[-1].end)
         return rest if rest is not None and rest.duration >= UNCOVERED_SPEECH_S else None
 
-    def _decode_with_fallback(self, jobs: list[_WindowJob], options: TranscribeOptions) -> None:
+    def _decode_with_fallback(self, jobs: list[_WindowJob], run: _Run) -> None:
+        options = run.options
         thresholds = options.thresholds
         tried: dict[_WindowJob, list[tuple[WindowOutput, DecodeAttempt]]] = {job: [] for job in jobs}
         pending = list(jobs)
         temperatures = options.temperatures()
         for attempt, temperature in enumerate(temperatures):
-            outputs = self._decode(pending, options, temperature)
+            outputs = self._decode(pending, run, temperature)
+            run.work.fallback_decodes += len(pending) if attempt else 0
             retry = []
             for job, output in zip(pending, outputs):
                 decoded = self._attempt(output, temperature)
@@ -295,13 +327,21 @@ class LongFormTranscriber:
         job.output = WindowOutput(Hypothesis(tokens=[], no_speech_prob=last.no_speech_prob))
         job.temperature, job.left_out = decodes[-1][1].temperature, reason
 
-    def _decode(self, jobs: list[_WindowJob], options: TranscribeOptions, temperature: float) -> list[WindowOutput]:
+    def _decode(self, jobs: list[_WindowJob], run: _Run, temperature: float) -> list[WindowOutput]:
+        options = run.options
         decode_options = options.decode_options(temperature)
         outputs: list[WindowOutput] = []
-        for first in range(0, len(jobs), options.batch_size):
-            batch = jobs[first : first + options.batch_size]
-            outputs += self.decoder.decode([job.audio for job in batch], [self._prompt(job, options) for job in batch],
-                                           decode_options, options.word_timestamps)
+        with run.timed("decoding"):
+            for first in range(0, len(jobs), options.batch_size):
+                batch = jobs[first : first + options.batch_size]
+                outputs += self.decoder.decode([job.audio for job in batch],
+                                               [self._prompt(job, options) for job in batch], decode_options,
+                                               options.word_timestamps, scope=run.scope)
+        run.work.decodes += len(jobs)
+        run.work.follow_up_decodes += sum(1 for job in jobs if job.follow_up)
+        for output in outputs:
+            for stage, seconds in output.engine_seconds.items():
+                run.work.add_seconds(stage, seconds)
         return outputs
 
     # ---- segments -------------------------------------------------------------------------
