@@ -22,7 +22,8 @@ from .audio import SAMPLE_RATE
 from ..contract.capabilities import EngineCapabilities
 from ..contract.options import DecodeOptions, QualityThresholds, TranscribeOptions
 from ..contract.results import LeftOut, Segment, TranscriptionInfo, TranscriptionResult, Word, Work
-from .decoding import DecodeAttempt, attempt_failed, compression_ratio, is_silence, select_attempt, split_on_timestamps
+from .decoding import (DecodeAttempt, attempt_failed, compression_ratio, is_loop, is_silence, select_attempt,
+                       split_on_timestamps)
 from ..contract.engine import Hypothesis, TokenTimings
 from ..errors import invalid_parameter
 from .segmenter import Window, fixed_windows, windows_from_speech
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 MAX_FOLLOW_UPS = 2  # times the rest of a window may be decoded again
 JUNCTION_MARGIN_S = 0.2  # timestamp slack around a left-out pause
 UNCOVERED_SPEECH_S = 1.5  # speech left after the last segment that counts as dropped
+# where the language was unsure and every decode failed, the next most probable languages tried
+LANGUAGE_CANDIDATES = 2
+MIN_CANDIDATE_PROBABILITY = 0.05  # a language less probable than this is not worth a decode
 
 
 class WindowDecoder(Protocol):
@@ -84,6 +88,8 @@ class _WindowJob:
     follow_up: bool = False  # the rest of a window whose decode stopped before its speech ended
     language_probability: float = 1.0  # 1.0 where the caller gave the language (or the model has one)
     left_out: str | None = None  # why a guard left this window's text out (a LeftOut reason)
+    candidates: tuple[tuple[str, float], ...] = ()  # the next most probable languages, (code, probability)
+    rescued: bool = False  # kept in a candidate language after its detected language failed every check
 
 
 @dataclass
@@ -161,6 +167,7 @@ class LongFormTranscriber:
         jobs = [_WindowJob(w, w.extract(audio), options.language or "") for w in windows]
         language, probability = self._assign_languages(jobs, run)
         jobs = self._decode_until_covered(jobs, run)
+        language, probability = _kept_language(jobs, language, probability)
         info.left_out = _left_out(jobs)
         segments = self._segments(jobs, options)
         text = "".join(segment.text for segment in segments).strip()
@@ -208,15 +215,16 @@ class LongFormTranscriber:
         if options.language_detection == "chunk":
             detected = self._detect([job.audio for job in jobs], run)
             for job, probs in zip(jobs, detected):
-                job.language = max(probs, key=probs.get)
-                job.language_probability = float(probs[job.language])
+                ranked = _ranked(probs)
+                (job.language, job.language_probability), job.candidates = ranked[0], _candidates(ranked)
             return _combine(detected, weights=[job.window.duration for job in jobs])
         sample = jobs[: min(3, len(jobs))]  # the first windows of speech decide for the file
-        language, probability = _combine(self._detect([job.audio for job in sample], run),
-                                         weights=[job.window.duration for job in sample])
+        ranked = _ranked(_combined(self._detect([job.audio for job in sample], run),
+                                   weights=[job.window.duration for job in sample]))
+        (language, probability), candidates = ranked[0], _candidates(ranked)
         for job in jobs:
-            job.language, job.language_probability = language, probability
-        return language, probability
+            job.language, job.language_probability, job.candidates = language, probability, candidates
+        return language, round(probability, 4)
 
     def _detect(self, audios: list[np.ndarray], run: _Run) -> list[dict[str, float]]:
         detected: list[dict[str, float]] = []
@@ -250,7 +258,8 @@ class LongFormTranscriber:
                 rest = self._uncovered(job, options)
                 if rest is not None:
                     follow = _WindowJob(rest, rest.extract(audio), job.language, follow_up=True,
-                                        language_probability=job.language_probability)
+                                        language_probability=job.language_probability, candidates=job.candidates,
+                                        rescued=job.rescued)
                     ordered.insert(ordered.index(job) + 1, follow)
                     follow_ups.append(follow)
             if not follow_ups:
@@ -289,8 +298,50 @@ class LongFormTranscriber:
                 break
             logger.info("temperature fallback: %d of %d windows decoded again", len(retry), len(jobs))
             pending = retry
+        unsure = [job for job, decodes in tried.items() if self._unsure_failure(job, decodes, thresholds)]
+        rescued = self._try_candidates(unsure, run) if unsure else set()
         for job, decodes in tried.items():
-            self._keep(job, decodes, thresholds)
+            if job not in rescued:
+                self._keep(job, decodes, thresholds)
+
+    def _unsure_failure(self, job: _WindowJob, decodes: list[tuple[WindowOutput, DecodeAttempt]],
+                        thresholds: QualityThresholds) -> bool:
+        """Every decode failed while the window's language was detected unsure (the unsure-language guard)."""
+        if thresholds.unsure_language is None or job.language_probability >= thresholds.unsure_language:
+            return False
+        attempts = [attempt for _, attempt in decodes]
+        choice = select_attempt(attempts, thresholds)
+        return choice is not None and attempt_failed(attempts[choice], thresholds)
+
+    def _try_candidates(self, jobs: list[_WindowJob], run: _Run) -> set[_WindowJob]:
+        """Windows whose detected language failed every check, decoded again in the next most probable
+        languages (greedy, the first temperature): the first candidate whose decode passes the checks
+        is kept (the model knew the speech, not its language). What fails in every candidate is left
+        out by `_keep` (the guard: guesswork in another language stays withheld)."""
+        thresholds, temperature = run.options.thresholds, run.options.temperatures()[0]
+        rescued: set[_WindowJob] = set()
+        pending = list(jobs)
+        for rank in range(LANGUAGE_CANDIDATES):
+            trying = [job for job in pending if len(job.candidates) > rank]
+            if not trying:
+                break
+            detected = [(job.language, job.language_probability) for job in trying]
+            for job in trying:
+                job.language, job.language_probability = job.candidates[rank]
+            outputs = self._decode(trying, run, temperature)
+            run.work.language_retries += len(trying)
+            for job, output, (language, probability) in zip(trying, outputs, detected):
+                attempt = self._attempt(output, temperature)
+                if not attempt_failed(attempt, thresholds) and not is_loop(attempt, thresholds):
+                    job.output, job.temperature, job.rescued = output, temperature, True
+                    rescued.add(job)
+                    pending.remove(job)
+                    logger.info("window %.2f-%.2f s: kept in %s (p %.2f) after %s (p %.2f) failed every check",
+                                job.window.start / SAMPLE_RATE, job.window.end / SAMPLE_RATE, job.language,
+                                job.language_probability, language, probability)
+                else:
+                    job.language, job.language_probability = language, probability
+        return rescued
 
     def _attempt(self, output: WindowOutput, temperature: float) -> DecodeAttempt:
         hypothesis = output.hypothesis
@@ -405,8 +456,35 @@ class LongFormTranscriber:
 
 
 def _left_out(jobs: list[_WindowJob]) -> list[LeftOut]:
-    return [LeftOut(round(job.window.start / SAMPLE_RATE, 3), round(job.window.end / SAMPLE_RATE, 3), job.left_out)
+    return [LeftOut(round(job.window.start / SAMPLE_RATE, 3), round(job.window.end / SAMPLE_RATE, 3), job.left_out,
+                    round(job.language_probability, 4) if job.left_out == "unsure_language" else None)
             for job in jobs if job.left_out]
+
+
+def _kept_language(jobs: list[_WindowJob], language: str, probability: float) -> tuple[str, float]:
+    """The answer's language: the detected one, unless every window that kept text was kept in one
+    candidate language instead (a short clip whose detected language failed every check)."""
+    kept = [job for job in jobs if not job.left_out and job.output is not None and job.output.hypothesis.tokens]
+    if kept and all(job.rescued for job in kept) and len({job.language for job in kept}) == 1:
+        return kept[0].language, round(kept[0].language_probability, 4)
+    return language, probability
+
+
+def _ranked(probabilities: dict[str, float]) -> list[tuple[str, float]]:
+    return sorted(((code, float(p)) for code, p in probabilities.items()), key=lambda item: -item[1])
+
+
+def _candidates(ranked: list[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
+    return tuple(item for item in ranked[1 : 1 + LANGUAGE_CANDIDATES] if item[1] >= MIN_CANDIDATE_PROBABILITY)
+
+
+def _combined(detected: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for probs, weight in zip(detected, weights):
+        for language, probability in probs.items():
+            totals[language] = totals.get(language, 0.0) + probability * weight
+    total = max(sum(weights), 1e-9)
+    return {language: value / total for language, value in totals.items()}
 
 
 def _same_text(a: str, b: str) -> bool:
