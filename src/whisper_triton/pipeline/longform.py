@@ -288,6 +288,8 @@ class LongFormTranscriber:
         for attempt, temperature in enumerate(temperatures):
             outputs = self._decode(pending, run, temperature)
             run.work.fallback_decodes += len(pending) if attempt else 0
+            if attempt == 0:
+                outputs = self._weigh_unsure_languages(pending, outputs, run, temperature)
             retry = []
             for job, output in zip(pending, outputs):
                 decoded = self._attempt(output, temperature)
@@ -303,6 +305,39 @@ class LongFormTranscriber:
         for job, decodes in tried.items():
             if job not in rescued:
                 self._keep(job, decodes, thresholds)
+
+    def _weigh_unsure_languages(self, jobs: list[_WindowJob], outputs: list[WindowOutput], run: _Run,
+                                temperature: float) -> list[WindowOutput]:
+        """Where a window's language was detected unsure (under `unsure_language`), its first decode is
+        weighed against one in the next most probable language: Whisper's detection reads one token,
+        a whole decode reads the speech (Spanish detected as Portuguese at 0.42, Spanish 0.16: the
+        Spanish decode is the more confident one). The decode that passes the checks, else the more
+        confident one, is kept, and its language with it; the other stays a candidate."""
+        thresholds = run.options.thresholds
+        if thresholds.unsure_language is None:
+            return outputs
+        unsure = [i for i, job in enumerate(jobs) if job.candidates and not job.follow_up
+                  and job.language_probability < thresholds.unsure_language]
+        if not unsure:
+            return outputs
+        trying = [jobs[i] for i in unsure]
+        detected = [(job.language, job.language_probability) for job in trying]
+        for job in trying:
+            job.language, job.language_probability = job.candidates[0]
+        others = self._decode(trying, run, temperature)
+        run.work.language_retries += len(trying)
+        outputs = list(outputs)
+        for index, job, other, (language, probability) in zip(unsure, trying, others, detected):
+            if _better(self._attempt(other, temperature), self._attempt(outputs[index], temperature), thresholds):
+                outputs[index] = other
+                job.candidates = ((language, probability),) + job.candidates[1:]
+                job.rescued = True
+                logger.info("window %.2f-%.2f s: decoded as %s (p %.2f) rather than %s (p %.2f): the more "
+                            "confident decode", job.window.start / SAMPLE_RATE, job.window.end / SAMPLE_RATE,
+                            job.language, job.language_probability, language, probability)
+            else:
+                job.language, job.language_probability = language, probability
+        return outputs
 
     def _unsure_failure(self, job: _WindowJob, decodes: list[tuple[WindowOutput, DecodeAttempt]],
                         thresholds: QualityThresholds) -> bool:
@@ -459,6 +494,19 @@ def _left_out(jobs: list[_WindowJob]) -> list[LeftOut]:
     return [LeftOut(round(job.window.start / SAMPLE_RATE, 3), round(job.window.end / SAMPLE_RATE, 3), job.left_out,
                     round(job.language_probability, 4) if job.left_out == "unsure_language" else None)
             for job in jobs if job.left_out]
+
+
+def _better(candidate: DecodeAttempt, current: DecodeAttempt, thresholds: QualityThresholds) -> bool:
+    """Is `candidate` the decode to keep: it passes the checks where `current` fails, or both pass (or
+    both fail) and it is the more confident; a loop or a silence verdict never wins."""
+    if is_loop(candidate, thresholds) or is_silence(candidate.no_speech_prob, candidate.avg_logprob, thresholds):
+        return False
+    failed, current_failed = attempt_failed(candidate, thresholds), attempt_failed(current, thresholds)
+    if failed != current_failed:
+        return not failed
+    if candidate.avg_logprob is None or current.avg_logprob is None:
+        return False
+    return candidate.avg_logprob > current.avg_logprob
 
 
 def _kept_language(jobs: list[_WindowJob], language: str, probability: float) -> tuple[str, float]:
