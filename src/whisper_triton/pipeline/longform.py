@@ -233,6 +233,9 @@ class LongFormTranscriber:
             for first in range(0, len(audios), batch_size):
                 detected += self.decoder.detect_language(audios[first : first + batch_size], scope=run.scope)
         run.work.detections += len(audios)
+        take = getattr(self.decoder, "take_detection_seconds", None)  # the engine's share, where told
+        for stage, seconds in (take() if callable(take) else {}).items():
+            run.work.add_seconds(stage, seconds)
         return detected
 
     # ---- decoding -------------------------------------------------------------------------

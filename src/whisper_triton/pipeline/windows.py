@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -172,8 +173,28 @@ class EngineWindowDecoder:
                         scope: str | None = None) -> list[dict[str, float]]:
         if not self.is_multilingual:
             return [{"en": 1.0} for _ in audios]
-        inputs = self.inputs(audios, [scope] * len(audios)) if inputs is None else inputs
-        return self.engine.detect_language(inputs)
+        encoder_s = 0.0
+        if inputs is None:
+            inputs = self.inputs(audios, [scope] * len(audios))
+            encoder_s = self.last_encoder_seconds
+        started = time.perf_counter()
+        detected = self.engine.detect_language(inputs)
+        self._detection_seconds().update(
+            encoder=self._detection_seconds().get("encoder", 0.0) + encoder_s,
+            decoder=self._detection_seconds().get("decoder", 0.0) + time.perf_counter() - started)
+        return detected
+
+    def _detection_seconds(self) -> dict[str, float]:
+        local = self.__dict__.setdefault("_local", threading.local())
+        if not hasattr(local, "seconds"):
+            local.seconds = {}
+        return local.seconds
+
+    def take_detection_seconds(self) -> dict[str, float]:
+        """The engine's time in this thread's detections since the last call (encoder, decoder)."""
+        seconds = dict(self._detection_seconds())
+        self._detection_seconds().clear()
+        return seconds
 
 
 def unsupported_word_timestamps(capabilities: EngineCapabilities) -> WhisperTritonError:

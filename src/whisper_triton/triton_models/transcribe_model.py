@@ -195,8 +195,23 @@ class TritonWindowDecoder:
         # asked for the language outputs alone, whisper_window runs detection and not `generate`
         if not audios:
             return []
-        replies = self._run_all(audios, None, None, False, ["LANGUAGE_PROBS"], scope)
+        replies = self._run_all(audios, None, None, False, ["LANGUAGE_PROBS", "ENGINE_SECONDS"], scope)
+        seconds = self._detection_seconds()
+        for reply in (r for r in replies if "ENGINE_SECONDS" in r):
+            for stage, value in json.loads(reply["ENGINE_SECONDS"].reshape(-1)[0]).items():
+                seconds[stage] = seconds.get(stage, 0.0) + value
         return [json.loads(reply["LANGUAGE_PROBS"].reshape(-1)[0]) for reply in replies]
+
+    def _detection_seconds(self) -> dict[str, float]:
+        if not hasattr(self._current, "detection_seconds"):
+            self._current.detection_seconds = {}
+        return self._current.detection_seconds
+
+    def take_detection_seconds(self) -> dict[str, float]:
+        """The engine's time in this file's detections since the last call (encoder, decoder shares)."""
+        seconds = dict(self._detection_seconds())
+        self._detection_seconds().clear()
+        return seconds
 
 
 class TranscribeModel:
