@@ -137,14 +137,21 @@ def fetch_deb(package: str, cache: Path = CACHE) -> Path:
     debs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=debs) as staging:
         os.chmod(staging, 0o755)  # apt's sandbox user may write there
-        result = subprocess.run(["apt-get", "download", "-q", f"{package}={DEBIAN_VERSION}"], cwd=staging,
-                                capture_output=True, text=True, timeout=600)
+        result = _apt_download(package, staging)
+        if result.returncode != 0 and os.geteuid() == 0:  # no package lists yet (a fresh machine): read them once
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600)
+            result = _apt_download(package, staging)
         found = list(Path(staging).glob(f"{package}_*.deb"))
         if result.returncode != 0 or not found:
             raise FetchError(f"apt-get download {package}={DEBIAN_VERSION} failed ({result.stderr.strip()[-300:]}). "
                              "Run `apt-get update` once (as root) and retry.")
         found[0].rename(target)
     return _checked(target, DEBS[package])
+
+
+def _apt_download(package: str, folder: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["apt-get", "download", "-q", f"{package}={DEBIAN_VERSION}"], cwd=folder,
+                          capture_output=True, text=True, timeout=600)
 
 
 def unpack_deb(package: str, cache: Path = CACHE) -> Path:

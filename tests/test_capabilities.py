@@ -66,6 +66,21 @@ def test_each_window_is_encoded_once(ct2_engine, tokenizer, speech_clips, monkey
     assert sum(calls) == 1 and decoder.cache.hits >= 2
 
 
+def test_no_encoder_pass_crosses_requests(ct2_engine, tokenizer, speech_clips, monkeypatch):
+    """The same audio sent twice is two cold requests: each encodes its window once (the cache is
+    scoped to one request), so a repeated request is never answered faster from another's work."""
+    calls = []
+    real = ct2_engine.encode
+    monkeypatch.setattr(ct2_engine, "encode", lambda features: calls.append(features.shape[0]) or real(features))
+    decoder = EngineWindowDecoder(ct2_engine, tokenizer)
+    pipeline = LongFormTranscriber(decoder, tokenizer)
+    clip = speech_clips[2].samples
+    first = pipeline.transcribe(clip, TranscribeOptions(word_timestamps=True))
+    second = pipeline.transcribe(clip, TranscribeOptions(word_timestamps=True))
+    assert first.text == second.text and sum(calls) == 2 and decoder.cache.hits == 0
+    assert second.info.work.seconds["encoder"] > 0  # the second request paid for its own encoder pass
+
+
 def test_the_encoder_cache_is_bounded():
     from whisper_triton.pipeline.windows import EncoderCache
 
