@@ -172,7 +172,11 @@ class Served:
 
         env = {"WHISPER_TRITON_MODEL_DIR": str(model_dir), "WHISPER_TRITON_CPU_THREADS": str(threads),
                "WHISPER_TRITON_COMPUTE_TYPE": "float32"}
-        self.server = start_serve(log_dir / f"serve-{model_dir.name}.log", env)
+        try:
+            self.server = start_serve(log_dir / f"serve-{model_dir.name}.log", env)
+        except RuntimeError as exc:  # tritonserver may abort while starting on a loaded machine: once more
+            logger.warning("serve did not start (%s); trying once more", exc)
+            self.server = start_serve(log_dir / f"serve-{model_dir.name}-2.log", env)
         self.client = httpx.Client(timeout=3600)
 
     def transcribe(self, item: Item, without_timestamps: bool, language: str | None, task: str = "transcribe") -> Answer:
@@ -350,6 +354,21 @@ def modes(args, model: str) -> list[tuple[str, bool]]:
     return out
 
 
+def report_of(rows: list[Row], comparisons: list[dict], args, threads: int) -> dict:
+    return {"rows": [row.summary() for row in rows], "two_sided": comparisons,
+            "per_item": [{"set": r.set, "model": r.model, "system": r.system, "mode": r.mode, "given": r.given,
+                          "task": r.task, "items": r.per_item} for r in rows],
+            "settings": {"threads": threads, "limit": args.limit, "clips": args.clips, "models": args.models,
+                         "long_prompts": args.long_prompts, "languages": args.languages},
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "loadavg_at_end": [round(v, 2) for v in os.getloadavg()]}}
+
+
+def save(report: dict, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+
+
 def run(args) -> dict:
     real_speech.fetch(real_speech.ALL_PACKAGES, librivox_too=True)
     sets = build_sets(args)
@@ -380,6 +399,7 @@ def run(args) -> dict:
                             row.add(item, system.transcribe(item, without, item.language if given else None))
                         rows.append(row)
                         by_system[name] = row
+                        save(report_of(rows, comparisons, args, threads), Path(args.output))  # partial results
                         logger.warning("%-24s %-7s %-13s %-13s %-5s WER %5.1f %% (S%d D%d I%d) lang %.2f wall %6.2f s",
                                        s.name, model, name, mode, "given" if given else "auto",
                                        100 * row.errors.wer, row.errors.substitutions, row.errors.deletions,
@@ -396,12 +416,7 @@ def run(args) -> dict:
                         rows.append(row)
         finally:
             systems["served"].stop()
-    return {"rows": [row.summary() for row in rows], "two_sided": comparisons,
-            "per_item": [{"set": r.set, "model": r.model, "system": r.system, "mode": r.mode, "given": r.given,
-                          "task": r.task, "items": r.per_item} for r in rows],
-            "settings": {"threads": threads, "limit": args.limit, "clips": args.clips, "models": args.models},
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                        "loadavg_at_end": [round(v, 2) for v in os.getloadavg()]}}
+    return report_of(rows, comparisons, args, threads)
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -499,8 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     print_report(report)
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    save(report, output)
     plot(report, output.with_suffix(".png"))
     logger.warning("wrote %s and %s", output, output.with_suffix(".png"))
     return 0
