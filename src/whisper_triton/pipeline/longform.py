@@ -41,6 +41,11 @@ UNCOVERED_SPEECH_S = 1.5  # speech left after the last segment that counts as dr
 # where the language was unsure and every decode failed, the next most probable languages tried
 LANGUAGE_CANDIDATES = 2
 MIN_CANDIDATE_PROBABILITY = 0.05  # a language less probable than this is not worth a decode
+# a language the detector found less probable must be read with more confidence than the usual
+# log-prob check asks: its decode's avg_logprob at least this share of `log_prob_threshold` (-1 -> -0.6).
+# Calibrated on recorded prompts (bench/real_speech.py, 2026-12-07): Spanish detected as Portuguese
+# decodes as Spanish at -0.58 (right); a Russian word detected as Polish decodes as Arabic at -0.76 (junk)
+SWITCH_CONFIDENCE = 0.6
 
 
 class WindowDecoder(Protocol):
@@ -315,7 +320,8 @@ class LongFormTranscriber:
         weighed against one in the next most probable language: Whisper's detection reads one token,
         a whole decode reads the speech (Spanish detected as Portuguese at 0.42, Spanish 0.16: the
         Spanish decode is the more confident one). The decode that passes the checks, else the more
-        confident one, is kept, and its language with it; the other stays a candidate."""
+        confident one, is kept, and its language with it (with room to spare: `_confident_switch`);
+        the other stays a candidate."""
         thresholds = run.options.thresholds
         if thresholds.unsure_language is None:
             return outputs
@@ -370,7 +376,7 @@ class LongFormTranscriber:
             run.work.language_retries += len(trying)
             for job, output, (language, probability) in zip(trying, outputs, detected):
                 attempt = self._attempt(output, temperature)
-                if not attempt_failed(attempt, thresholds) and not is_loop(attempt, thresholds):
+                if _confident_switch(attempt, thresholds):
                     job.output, job.temperature, job.rescued = output, temperature, True
                     rescued.add(job)
                     pending.remove(job)
@@ -499,14 +505,23 @@ def _left_out(jobs: list[_WindowJob]) -> list[LeftOut]:
             for job in jobs if job.left_out]
 
 
-def _better(candidate: DecodeAttempt, current: DecodeAttempt, thresholds: QualityThresholds) -> bool:
-    """Is `candidate` the decode to keep: it passes the checks where `current` fails, or both pass (or
-    both fail) and it is the more confident; a loop or a silence verdict never wins."""
-    if is_loop(candidate, thresholds) or is_silence(candidate.no_speech_prob, candidate.avg_logprob, thresholds):
+def _confident_switch(attempt: DecodeAttempt, thresholds: QualityThresholds) -> bool:
+    """A decode in a less probable language is kept only if it passes the checks with room to spare
+    (`SWITCH_CONFIDENCE`): guesswork in another language often passes the plain log-prob check."""
+    if attempt_failed(attempt, thresholds) or is_loop(attempt, thresholds) or not attempt.text.strip():
         return False
-    failed, current_failed = attempt_failed(candidate, thresholds), attempt_failed(current, thresholds)
-    if failed != current_failed:
-        return not failed
+    if thresholds.log_prob is None or attempt.avg_logprob is None:
+        return True
+    return attempt.avg_logprob >= SWITCH_CONFIDENCE * thresholds.log_prob
+
+
+def _better(candidate: DecodeAttempt, current: DecodeAttempt, thresholds: QualityThresholds) -> bool:
+    """Is `candidate` (another language's decode) the one to keep: it passes the checks with room to
+    spare (`_confident_switch`) and is more confident than `current`, or `current` failed them."""
+    if not _confident_switch(candidate, thresholds):
+        return False
+    if attempt_failed(current, thresholds):
+        return True
     if candidate.avg_logprob is None or current.avg_logprob is None:
         return False
     return candidate.avg_logprob > current.avg_logprob
