@@ -300,7 +300,7 @@ class LongFormTranscriber:
                 outputs = self._weigh_unsure_languages(pending, outputs, run, temperature)
             retry = []
             for job, output in zip(pending, outputs):
-                decoded = self._attempt(output, temperature)
+                decoded = self._attempt(output, temperature, job.window.duration)
                 tried[job].append((output, decoded))
                 if attempt_failed(decoded, thresholds) and attempt < len(temperatures) - 1:
                     retry.append(job)
@@ -337,7 +337,9 @@ class LongFormTranscriber:
         run.work.language_retries += len(trying)
         outputs = list(outputs)
         for index, job, other, (language, probability) in zip(unsure, trying, others, detected):
-            if _better(self._attempt(other, temperature), self._attempt(outputs[index], temperature), thresholds):
+            duration = job.window.duration
+            if _better(self._attempt(other, temperature, duration), self._attempt(outputs[index], temperature, duration),
+                       thresholds):
                 outputs[index] = other
                 job.candidates = ((language, probability),) + job.candidates[1:]
                 job.rescued = True
@@ -375,7 +377,7 @@ class LongFormTranscriber:
             outputs = self._decode(trying, run, temperature)
             run.work.language_retries += len(trying)
             for job, output, (language, probability) in zip(trying, outputs, detected):
-                attempt = self._attempt(output, temperature)
+                attempt = self._attempt(output, temperature, job.window.duration)
                 if _confident_switch(attempt, thresholds):
                     job.output, job.temperature, job.rescued = output, temperature, True
                     rescued.add(job)
@@ -387,10 +389,10 @@ class LongFormTranscriber:
                     job.language, job.language_probability = language, probability
         return rescued
 
-    def _attempt(self, output: WindowOutput, temperature: float) -> DecodeAttempt:
+    def _attempt(self, output: WindowOutput, temperature: float, duration: float | None = None) -> DecodeAttempt:
         hypothesis = output.hypothesis
         return DecodeAttempt(self.tokenizer.decode(hypothesis.tokens), hypothesis.avg_logprob,
-                             hypothesis.no_speech_prob, temperature)
+                             hypothesis.no_speech_prob, temperature, duration)
 
     def _keep(self, job: _WindowJob, decodes: list[tuple[WindowOutput, DecodeAttempt]],
               thresholds: QualityThresholds) -> None:
