@@ -49,11 +49,11 @@ class TranscribeStreamModel(TranscribeModel):
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         arrival = time.monotonic()
         try:
-            options = self.pipeline.check(self.options(request))  # before any audio work
+            chosen, options = self.prepare(request)  # the request's model; checked before any audio work
             audio = decode_audio(bytes(first_value(self.pb, request, "AUDIO") or b""),
                                  max_seconds=self.settings.max_audio_seconds)
-            with self.decoder.serving(sender.is_cancelled, arrival, audio.size / 16_000):
-                for chunk in self.pipeline.transcribe_iter(audio, options, cancelled=sender.is_cancelled):
+            with chosen.decoder.serving(sender.is_cancelled, arrival, audio.size / 16_000):
+                for chunk in chosen.pipeline.transcribe_iter(audio, options, cancelled=sender.is_cancelled):
                     response = self._chunk_response(stream_chunk(
                         chunk.segments, chunk.language, chunk.language_probability, chunk.duration, chunk.info,
                         chunk.done, words=options.word_timestamps, tokens=options.include_tokens))

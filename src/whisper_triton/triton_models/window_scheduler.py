@@ -65,10 +65,13 @@ class WindowScheduler:
     reply per payload; `batch_rows()` says how many rows a batch may hold (asked per batch)."""
 
     def __init__(self, run: Callable[[Hashable, list[Any]], list[Any]], batch_rows: Callable[[], int],
-                 in_flight: int = 1, urgent_slots: int = 0):
+                 in_flight: int = 1, urgent_slots: int = 0, group_rows: Callable[[Hashable], int] | None = None):
+        """`group_rows`, when given, says the rows of a batch per group instead of `batch_rows` (several
+        engine models behind one scheduler, each with its own declared batch)."""
         if in_flight < 1 or urgent_slots < 0:
             raise ValueError(f"in_flight must be at least 1 and urgent_slots at least 0, got {in_flight}, {urgent_slots}")
-        self._run, self._batch_rows, self._in_flight, self._urgent = run, batch_rows, in_flight, urgent_slots
+        self._run, self._in_flight, self._urgent = run, in_flight, urgent_slots
+        self._batch_rows: Callable[[Hashable], int] = group_rows or (lambda group: batch_rows())
         self._pending: list[_Row] = []
         self._running: list[float] = []  # the head deadline of each batch in flight
         self._closed = False
@@ -108,7 +111,7 @@ class WindowScheduler:
         """The most urgent row, and the next most urgent rows of its group due within its slack, up to a batch."""
         head = heapq.heappop(self._pending)
         batch, others = [head], []
-        limit = max(1, self._batch_rows())
+        limit = max(1, self._batch_rows(head.group))
         while self._pending and len(batch) < limit and self._pending[0].deadline <= head.deadline + head.slack:
             row = heapq.heappop(self._pending)
             (batch if row.group == head.group else others).append(row)
