@@ -75,3 +75,18 @@ def speech_wav(text: str = SPEECH_TEXT) -> bytes:
     path = _root() / f"speech-{abs(hash(text))}.wav"
     subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(path), text], check=True, timeout=60)
     return path.read_bytes()
+
+
+@lru_cache(maxsize=1)
+def exported_models() -> Path:
+    """`whisper-export models` run once per session: two real LoRA fine-tunes of tiny.en (lora-a, lora-b),
+    merged with the verified PEFT merge, converted for CTranslate2, and their models.json."""
+    from whisper_triton.export.cli import main
+
+    out = _root() / "models"
+    a = make_adapter("lora-a", 0.02)
+    b = make_adapter("lora-b", 0.02, target_modules=("k_proj", "out_proj", "fc2"))
+    code = main(["models", "--base", str(tiny_hf_dir()), "--adapter", f"lora-a={a}", "--adapter", f"lora-b={b}",
+                 "--no-base", "--output", str(out)])
+    assert code == 0, "whisper-export models failed"
+    return out
