@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="create model, endpoint config and endpoint (and autoscaling)")
     deploy.add_argument("--name", required=True, help="endpoint name; also the deployment tag value")
     _add_model_args(deploy)
+    components = deploy.add_argument_group("inference components (instead of one model or a multi-model endpoint)")
+    components.add_argument("--inference-component", action="append", type=_key_value, default=[],
+                            metavar="ID=S3URI", help="one component per model: its repository prefix (repeatable)")
+    components.add_argument("--component-memory-mb", type=int, default=8192)
+    components.add_argument("--component-accelerators", type=float, default=1.0)
+    components.add_argument("--component-copies", type=int, default=1)
     _add_endpoint_args(deploy)
     _add_scaling_args(deploy)
 
@@ -225,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, deployer: Deployer) -> dict:
+    if args.command == "deploy" and args.inference_component:
+        from .components import ComponentOptions
+
+        result = deployer.deploy_components(
+            _deployment(args), dict(args.inference_component),
+            ComponentOptions(args.component_memory_mb, args.component_accelerators, args.component_copies),
+            wait=not args.no_wait, wait_timeout_s=args.wait_timeout)
+        return {"endpoint": result.endpoint_name, "models": result.model_name, "created": [str(r) for r in result.created]}
     if args.command == "deploy":
         result = deployer.deploy(_deployment(args), wait=not args.no_wait, wait_timeout_s=args.wait_timeout)
         return {"endpoint": result.endpoint_name, "model": result.model_name,
