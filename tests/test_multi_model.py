@@ -22,7 +22,10 @@ import pytest
 
 import export_fixtures as fx
 from conftest import start_serve
+from tritonclient.utils import InferenceServerException
+
 from whisper_triton.contract.models import ManifestModel, RegistryManifest
+from whisper_triton.contract.tensors import decode_error
 from whisper_triton.pipeline.evaluation import word_error_rate
 from whisper_triton.registry.catalog import estimate_memory_mb
 
@@ -97,6 +100,16 @@ def in_process(model_dir: Path, audio: np.ndarray) -> dict:
     return LongFormTranscriber(EngineWindowDecoder(engine, tokenizer), tokenizer).transcribe(audio).to_dict()
 
 
+def transcribe_grpc(url: str, audio: bytes, options: dict) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        inputs = [grpcclient.InferInput("AUDIO", [1], "BYTES"), grpcclient.InferInput("OPTIONS", [1], "BYTES")]
+        inputs[0].set_data_from_numpy(np.array([audio], dtype=object))
+        inputs[1].set_data_from_numpy(np.array([json.dumps(options).encode()], dtype=object))
+        return json.loads(client.infer("transcribe", inputs, client_timeout=300).as_numpy("RESULT")[0])
+
+
 def test_models_are_listed_with_their_capabilities_and_only_the_default_is_loaded(multi):
     cards = {card["id"]: card for card in httpx.get(multi.url + "/v1/models", timeout=30).json()["data"]}
     assert {DEFAULT, BASE, LORA_A, LORA_B, "base", "whisper-1"} <= set(cards)
@@ -168,6 +181,14 @@ def test_the_budget_unloads_the_least_recently_used_idle_model_and_reloads_it(mu
     final = status(multi.url)
     assert final[LORA_A]["loads"] == before[LORA_A]["loads"] + 1 and final[BASE]["state"] == "unloaded"
     assert final[LORA_B]["state"] == "loaded"
+    # gRPC callers name the model as Triton does: `transcribe` with the id in OPTIONS reaches a loaded
+    # model, and an unloaded one is a 503 naming `model` (loading is the proxy's)
+    assert transcribe_grpc(multi.grpc_url, clip.wav_bytes, {"model": LORA_B})["text"] == \
+        invoke(multi.url, clip.wav_bytes, LORA_B).json()["text"]
+    with pytest.raises(InferenceServerException) as info:
+        transcribe_grpc(multi.grpc_url, clip.wav_bytes, {"model": BASE})
+    error = decode_error(info.value.message())
+    assert error is not None and error.status == 503 and error.param == "model"
 
 
 def test_a_model_in_use_is_never_unloaded(multi, long_speech, speech_clips):

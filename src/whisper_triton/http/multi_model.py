@@ -89,8 +89,12 @@ async def transcribe_stream(request: Request, name: str | None, audio: bytes,
     registry = await registry_of(request)
     async with registry.lease(name) as lease:
         options.model = lease.option
-        async for chunk in request.app.state.triton.transcribe_stream(audio, options):
-            yield chunk
+        chunks = request.app.state.triton.transcribe_stream(audio, options)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:  # at once, not when the collector gets to it: closing it cancels the gRPC stream
+            await chunks.aclose()
 
 
 # ---- SageMaker's multi-model contract -------------------------------------------------------------

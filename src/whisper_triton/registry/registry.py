@@ -204,10 +204,19 @@ class ModelRegistry:
         try:
             yield ModelLease(model_id, entry.triton_name, None if entry.record.pinned else model_id)
         finally:
+            # no await before the release: a cancelled request (its client left) still gives the model back
+            entry.in_use -= 1
+            entry.last_used = time.monotonic()
+            self._notify_soon()
+
+    def _notify_soon(self) -> None:
+        async def notify() -> None:
             async with self._changed:
-                entry.in_use -= 1
-                entry.last_used = time.monotonic()
                 self._changed.notify_all()
+
+        task = asyncio.get_running_loop().create_task(notify())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _acquire(self, model_id: str, wait_s: float) -> _Entry:
         loop = asyncio.get_running_loop()
