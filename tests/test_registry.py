@@ -205,3 +205,40 @@ def test_sagemaker_loads_only_from_the_roots_and_name_each_model_once(tmp_path):
         assert info.value.status == 404
 
     run(scenario())
+
+
+def test_a_model_named_by_an_s3_prefix_is_fetched_checked_once_and_loaded(tmp_path, moto_url, monkeypatch):
+    """The manifest's `s3_uri`: fetched on first use with the sha256-checked download of the export
+    (moto on loopback), then rendered from the local copy; a corrupted object is refused."""
+    import boto3
+
+    from conftest import reset_moto
+    from whisper_triton.export.s3 import upload_directory
+
+    reset_moto(moto_url)
+    for key, value in {"AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="models")
+    upload_directory(fake_model(tmp_path / "upload" / "legal"), "s3://models/legal")
+    upload_directory(fake_model(tmp_path / "upload" / "broken"), "s3://models/broken")
+    s3.put_object(Bucket="models", Key="broken/model.bin", Body=b"not what the manifest says")
+
+    async def scenario():
+        reg, control = registry(tmp_path / "reg", budget=0, models={}, cache_dir=tmp_path / "cache")
+        RegistryManifest(models=[ManifestModel(id="legal", s3_uri="s3://models/legal", memory_mb=100),
+                                 ManifestModel(id="broken", s3_uri="s3://models/broken", memory_mb=100)]
+                         ).save(tmp_path / "reg")
+        reg.config.manifest = tmp_path / "reg" / "models.json"
+        await reg.start()
+        await use(reg, "legal")
+        config = (reg.config.repository / "whisper_window-legal" / "config.pbtxt").read_text()
+        assert str(tmp_path / "cache") in config and reg.view("legal").state == "loaded"
+        with pytest.raises(WhisperTritonError) as info:
+            await use(reg, "broken")
+        assert info.value.status == 502 and info.value.param == "model" and "sha256" in info.value.message
+        assert ("load", "whisper_window-broken") not in control.calls
+
+    (tmp_path / "reg").mkdir()
+    run(scenario())
