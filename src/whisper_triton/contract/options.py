@@ -91,11 +91,11 @@ class DecodeOptions(_Group):
         """The ranges were checked on construction; what is left depends on the engine's build."""
         return self.check_beam(max_beam_size)
 
-    def check_beam(self, max_beam_size: int) -> "DecodeOptions":
-        """Refuse a beam above what the engine was built for (TensorRT-LLM's max_beam_width)."""
+    def check_beam(self, max_beam_size: int, why: str | None = None) -> "DecodeOptions":
+        """Refuse a beam above what the engine can decode (its build, or `why` it decodes fewer)."""
         if self.beam_size > max_beam_size:
             raise invalid_parameter("beam_size", f"beam_size must be between 1 and {max_beam_size} on this engine, "
-                                    f"got {self.beam_size}.")
+                                    f"got {self.beam_size}" + (f": {why}." if why else "."))
         return self
 
 

@@ -1,6 +1,7 @@
 """The routes of `serve`'s HTTP side: the SageMaker contract (GET /ping, POST /invocations,
-GET /execution-parameters), OpenAI's audio API under /v1 (`openai_router`) and the proxy's
-Prometheus metrics (GET /metrics). Parsing lives in `parsing`, Triton in `triton_client`; a route
+GET /execution-parameters, the WebSocket /invocations-bidirectional-stream), OpenAI's audio API under
+/v1 (`openai_router`), live transcription over WebSocket (`realtime`) and the proxy's Prometheus
+metrics (GET /metrics). Parsing lives in `parsing`, Triton in `triton_client`; a route
 only wires them together and renders the answer.
 
 POST /invocations streams (SageMaker `InvokeEndpointWithResponseStream`: chunked transfer, one JSON
@@ -9,6 +10,7 @@ application/jsonlines (or application/x-ndjson), or the query / custom attribute
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -26,6 +28,8 @@ from .metrics import MetricsMiddleware, ProxyMetrics
 from .openai_router import OPENAI_PREFIX, openai_error_response
 from .openai_router import router as openai_router
 from .parsing import STREAM_TYPES, choose_output_type, parse_invocation, stream_type
+from .realtime import SessionAdmission
+from .realtime import router as realtime_router
 from .streaming import first_chunk, json_lines, until_disconnected
 from .triton_client import TritonClient
 
@@ -58,9 +62,14 @@ def create_app(settings: Settings, triton_url: str | None = None, registry=None)
         app.state.registry = registry or multi_model.standalone_registry(settings)
         if registry is not None:  # serve's: its manifest and the default's capabilities, before requests
             await registry.start()
+        app.state.live_lock = asyncio.Lock()
         try:
             yield
         finally:
+            if app.state.live is not None:
+                app.state.live.close()
+            for service in app.state.live_models.values():
+                service.close()
             await app.state.registry.close()
             await app.state.triton.close()
 
@@ -68,6 +77,10 @@ def create_app(settings: Settings, triton_url: str | None = None, registry=None)
     app.state.settings = settings
     app.state.metrics = ProxyMetrics()
     app.state.admission = admission
+    app.state.triton_url = url
+    app.state.live = None  # the live transcription service, set up by the first session (http/realtime.py)
+    app.state.live_models = {}  # one per other model a session names (?model=), set up by its first session
+    app.state.session_admission = SessionAdmission(admission, settings.live_max_sessions)
     app.add_middleware(Guards, settings=settings, admission=admission)  # request id, API key, load, disconnects
 
     @app.exception_handler(WhisperTritonError)
@@ -142,6 +155,7 @@ def create_app(settings: Settings, triton_url: str | None = None, registry=None)
         return await invoke(request, model_name)
 
     app.include_router(openai_router)
+    app.include_router(realtime_router)
     app.include_router(multi_model.router)
     routes = {route.path for route in (*app.routes, *openai_router.routes, *multi_model.router.routes)
               if hasattr(route, "path")}

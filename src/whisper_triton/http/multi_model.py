@@ -20,6 +20,7 @@ for logs), routes thin as the others:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -95,6 +96,14 @@ async def transcribe_stream(request: Request, name: str | None, audio: bytes,
                 yield chunk
         finally:  # at once, not when the collector gets to it: closing it cancels the gRPC stream
             await chunks.aclose()
+
+
+@contextlib.asynccontextmanager
+async def session_model(connection) -> AsyncIterator:
+    """A live session's model (`?model=` on the WebSocket URL; none: the default), held while it runs."""
+    registry = await registry_of(connection)
+    async with registry.lease(connection.query_params.get("model")) as lease:
+        yield lease
 
 
 # ---- SageMaker's multi-model contract -------------------------------------------------------------

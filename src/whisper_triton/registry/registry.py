@@ -88,6 +88,7 @@ class ModelLease:
     model_id: str
     triton_name: str
     option: str | None
+    model_dir: Path | None = None  # its files (the tokenizer), for callers that decode windows themselves
 
 
 @dataclass
@@ -202,7 +203,8 @@ class ModelRegistry:
         model_id = self.resolve(name)
         entry = await self._acquire(model_id, self.config.load_wait_s if wait_s is None else wait_s)
         try:
-            yield ModelLease(model_id, entry.triton_name, None if entry.record.pinned else model_id)
+            yield ModelLease(model_id, entry.triton_name, None if entry.record.pinned else model_id,
+                             entry.record.model_dir)
         finally:
             # no await before the release: a cancelled request (its client left) still gives the model back
             entry.in_use -= 1

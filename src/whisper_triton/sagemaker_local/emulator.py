@@ -28,6 +28,10 @@ Routes (the wire format boto3 speaks):
   written; SNS success/error topics, when configured, get a notification.
 Errors are JSON `{"message"}` with the `x-amzn-ErrorType` header.
 
+Batch transform jobs (`transform_jobs.py`, rules in `transform_runner.py`): every transform job in
+the control plane is run once against the container; `POST /` is the control plane itself
+(`control_plane.py`: moto with the jobs' real state), for `AWS_ENDPOINT_URL_SAGEMAKER`.
+
 Differences from the real service: the input location is checked when the request arrives (a
 missing object is a 400 ValidationError at once rather than a failure object later); one container
 serves every endpoint unless `--endpoint NAME=URL` maps them; no request signing is checked.
@@ -55,8 +59,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..deploy.aws import AwsClients, parse_s3_uri
+from .control_plane import ControlPlane
 from .eventstream import model_stream_error, payload_part
 from .multi_model import H_TARGET_MODEL, MultiModelError, MultiModelHost
+from .transform_jobs import TransformJobs
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +85,17 @@ class EmulatorOptions:
     max_body_bytes: int = REALTIME_MAX_BODY_BYTES
     drain_timeout_s: float = 30.0  # on shutdown, how long async work may finish
     models_dir: str = ""  # multi-model endpoints: where targets are unpacked (empty: a temp dir)
+    models: dict[str, str] = field(default_factory=dict)  # model name -> container URL (transform jobs)
+    aws_endpoint_url: str | None = None  # where the emulator's own AWS calls go (moto); None: boto3's config
+    # how often moto's transform jobs are listed for jobs created there directly (the command line: every
+    # second); None: only jobs created or looked at through the emulator's control plane run
+    transform_poll_s: float | None = None
 
     def container_for(self, endpoint: str) -> str:
         return self.endpoints.get(endpoint, self.container_url).rstrip("/")
+
+    def container_for_model(self, model: str) -> str:
+        return self.models.get(model, self.container_url).rstrip("/")
 
 
 class RuntimeApiError(Exception):
@@ -112,7 +126,7 @@ class RuntimeEmulator:
 
     def __init__(self, options: EmulatorOptions, aws: AwsClients | None = None):
         self.options = options
-        self.aws = aws or AwsClients(max_attempts=3)
+        self.aws = aws or AwsClients(max_attempts=3, endpoint_url=options.aws_endpoint_url)
         self.http: httpx.AsyncClient | None = None
         self.jobs: set[asyncio.Task] = set()
         self.semaphores: dict[str, asyncio.Semaphore] = {}
@@ -395,18 +409,25 @@ class RuntimeEmulator:
 
 def create_app(options: EmulatorOptions, aws: AwsClients | None = None) -> FastAPI:
     emulator = RuntimeEmulator(options, aws)
+    transform_jobs = TransformJobs(emulator.aws, options.container_for_model, options.transform_poll_s)
+    control_plane = ControlPlane(transform_jobs)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         emulator.http = httpx.AsyncClient(trust_env=False)
+        control_plane.http = emulator.http
+        await transform_jobs.start(emulator.http)
         try:
             yield
         finally:
+            await transform_jobs.stop()
             await emulator.drain()
             await emulator.http.aclose()
 
     app = FastAPI(title="SageMaker runtime emulator", lifespan=lifespan)
     app.state.emulator = emulator
+    app.state.transform_jobs = transform_jobs
+    control_plane.add_routes(app)
 
     @app.get("/ping")
     async def ping() -> Response:
@@ -484,16 +505,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--realtime-timeout", type=float, default=60.0)
     parser.add_argument("--models-dir", default="", help="multi-model endpoints: where targets are unpacked (the "
                         "container must load from there: WHISPER_TRITON_MODEL_LOAD_ROOTS)")
+    parser.add_argument("--aws-endpoint-url", default=None,
+                        help="where the emulator's own AWS calls go (the moto server); default: boto3's configuration")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=URL",
+                        help="run transform jobs of one model in another container (repeatable)")
+    parser.add_argument("--transform-poll", type=float, default=1.0,
+                        help="seconds between looks for new transform jobs in the control plane (0: only jobs "
+                             "created through the emulator's control plane)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    routes = {}
-    for item in args.endpoint:
-        name, sep, url = item.partition("=")
-        if not sep:
-            parser.error(f"--endpoint expects NAME=URL, got {item!r}")
-        routes[name] = url
-    options = EmulatorOptions(container_url=args.container_url, endpoints=routes, account_id=args.account_id,
-                              realtime_timeout_s=args.realtime_timeout, models_dir=args.models_dir)
+    routes: dict[str, dict[str, str]] = {"--endpoint": {}, "--model": {}}
+    for flag, items in (("--endpoint", args.endpoint), ("--model", args.model)):
+        for item in items:
+            name, sep, url = item.partition("=")
+            if not sep:
+                parser.error(f"{flag} expects NAME=URL, got {item!r}")
+            routes[flag][name] = url
+    options = EmulatorOptions(container_url=args.container_url, endpoints=routes["--endpoint"],
+                              account_id=args.account_id, realtime_timeout_s=args.realtime_timeout,
+                              models=routes["--model"], aws_endpoint_url=args.aws_endpoint_url,
+                              transform_poll_s=args.transform_poll or None,
+                              models_dir=args.models_dir)
     import uvicorn
 
     uvicorn.run(create_app(options), host=args.host, port=args.port, log_level="info")

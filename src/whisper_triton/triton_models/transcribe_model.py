@@ -76,6 +76,7 @@ class TritonWindowDecoder:
         self._capabilities: EngineCapabilities | None = None
         self._lock = threading.Lock()
         self._current = threading.local()  # one file per thread
+        self._in_flight = in_flight
         self._owns_router = router is None
         self.router = router or EngineRouter(in_flight, urgent_slots)
         self.router.add(self)
@@ -97,6 +98,17 @@ class TritonWindowDecoder:
             yield
         finally:
             self._current.is_cancelled = self._current.deadline = self._current.slack = None
+
+    def _batch_rows(self) -> int:
+        """Rows per request to whisper_window: one window each for engines that decode in flight (each returns as
+        soon as it finishes), else its declared max_batch_size."""
+        return 1 if self.capabilities.in_flight_windows else self.capabilities.max_batch_size
+
+    def _slots(self) -> int:
+        """Requests to whisper_window at once: the engine's windows in flight, else the configured batches
+        (asked only once the capabilities are known: the dispatcher never waits on a BLS call)."""
+        known = self._capabilities
+        return max(self._in_flight, known.in_flight_windows if known is not None else 0)
 
     def _check_cancelled(self) -> None:
         is_cancelled = getattr(self._current, "is_cancelled", None)
@@ -213,7 +225,13 @@ class EngineRouter:
 
     def __init__(self, in_flight: int = 1, urgent_slots: int = 0):
         self.decoders: dict[str, TritonWindowDecoder] = {}
-        self.scheduler = WindowScheduler(self._run, lambda: 1, in_flight, urgent_slots, group_rows=self._rows)
+        self.in_flight = in_flight
+        self.scheduler = WindowScheduler(self._run, lambda: 1, self._slots, urgent_slots, group_rows=self._rows)
+
+    def _slots(self) -> int:
+        """Requests in flight at once: the most any engine model asks for (in-flight engines take one
+        window per request and keep many running), else the configured batches."""
+        return max([self.in_flight] + [decoder._slots() for decoder in list(self.decoders.values())])
 
     def add(self, decoder: "TritonWindowDecoder") -> None:
         self.decoders[decoder.model_name] = decoder
@@ -222,7 +240,7 @@ class EngineRouter:
         return self.decoders[group[0]]._run_batch(group, payloads)
 
     def _rows(self, group: tuple) -> int:
-        return self.decoders[group[0]].capabilities.max_batch_size
+        return self.decoders[group[0]]._batch_rows()
 
     def close(self) -> None:
         self.scheduler.close()
