@@ -313,3 +313,51 @@ def test_boto3_invoke_endpoint_target_model_through_the_runtime_emulator(multi, 
             runtime.invoke_endpoint(EndpointName="whisper-mme", TargetModel="missing.tar.gz", Body=clip.wav_bytes,
                                     ContentType="audio/wav")
         assert info.value.response["Error"]["Code"] == "ValidationError"
+
+
+def test_a_live_session_names_its_model_on_the_websocket_url(multi, speech_clips):
+    """/v1/realtime?intent=transcription&model=lora-a: the session's windows go to lora-a's engine model,
+    which the session holds while it runs; an unknown model is refused at connect, naming it."""
+    import asyncio
+    import base64
+
+    import tritonclient.grpc as grpcclient
+    import websockets
+
+    from whisper_triton.pipeline.audio import encode_pcm16
+
+    base_url = multi.url.replace("http://", "ws://") + "/v1/realtime?intent=transcription"
+    clip = speech_clips[0]
+    pcm = encode_pcm16(np.concatenate([np.zeros(8000, np.float32), clip.samples, np.zeros(24000, np.float32)]))
+    appends = [json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i:i + 9600]).decode()})
+               for i in range(0, len(pcm), 9600)]
+
+    def windows_of(engine_model: str) -> int:
+        with grpcclient.InferenceServerClient(multi.grpc_url) as client:
+            return client.get_inference_statistics(engine_model).model_stats[0].inference_count
+
+    async def session() -> tuple[str, int]:
+        async with websockets.connect(base_url + f"&model={LORA_A}", max_size=None) as socket:
+            for message in appends:
+                await socket.send(message)
+            in_use = status(multi.url)[LORA_A]["in_use"]
+            async with asyncio.timeout(120):
+                while True:
+                    event = json.loads(await socket.recv())
+                    if event["type"] == "conversation.item.input_audio_transcription.completed":
+                        return event["transcript"], in_use
+
+    async def refused() -> tuple[dict, int]:
+        async with websockets.connect(base_url + "&model=no-such-model") as socket:
+            event = json.loads(await socket.recv())
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await socket.recv()
+        return event, closed.value.rcvd.code
+
+    assert invoke(multi.url, clip.wav_bytes, LORA_A).status_code == 200  # loaded, whatever came before
+    before = windows_of("whisper_window-lora-a")
+    transcript, in_use = asyncio.run(session())
+    assert word_error_rate(clip.text, transcript) <= 0.25, transcript
+    assert windows_of("whisper_window-lora-a") > before and in_use == 1
+    event, code = asyncio.run(refused())
+    assert event["error"]["code"] == "model_not_found" and "no-such-model" in event["error"]["message"] and code == 1008
