@@ -98,6 +98,12 @@ def local(moto_url, container, emulator, monkeypatch):
     """Fresh moto state (a job re-created under an old name is a new job: its creation time differs);
     boto3's control-plane client pointed at the emulator, S3 and logs at moto."""
     reset_moto(moto_url)
+    # a call the previous test's job gave up on (its client timed out) may still be sleeping in the
+    # stand-in: let it end, or it would count as a second request in flight in this test
+    deadline = time.monotonic() + 10
+    while container.app.state.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert container.app.state.in_flight == 0, "a stand-in call of an earlier test never ended"
     container.app.state.calls.clear()
     container.app.state.max_in_flight, container.app.state.flaky_left = 0, 2
     container.app.state.execution_parameters = None

@@ -11,6 +11,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ..contract.realtime import MAX_EVENT_BYTES
 from ..contract.tensors import MODELS, WHISPER_WINDOW
 from ..registry.registry import RegistryConfig
 from .model_source import cache_dir, model_parameters, model_repository, render_repository
@@ -138,7 +139,10 @@ class Supervisor:
         app = create_app(self.settings, registry=registry)
         # log_config=None: uvicorn's lines go through serve's handlers, with the request id
         config = uvicorn.Config(app, host=self.settings.bind_host, port=self.settings.port, log_config=None,
-                                log_level="info", access_log=False, timeout_graceful_shutdown=10)
+                                log_level="info", access_log=False, timeout_graceful_shutdown=10,
+                                # a little over the live events' own limit, so an event just over it gets
+                                # an `error` event saying why before the close (1009); larger ones uvicorn cuts
+                                ws_max_size=MAX_EVENT_BYTES + 64 * 1024)
         self.http = uvicorn.Server(config)
         watcher = threading.Thread(target=self._watch_triton, name="triton-watch", daemon=True)
         watcher.start()
