@@ -61,8 +61,17 @@ class ProxyMetrics:
 
 
 def route_label(scope: dict, routes: set[str]) -> str:
+    """The route's template (`/models/{model_name}/invoke`), so a label never holds a caller's name."""
     path = scope.get("path", "")
-    return path if path in routes else UNMATCHED
+    if path in routes:
+        return path
+    parts = path.split("/")
+    for route in routes:
+        template = route.split("/")
+        if "{" in route and len(template) == len(parts) and all(
+                t == p or (t.startswith("{") and t.endswith("}") and ":" not in t and p) for t, p in zip(template, parts)):
+            return route
+    return UNMATCHED
 
 
 class MetricsMiddleware:

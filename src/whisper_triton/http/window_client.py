@@ -31,12 +31,14 @@ PRIORITY = {"final": 1, "file": 2, "partial": 3}
 
 
 class GrpcWindowDecoder:
-    def __init__(self, url: str, timeout_s: float = 120.0):
+    def __init__(self, url: str, timeout_s: float = 120.0, model_name: str = WINDOW.name):
+        """`model_name`: the engine model to decode with (whisper_window-<id> for another model of the endpoint)."""
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
         self.client = grpcclient.InferenceServerClient(url=url)
         self.timeout_s = timeout_s
+        self.model_name = model_name
         self._capabilities: EngineCapabilities | None = None
         self._lock = threading.Lock()
         self._urgency = threading.local()  # the priority of this thread's requests
@@ -69,7 +71,7 @@ class GrpcWindowDecoder:
 
         self.requests += 1
         try:
-            return self.client.infer(WINDOW.name, inputs, outputs=[self._grpc.InferRequestedOutput(n) for n in outputs],
+            return self.client.infer(self.model_name, inputs, outputs=[self._grpc.InferRequestedOutput(n) for n in outputs],
                                      client_timeout=self.timeout_s, priority=getattr(self._urgency, "priority", 0))
         except InferenceServerException as exc:
             message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)

@@ -56,7 +56,7 @@ class TranscribeStreamModel(TranscribeModel):
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         arrival = time.monotonic()
         try:
-            options = self.pipeline.check(self.options(request))  # before any audio work
+            chosen, options = self.prepare(request)  # the request's model; checked before any audio work
             audio = decode_audio(bytes(first_value(self.pb, request, "AUDIO") or b""),
                                  max_seconds=self.settings.max_audio_seconds)
         except WhisperTritonError as exc:
@@ -67,7 +67,7 @@ class TranscribeStreamModel(TranscribeModel):
             sender.send(error_response(self.pb, internal_error(exc, "Transcription")), flags=final)
             return
         chunks: queue.Queue = queue.Queue(maxsize=CHUNKS_AHEAD)
-        producer = threading.Thread(target=self._produce, args=(audio, options, sender, arrival, chunks),
+        producer = threading.Thread(target=self._produce, args=(chosen, audio, options, sender, arrival, chunks),
                                     name="stream-decode", daemon=True)
         producer.start()
         while True:
@@ -83,10 +83,10 @@ class TranscribeStreamModel(TranscribeModel):
                 sender.send(flags=final)
                 return
 
-    def _produce(self, audio, options, sender, arrival: float, chunks: queue.Queue) -> None:
+    def _produce(self, chosen, audio, options, sender, arrival: float, chunks: queue.Queue) -> None:
         try:
-            with self.decoder.serving(sender.is_cancelled, arrival, audio.size / 16_000):
-                for chunk in self.pipeline.transcribe_iter(audio, options, cancelled=sender.is_cancelled):
+            with chosen.decoder.serving(sender.is_cancelled, arrival, audio.size / 16_000):
+                for chunk in chosen.pipeline.transcribe_iter(audio, options, cancelled=sender.is_cancelled):
                     chunks.put(("chunk", stream_chunk(
                         chunk.segments, chunk.language, chunk.language_probability, chunk.duration, chunk.info,
                         chunk.done, words=options.word_timestamps, tokens=options.include_tokens)))
