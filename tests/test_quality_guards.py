@@ -165,19 +165,21 @@ def test_tensorrtllm_request_keeps_the_newest_prompt_tokens_and_caps_new_tokens(
     """The TensorRT-LLM engine fits the same prompt into its build's max_prompt_len (oldest previous
     tokens dropped first) and asks for no more new tokens than the 448 positions leave."""
     from whisper_triton.engines.base import DecodeOptions
-    from whisper_triton.engines.tensorrtllm_engine import EngineLimits, build_generate_request
+    from whisper_triton.engines.tensorrtllm.requests import EngineLimits, PromptTokens, build_window_request
 
     tok = multilingual_layout_tokenizer
     prompt = tok.prompt_ids(PromptSpec(language="de", previous_text=" ".join(f"w{i}" for i in range(1000))))
-    features = np.zeros((1, 80, 3000), np.float32)
-    for max_prompt_len in (len(prompt), 32):
+    tokens = PromptTokens(tok.sot, tok.sot_prev, tok.eot, tok.no_timestamps, tok.transcribe, tok.translate,
+                          frozenset(tok.language_ids.values()), True)
+    window = np.zeros((80, 3000), np.float32)
+    for max_prompt_len in (len(prompt) - 3, 32):  # the start sequence after <|startoftranscript|> is forced
         limits = EngineLimits(max_batch_size=1, max_beam_width=1, max_input_frames=3000,
                               max_prompt_len=max_prompt_len, max_seq_len=448, n_mels=80)
-        request = build_generate_request(features, [prompt], DecodeOptions(max_new_tokens=MAX_NEW_TOKENS),
-                                         eot=tok.eot, sot=tok.sot, sot_prev=tok.sot_prev, limits=limits)
-        fitted = request.prompts[0]
-        assert len(fitted) == max_prompt_len and fitted[0] == tok.sot_prev
-        assert fitted[-4:] == prompt[-4:] and fitted[1:-4] == prompt[1:-4][-(max_prompt_len - 5):]
+        request = build_window_request(window, prompt, DecodeOptions(max_new_tokens=MAX_NEW_TOKENS), tokens=tokens,
+                                       limits=limits)
+        sent = request.sent
+        assert len(sent) == max_prompt_len and sent[0] == tok.sot_prev and sent[-1] == tok.sot
+        assert request.plan.forced == tuple(prompt[-3:]) and sent[1:-1] == prompt[1:-4][-(max_prompt_len - 2):]
         assert request.max_new_tokens == 448 - max_prompt_len
 
 

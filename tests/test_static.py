@@ -154,6 +154,8 @@ def test_sagemaker_label_and_port(dockerfile):
     for arguments in _all(dockerfile, "LABEL"):
         labels.update(_key_values(arguments))
     assert labels["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
+    assert labels["com.amazonaws.sagemaker.capabilities.multi-models"] == "true"
+    assert labels["com.amazonaws.sagemaker.capabilities.bidirectional-streaming"] == "true"
     assert _all(dockerfile, "EXPOSE") == ["8080"]
 
 
@@ -184,7 +186,9 @@ def test_a_broken_image_fails_at_build_time(dockerfile):
     check = next(i for i, run in enumerate(runs) if "image_check" in run)
     assert check > install  # after everything is installed
     command = runs[check]
-    assert re.search(r"python3 -m pip check\s+&&", command)
+    assert "python3 -m whisper_triton.deploy.image_check --pip-check /opt/whisper-triton/pip-check-allowed.txt" in command
+    # the compat libcuda from the directory cuda_compat.py would use (compat/, compat/lib or compat/lib.real)
+    assert '$(python3 -m whisper_triton.supervisor.cuda_compat --library-dir)' in command
     assert "python3 -m whisper_triton.deploy.image_check --repository /opt/whisper-triton/model_repo_whisper_trtllm" in command
     assert "--backend-dir /opt/tritonserver/backends/python" in command and "--no-gpu-modules" not in command
     from whisper_triton.deploy import image_check

@@ -47,9 +47,10 @@ class Settings(BaseSettings):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     compute_type: str = "float32"
     cpu_threads: int = Field(default=0, ge=0)  # 0: one per core
-    # TensorRT-LLM engine: GPU memory for the KV cache, and the cross-attention share of it
+    # TensorRT-LLM engine: the most GPU memory for the KV cache (less when the word-timestamp copy needs the
+    # room), and the cross-attention share of it (None: sized for 1,500 encoder positions, engines/tensorrtllm/memory.py)
     kv_cache_free_gpu_memory_fraction: float = Field(default=0.8, gt=0, lt=1)
-    cross_kv_cache_fraction: float = Field(default=0.5, gt=0, lt=1)
+    cross_kv_cache_fraction: float | None = Field(default=None, gt=0, lt=1)
     # host memory for encoder outputs kept for reuse (detection, fallback, alignment); 0 turns it off
     encoder_cache_mb: int = Field(default=256, ge=0)
     # `transcribe`: files decoded at once by one instance (their windows share engine batches), and
@@ -94,10 +95,27 @@ class Settings(BaseSettings):
     # (what OpenAI clients send) or `x-api-key: <key>`; empty (the default): open, as on SageMaker,
     # where the platform authenticates callers
     api_key: SecretStr = SecretStr("")
+    # Live transcription (/v1/realtime, /invocations-bidirectional-stream): sessions at once (each also
+    # holds one of max_requests_in_flight), the longest session, the longest silence from the client
+    # (no event at all), and new audio between two partial decodes of an utterance
+    live_max_sessions: int = Field(default=16, ge=0, le=1_000)
+    live_max_session_s: float = Field(default=3_600.0, gt=0)
+    live_idle_timeout_s: float = Field(default=60.0, gt=0)
+    live_partial_interval_s: float = Field(default=1.0, ge=0.2, le=30.0)
     # OpenAI audio API (/v1): the served model's id (empty: from its model_dir) and ids that name it too,
     # so clients written for OpenAI (model="whisper-1") work unchanged
     served_model_name: str = ""
     model_aliases: str = "whisper-1"
+    # Several models on one endpoint (registry/): a models.json manifest (empty: the repository's own
+    # models.json when it has one), the memory per device that loaded models may take (0: no budget;
+    # beyond it the least recently used idle model is unloaded), how long a request waits for its model
+    # to load before a 503 + Retry-After (the load goes on), how long one load may take, and where
+    # SageMaker's multi-model POST /models may load directories from (comma-separated; empty: nowhere)
+    model_manifest: str = ""
+    model_memory_budget_mb: float = Field(default=0.0, ge=0)
+    model_load_wait_s: float = Field(default=60.0, gt=0)
+    model_load_timeout_s: float = Field(default=600.0, gt=0)
+    model_load_roots: str = "/opt/ml/models"
 
     # SageMaker batch transform and debugging (SageMaker's own variable names)
     sagemaker_batch: bool = Field(default=False, validation_alias=AliasChoices("SAGEMAKER_BATCH", "WHISPER_TRITON_SAGEMAKER_BATCH"))
@@ -135,7 +153,7 @@ class Settings(BaseSettings):
 
 # the settings a Triton model's config.pbtxt may carry as parameters (same names as the fields)
 MODEL_PARAMETERS = ("engine", "model_dir", "device", "compute_type", "cpu_threads", "encoder_cache_mb",
-                    "max_concurrent_files", "window_batches_in_flight", "urgent_window_batches")
+                    "max_concurrent_files", "window_batches_in_flight", "urgent_window_batches", "served_model_name")
 
 
 def _given(values: dict | None) -> dict:

@@ -13,4 +13,6 @@ class TritonPythonModel:
         return self.model.execute(requests)
 
     def finalize(self):
+        if self.model is not None:
+            self.model.close()
         self.model = None

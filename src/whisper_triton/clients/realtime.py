@@ -5,6 +5,7 @@ botocore's own retry modes (adaptive by default: it also slows the client down w
 Options go as custom attributes (`language=de,task=translate`), so the audio travels as raw bytes.
 With `--stream`, `invoke_endpoint_with_response_stream` prints the text as segments are decoded
 (the container answers JSON lines; each PayloadPart may carry part of a line, or several).
+With `--live FILE|-` the audio goes at real-time pace to a live session (`live.py`).
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ def transcribe_file(path: Path | str, options: InvokeOptions, *, client: Any = N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Transcribe audio files through a real-time SageMaker endpoint.")
-    parser.add_argument("endpoint", help="endpoint name")
-    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("endpoint", help="endpoint name; with --live, the container's WebSocket URL (ws://HOST:8080)")
+    parser.add_argument("files", nargs="*", type=Path)
     parser.add_argument("--format", choices=list(FORMATS), default="text")
     parser.add_argument("--language", default=None)
     parser.add_argument("--task", choices=["transcribe", "translate"], default=None)
@@ -170,7 +171,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-attempts", type=int, default=8, help="attempts per request (throttling is retried)")
     parser.add_argument("--stream", action="store_true",
                         help="print segments as they are decoded (InvokeEndpointWithResponseStream)")
+    parser.add_argument("--live", metavar="FILE|-", default=None,
+                        help="stream FILE (any format) or stdin (raw 16-bit PCM, 24 kHz mono) at real-time pace to a "
+                        "live transcription session; partial text on stderr, each utterance's transcript on stdout")
+    parser.add_argument("--api-key", default=None, help="with --live: the server's API key, if it has one")
     args = parser.parse_args(argv)
+    if args.live is not None:
+        if args.files:
+            parser.error("--live streams one FILE (or -): leave out the other files")
+        from .live import main_live
+
+        return main_live(args.endpoint, args.live, args.language, args.api_key)
+    if not args.files:
+        parser.error("give at least one audio file (or --live FILE|-)")
     if args.stream and (args.write or args.format != "text"):
         parser.error("--stream prints text as it comes: leave out --write and --format")
     if argv is None:  # a real command line; callers passing argv (tests, wrappers) keep their logging

@@ -23,6 +23,12 @@ class EngineCapabilities:
     encoder_reuse: bool = False  # `encode` once, then detect / generate / align on its output
     max_beam_size: int = 16
     max_batch_size: int = 1  # windows one request to the serving model may carry (its Triton max_batch_size)
+    # windows the engine decodes in flight, each joining between decoder steps (TensorRT-LLM's executor);
+    # 0: it decodes one batch at a time (CTranslate2), and callers batch windows themselves
+    in_flight_windows: int = 0
+    # a multilingual prompt without a language token gets its language chosen at the sot step of the
+    # decoding request itself (one encoder pass per window); the hypothesis carries the language probabilities
+    language_in_decode: bool = False
     decoding_options: tuple[str, ...] = ("beam_size", "max_new_tokens", "temperature", "repetition_penalty",
                                          "patience", "length_penalty")
     # the model behind the engine

@@ -25,6 +25,7 @@ class Hypothesis:
     sum_logprob: float | None = None  # None where the engine gives no scores
     avg_logprob: float | None = None
     no_speech_prob: float | None = None
+    language_probs: dict[str, float] | None = None  # where the engine chose the language (language_in_decode)
 
 
 @dataclass

@@ -15,13 +15,16 @@ class AwsClients:
     session: Any = None  # a boto3.Session; None: the default session
     region_name: str | None = None
     max_attempts: int = 5
+    # every service at one URL (a local moto server) whatever boto3's configuration says; None: boto3's
+    # own configuration (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_<SERVICE>, or AWS itself)
+    endpoint_url: str | None = None
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def client(self, service: str) -> Any:
         if service not in self._cache:
             session = self.session or boto3.session.Session(region_name=self.region_name)
             config = Config(retries={"total_max_attempts": self.max_attempts, "mode": "standard"})
-            self._cache[service] = session.client(service, config=config)
+            self._cache[service] = session.client(service, config=config, endpoint_url=self.endpoint_url)
         return self._cache[service]
 
     @property
@@ -39,6 +42,10 @@ class AwsClients:
     @property
     def cloudwatch(self) -> Any:
         return self.client("cloudwatch")
+
+    @property
+    def logs(self) -> Any:
+        return self.client("logs")
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

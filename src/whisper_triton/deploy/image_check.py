@@ -23,7 +23,7 @@ from ..contract.release import TENSORRT_LLM_VERSION
 logger = logging.getLogger(__name__)
 
 GPU_MODULES = ("tensorrt_llm", "tensorrt_llm.bindings.executor")
-PACKAGE_MODULES = ("whisper_triton.engines.tensorrtllm_engine", "whisper_triton.engines.ctranslate2_engine",
+PACKAGE_MODULES = ("whisper_triton.engines.tensorrtllm.engine", "whisper_triton.engines.ctranslate2_engine",
                    "whisper_triton.http.app", "whisper_triton.supervisor.serve", "whisper_triton.triton_models.whisper_model",
                    "whisper_triton.triton_models.window_model", "whisper_triton.triton_models.transcribe_model")
 DEFAULT_BACKEND_DIR = Path("/opt/tritonserver/backends/python")  # where the image keeps triton_python_backend_utils
@@ -79,6 +79,40 @@ def check_triton_models(repository: Path, backend_dir: Path) -> list[str]:
     return problems
 
 
+def pip_check_problems(output: str, allowed: dict[str, str]) -> list[str]:
+    """`pip check` lines not tolerated: every line but those reported by a package named in `allowed`
+    (the base image's own breakages, each with its reason)."""
+    problems = []
+    for line in output.splitlines():
+        line = line.strip()
+        if not line or line.startswith("No broken requirements"):
+            continue
+        reporter = line.split()[0].lower().replace("_", "-")
+        if reporter not in allowed:
+            problems.append(f"pip check: {line}")
+    return problems
+
+
+def read_allowed(path: Path) -> dict[str, str]:
+    """`<package> <reason>` per line, # comments: the pip-check breakages the base image ships."""
+    allowed = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, reason = line.partition(" ")
+            if not reason.strip():
+                raise ValueError(f"{path}: {name} needs a reason (why it is the base image's own breakage)")
+            allowed[name.lower().replace("_", "-")] = reason.strip()
+    return allowed
+
+
+def run_pip_check(allowed_file: Path) -> list[str]:
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=300)
+    return pip_check_problems(result.stdout + result.stderr, read_allowed(allowed_file))
+
+
 def run_checks(repository: Path, backend_dir: Path, gpu: bool = True) -> list[str]:
     problems = check_tensorrt_llm() if gpu else []
     return problems + check_modules(PACKAGE_MODULES) + check_triton_models(repository, backend_dir)
@@ -87,11 +121,22 @@ def run_checks(repository: Path, backend_dir: Path, gpu: bool = True) -> list[st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m whisper_triton.deploy.image_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repository", required=True, type=Path, help="the image's model repository")
+    parser.add_argument("--repository", type=Path, help="the image's model repository")
+    parser.add_argument("--pip-check", type=Path, metavar="ALLOWED",
+                        help="run `pip check` alone, tolerating only the packages named in this file")
     parser.add_argument("--backend-dir", type=Path, default=DEFAULT_BACKEND_DIR)
     parser.add_argument("--no-gpu-modules", action="store_true", help="skip TensorRT-LLM (CPU images, tests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.pip_check is not None:
+        problems = run_pip_check(args.pip_check)
+        for problem in problems:
+            logger.error("%s", problem)
+        if not problems:
+            logger.info("pip check passed (tolerating %s)", ", ".join(read_allowed(args.pip_check)) or "nothing")
+        return 1 if problems else 0
+    if args.repository is None:
+        parser.error("--repository is required (or --pip-check)")
     problems = run_checks(args.repository, args.backend_dir, gpu=not args.no_gpu_modules)
     for problem in problems:
         logger.error("%s", problem)

@@ -62,6 +62,10 @@ class ModelOptions:
     model_data: str
     role_arn: str
     environment: dict[str, str] = field(default_factory=dict)
+    # a multi-model endpoint: `model_data` is the S3 prefix holding one `<id>.tar.gz` per model
+    # (`whisper-deploy models-upload` packs a models.json's models there); the container is told to
+    # load each one when an invocation first names it (TargetModel)
+    multi_model: bool = False
 
     @property
     def compressed(self) -> bool:
@@ -150,8 +154,13 @@ class TransformOptions:
     content_type: str | None = None
     accept: str = "application/json"
     invocation_timeout_s: int = 600
+    invocation_max_retries: int = 1  # ModelClientConfig.InvocationsMaxRetries (0-3): 5xx, timeouts
     tags: dict[str, str] = field(default_factory=dict)
     transform_ami_version: str = AMI_AUTO  # a name of TRANSFORM_AMI_VERSIONS, "auto" or "none"
+    # S3Prefix: every object under input_prefix; ManifestFile: input_prefix is a JSON manifest
+    # ([{"prefix": "s3://bucket/dir/"}, "relative/key", ...]) naming the objects (how a resumed bulk run
+    # sends only what is left)
+    input_data_type: str = "S3Prefix"
 
     def resolved_transform_ami(self) -> str | None:
         return resolve_ami(self.transform_ami_version, self.instance_type, DEFAULT_TRANSFORM_AMI)

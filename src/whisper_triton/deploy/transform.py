@@ -19,6 +19,12 @@ class TransformMixin(DeployerBase):
         problems: list = []
         if not NAME_RE.match(options.name or ""):
             problems.append((f"The name {options.name!r} is not a valid SageMaker name.", "Use 1-54 letters, digits and hyphens.", "name"))
+        if options.input_data_type not in ("S3Prefix", "ManifestFile"):
+            problems.append((f"The input data type {options.input_data_type!r} is not one a transform job takes.",
+                             "Use S3Prefix (every object under a prefix) or ManifestFile.", "input_data_type"))
+        if not 0 <= options.invocation_max_retries <= 3:
+            problems.append(("invocation_max_retries must be 0-3 (ModelClientConfig.InvocationsMaxRetries).",
+                             "Pass a value between 0 and 3.", "invocation_max_retries"))
         if self._check_bucket(options.input_prefix, "input_prefix", "the transform input", problems):
             bucket, prefix = parse_s3_uri(options.input_prefix)
             if not self.aws.s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1).get("KeyCount"):
@@ -44,6 +50,13 @@ class TransformMixin(DeployerBase):
                         "transform_ami_version", "--transform-ami-version", problems)
         if not 1 <= options.max_payload_mb <= 100:
             problems.append(("max_payload_mb must be 1-100.", "Pass --max-payload-mb between 1 and 100.", "max_payload_mb"))
+        elif options.max_concurrent_transforms * options.max_payload_mb > 100:
+            # CreateTransformJob: MaxConcurrentTransforms x MaxPayloadInMB may not exceed 100 MB
+            problems.append((
+                f"max_concurrent_transforms x max_payload_mb is {options.max_concurrent_transforms} x "
+                f"{options.max_payload_mb} MB, over SageMaker's 100 MB.",
+                f"Lower --max-payload-mb to {100 // max(1, options.max_concurrent_transforms)} or fewer concurrent transforms.",
+                "max_payload_mb"))
         self._raise(problems)
 
         tags = deployment_tags(options.name, options.tags)
@@ -52,7 +65,7 @@ class TransformMixin(DeployerBase):
             model_name = options.model_name or self.create_model(options.name, options.model, tags, undo)  # type: ignore[arg-type]
             job_name = f"{options.name}-{unique_suffix()}"
             transform_input: dict[str, Any] = {
-                "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": options.input_prefix}},
+                "DataSource": {"S3DataSource": {"S3DataType": options.input_data_type, "S3Uri": options.input_prefix}},
                 "SplitType": "None",
             }
             if options.content_type:
@@ -70,7 +83,7 @@ class TransformMixin(DeployerBase):
                 BatchStrategy="SingleRecord",
                 MaxConcurrentTransforms=options.max_concurrent_transforms,
                 MaxPayloadInMB=options.max_payload_mb,
-                ModelClientConfig={"InvocationsTimeoutInSeconds": options.invocation_timeout_s, "InvocationsMaxRetries": 1},
+                ModelClientConfig={"InvocationsTimeoutInSeconds": options.invocation_timeout_s, "InvocationsMaxRetries": options.invocation_max_retries},
                 TransformInput=transform_input,
                 TransformOutput={"S3OutputPath": options.output_path, "Accept": options.accept, "AssembleWith": "None"},
                 TransformResources=resources,

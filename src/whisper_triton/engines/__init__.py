@@ -22,7 +22,7 @@ def load_engine(name: str, model_dir: str, tokens: SpecialTokens | None = None, 
 
         return CTranslate2Engine(model_dir, tokens, **kwargs)
     if name == "tensorrtllm":
-        from .tensorrtllm_engine import TensorRTLLMEngine
+        from .tensorrtllm.engine import TensorRTLLMEngine
 
         return TensorRTLLMEngine(model_dir, tokens, **kwargs)
     raise ValueError(f"Unknown engine {name!r}: choose one of {', '.join(ENGINES)}.")

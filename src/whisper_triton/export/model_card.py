@@ -1,15 +1,5 @@
-"""`whisper_model.json`: what the exported model is, written by the export beside the weights of
-every model directory it makes (CTranslate2 model, TensorRT-LLM engine directory) and so also in
-`whisper/1/engine/` of a rendered repository. The engines' capability declarations read it.
-
-    {"format": 1, "layout": "large-v3-turbo", "n_mels": 128, "n_audio_layer": 32, "n_text_layer": 4,
-     "n_vocab": 51866, "multilingual": true, "translate": false}
-
-`translate`: whether the model was trained to translate into English. English-only models were not,
-and neither was large-v3-turbo (OpenAI fine-tuned its 4-layer decoder on transcription data only). The
-export decides it from the layout unless told (`--translate yes|no`); the server refuses
-`task=translate` where it is false.
-"""
+"""The export's side of the model card (`contract/model_card.py`, `whisper_model.json`): the layout
+label and whether the model can translate, decided from the checkpoint's dimensions."""
 
 from __future__ import annotations
 

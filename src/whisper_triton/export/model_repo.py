@@ -121,7 +121,7 @@ def _read_json(path: Path) -> dict:
 
 
 def tensorrtllm_facts(model_dir: Path) -> ModelFacts:
-    from ..engines.tensorrtllm_engine import engine_limits  # no tensorrt_llm import: limits only
+    from ..engines.tensorrtllm.requests import engine_limits  # no tensorrt_llm import: limits only
 
     try:
         manifest = EngineManifest.load(model_dir)

@@ -14,6 +14,11 @@ metrics stay on Triton's metrics port, 8002). One registry per app, so several a
   `language_retry` (another candidate language where the detected one was unsure)
 - whisper_stage_seconds_total{route,stage}: time per stage (`audio_decode`, `vad`, `detection`,
   `decoding`; the engine's `encoder`, `decoder`, `alignment` shares), from each answer's `info.work`
+- whisper_live_sessions_open{route}: live sessions open; whisper_live_sessions_total{route,outcome}: sessions
+  by how they ended or why they were refused (closed, idle, too_long, refused_capacity, refused_key, ...)
+- whisper_live_utterances_total{outcome}: utterances transcribed (completed) or failed
+- whisper_live_final_seconds: end of an utterance's speech (as its audio arrived) to its completed event
+- whisper_live_first_delta_seconds: speech start detected to the utterance's first delta
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .guards import CLIENT_CLOSED_STATUS, CLIENT_GONE
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+LIVE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
 UNMATCHED = "unmatched"  # any path that is not a route: one label, whatever was asked
 
 
@@ -44,7 +50,16 @@ class ProxyMetrics:
         self.first_segment = Histogram("whisper_stream_first_segment_seconds",
                                        "Streaming: request start to the first segment sent", ["route"],
                                        buckets=LATENCY_BUCKETS, registry=self.registry)
-
+        self.live_sessions = Gauge("whisper_live_sessions_open", "Live sessions open", ["route"], registry=self.registry)
+        self.live_sessions_total = Counter("whisper_live_sessions", "Live sessions by outcome", ["route", "outcome"],
+                                           registry=self.registry)
+        self.live_utterances = Counter("whisper_live_utterances", "Live utterances by outcome", ["outcome"],
+                                       registry=self.registry)
+        self.live_final = Histogram("whisper_live_final_seconds", "Live: end of speech to its completed transcript",
+                                    buckets=LIVE_BUCKETS, registry=self.registry)
+        self.live_first_delta = Histogram("whisper_live_first_delta_seconds",
+                                          "Live: speech start detected to the first delta", buckets=LIVE_BUCKETS,
+                                          registry=self.registry)
         self.windows = Counter("whisper_windows", "Windows the speech was cut into", ["route"], registry=self.registry)
         self.window_decodes = Counter("whisper_window_decodes", "Engine decodes of windows, by kind",
                                       ["route", "kind"], registry=self.registry)
@@ -71,8 +86,17 @@ class ProxyMetrics:
 
 
 def route_label(scope: dict, routes: set[str]) -> str:
+    """The route's template (`/models/{model_name}/invoke`), so a label never holds a caller's name."""
     path = scope.get("path", "")
-    return path if path in routes else UNMATCHED
+    if path in routes:
+        return path
+    parts = path.split("/")
+    for route in routes:
+        template = route.split("/")
+        if "{" in route and len(template) == len(parts) and all(
+                t == p or (t.startswith("{") and t.endswith("}") and ":" not in t and p) for t, p in zip(template, parts)):
+            return route
+    return UNMATCHED
 
 
 class MetricsMiddleware:

@@ -189,3 +189,14 @@ def estimate_seconds(data: bytes) -> float:
 def _reason(exc: Exception) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.replace("\n", " ")[:200]
+
+
+def encode_pcm16(samples: np.ndarray, rate: int = 24_000) -> bytes:
+    """16 kHz float samples -> 16-bit little-endian mono PCM at `rate` (OpenAI's realtime `audio/pcm`
+    is 24 kHz): what a live client sends; resampled by PyAV."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+    frame = av.AudioFrame.from_ndarray(np.asarray(samples, dtype=np.float32).reshape(1, -1), format="flt",
+                                       layout="mono")
+    frame.sample_rate = SAMPLE_RATE
+    frames = resampler.resample(frame) + resampler.resample(None)
+    return b"".join(f.to_ndarray().astype("<i2").tobytes() for f in frames)

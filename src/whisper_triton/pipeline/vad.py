@@ -160,3 +160,37 @@ def _pad(spans: list[list[int]], n_samples: int, before: int, after: int) -> lis
         padded.append([low, high])
         previous_end = end
     return [Span(int(s), int(e)) for s, e in padded if e > s]
+
+
+class VadStream:
+    """Silero VAD over audio that arrives in pieces (a live session): one speech probability per
+    32 ms frame as soon as the frame is complete, the model's state carried from call to call, so
+    the probabilities are those of one pass over the whole stream (tests/test_vad.py compares them)."""
+
+    def __init__(self) -> None:
+        self._h = np.zeros((1, 1, 128), dtype=np.float32)
+        self._c = np.zeros((1, 1, 128), dtype=np.float32)
+        self._context = np.zeros(CONTEXT, dtype=np.float32)  # the tail of the last frame scored
+        self._pending = np.zeros(0, dtype=np.float32)  # samples of a frame not yet complete
+        self.frames = 0  # frames scored so far
+
+    def push(self, audio: np.ndarray) -> np.ndarray:
+        """The probabilities of the frames `audio` completes (possibly none)."""
+        samples = np.concatenate([self._pending, np.asarray(audio, dtype=np.float32).reshape(-1)])
+        complete = samples.size // FRAME
+        self._pending = samples[complete * FRAME:]
+        if complete == 0:
+            return np.zeros(0, dtype=np.float32)
+        frames = samples[: complete * FRAME].reshape(complete, FRAME)
+        context = np.empty((complete, CONTEXT), dtype=np.float32)
+        context[0] = self._context
+        context[1:] = frames[:-1, -CONTEXT:]
+        self._context = frames[-1, -CONTEXT:].copy()
+        batch = np.concatenate([context, frames], axis=1)
+        probabilities = []
+        for first in range(0, complete, BLOCK_FRAMES):
+            probs, self._h, self._c = _session().run(None, {"input": batch[first : first + BLOCK_FRAMES],
+                                                            "h": self._h, "c": self._c})
+            probabilities.append(probs.reshape(-1))
+        self.frames += complete
+        return np.concatenate(probabilities).astype(np.float32)

@@ -295,11 +295,22 @@ class ShortFormTranscriber:
             outputs = self.decoder.decode([audios[p] for p in positions], prompts, options, words, inputs[positions])
             for position, output in zip(positions, outputs):
                 output.engine_seconds["encoder"] = encoder_share
-                results[indices[position]] = self._result(output, languages[position], probabilities[position],
-                                                          audios[position])
+                language, probability = languages[position], probabilities[position]
+                if language is None:  # chosen by the engine at the sot step of this very decode
+                    found = output.hypothesis.language_probs or {"en": 1.0}
+                    language = max(found, key=found.get)
+                    probability = float(found[language])
+                results[indices[position]] = self._result(output, language, probability, audios[position])
 
-    def _prompt(self, request: ShortRequest, language: str) -> list[int]:
-        return request.prompt_ids if request.prompt_ids else self.tokenizer.prompt_ids(request.spec, language)
+    def _prompt(self, request: ShortRequest, language: str | None) -> list[int]:
+        if request.prompt_ids:
+            return request.prompt_ids
+        prompt = self.tokenizer.prompt_ids(request.spec, language or "en")
+        if language is None:  # no language token after <|startoftranscript|>: the engine chooses it
+            at = prompt.index(self.tokenizer.sot) + 1
+            if at < len(prompt) and prompt[at] in self.tokenizer.language_by_id:
+                del prompt[at]
+        return prompt
 
     def _prompt_language(self, prompt_ids: list[int] | None) -> str | None:
         for token in prompt_ids or []:
@@ -313,6 +324,8 @@ class ShortFormTranscriber:
         if not self.tokenizer.is_multilingual:
             return [language or "en" for language in languages], probabilities
         to_detect = [i for i, language in enumerate(languages) if language is None]
+        if to_detect and self.decoder.capabilities.language_in_decode:
+            return languages, probabilities  # type: ignore[return-value]  # one encoder pass: read while decoding
         if to_detect:
             detected = self.decoder.detect_language([audios[i] for i in to_detect], inputs[to_detect])
             for i, probs in zip(to_detect, detected):

@@ -11,6 +11,9 @@ Routes (the wire format boto3 speaks):
   `POST /invocations` with Content-Type, Accept and custom attributes; a 2xx answer comes back as
   200 with `x-Amzn-Invoked-Production-Variant`; a container 4xx/5xx comes back as 424 ModelError
   carrying OriginalStatusCode and OriginalMessage, as SageMaker does.
+  With `TargetModel` (X-Amzn-SageMaker-Target-Model) on an endpoint whose model is `Mode: MultiModel`,
+  the target is fetched from the model's S3 prefix, loaded through the container's multi-model
+  contract and invoked at `/models/{model_name}/invoke` (multi_model.py says how).
 - `POST /endpoints/{name}/invocations-response-stream` (InvokeEndpointWithResponseStream): as
   above, but the container's answer is forwarded as it arrives, each piece in an AWS event-stream
   `PayloadPart` (application/vnd.amazon.eventstream; `X-Amzn-SageMaker-Content-Type` carries the
@@ -25,6 +28,10 @@ Routes (the wire format boto3 speaks):
   written; SNS success/error topics, when configured, get a notification.
 Errors are JSON `{"message"}` with the `x-amzn-ErrorType` header.
 
+Batch transform jobs (`transform_jobs.py`, rules in `transform_runner.py`): every transform job in
+the control plane is run once against the container; `POST /` is the control plane itself
+(`control_plane.py`: moto with the jobs' real state), for `AWS_ENDPOINT_URL_SAGEMAKER`.
+
 Differences from the real service: the input location is checked when the request arrives (a
 missing object is a 400 ValidationError at once rather than a failure object later); one container
 serves every endpoint unless `--endpoint NAME=URL` maps them; no request signing is checked.
@@ -37,12 +44,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -50,7 +59,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..deploy.aws import AwsClients, parse_s3_uri
+from .control_plane import ControlPlane
 from .eventstream import model_stream_error, payload_part
+from .multi_model import H_TARGET_MODEL, MultiModelError, MultiModelHost
+from .transform_jobs import TransformJobs
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +84,18 @@ class EmulatorOptions:
     realtime_timeout_s: float = 60.0
     max_body_bytes: int = REALTIME_MAX_BODY_BYTES
     drain_timeout_s: float = 30.0  # on shutdown, how long async work may finish
+    models_dir: str = ""  # multi-model endpoints: where targets are unpacked (empty: a temp dir)
+    models: dict[str, str] = field(default_factory=dict)  # model name -> container URL (transform jobs)
+    aws_endpoint_url: str | None = None  # where the emulator's own AWS calls go (moto); None: boto3's config
+    # how often moto's transform jobs are listed for jobs created there directly (the command line: every
+    # second); None: only jobs created or looked at through the emulator's control plane run
+    transform_poll_s: float | None = None
 
     def container_for(self, endpoint: str) -> str:
         return self.endpoints.get(endpoint, self.container_url).rstrip("/")
+
+    def container_for_model(self, model: str) -> str:
+        return self.models.get(model, self.container_url).rstrip("/")
 
 
 class RuntimeApiError(Exception):
@@ -105,10 +126,12 @@ class RuntimeEmulator:
 
     def __init__(self, options: EmulatorOptions, aws: AwsClients | None = None):
         self.options = options
-        self.aws = aws or AwsClients(max_attempts=3)
+        self.aws = aws or AwsClients(max_attempts=3, endpoint_url=options.aws_endpoint_url)
         self.http: httpx.AsyncClient | None = None
         self.jobs: set[asyncio.Task] = set()
         self.semaphores: dict[str, asyncio.Semaphore] = {}
+        models_dir = Path(options.models_dir) if options.models_dir else Path(tempfile.gettempdir()) / "whisper-triton-mme"
+        self.multi_model = MultiModelHost(self.aws, models_dir)
 
     # ------------------------------------------------------------------ control plane
 
@@ -126,10 +149,25 @@ class RuntimeEmulator:
 
     # ------------------------------------------------------------------ container
 
-    async def call_container(self, endpoint: str, body: bytes, headers: dict[str, str], timeout_s: float) -> httpx.Response:
+    async def call_container(self, endpoint: str, body: bytes, headers: dict[str, str], timeout_s: float,
+                             path: str = "/invocations") -> httpx.Response:
         assert self.http is not None
-        url = f"{self.options.container_for(endpoint)}/invocations"
+        url = f"{self.options.container_for(endpoint)}{path}"
         return await self.http.post(url, content=body, headers=headers, timeout=timeout_s)
+
+    async def target_path(self, name: str, variant: str, target: str | None, headers: dict[str, str]) -> str:
+        """The container path of a real-time call: /invocations, or for a TargetModel on a multi-model
+        endpoint /models/{model_name}/invoke once that model is loaded (multi_model.py)."""
+        if not target:
+            return "/invocations"
+        assert self.http is not None
+        try:
+            model_name = await self.multi_model.prepare(self.http, self.options.container_for(name),
+                                                        await self.endpoint(name), variant, target)
+        except MultiModelError as exc:
+            raise RuntimeApiError(exc.status, exc.code, exc.message) from None
+        headers[H_TARGET_MODEL] = target
+        return f"/models/{model_name}/invoke"
 
     @staticmethod
     def container_headers(content_type: str | None, accept: str | None, custom: str | None) -> dict[str, str]:
@@ -217,8 +255,9 @@ class RuntimeEmulator:
         headers = self.container_headers(
             request.headers.get("content-type"), request.headers.get("accept"), request.headers.get(H_CUSTOM)
         )
+        path = await self.target_path(name, variant, request.headers.get(H_TARGET_MODEL), headers)
         try:
-            reply = await self.call_container(name, body, headers, self.options.realtime_timeout_s)
+            reply = await self.call_container(name, body, headers, self.options.realtime_timeout_s, path)
         except httpx.TimeoutException as exc:
             raise RuntimeApiError(
                 424, "ModelError",
@@ -370,18 +409,25 @@ class RuntimeEmulator:
 
 def create_app(options: EmulatorOptions, aws: AwsClients | None = None) -> FastAPI:
     emulator = RuntimeEmulator(options, aws)
+    transform_jobs = TransformJobs(emulator.aws, options.container_for_model, options.transform_poll_s)
+    control_plane = ControlPlane(transform_jobs)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         emulator.http = httpx.AsyncClient(trust_env=False)
+        control_plane.http = emulator.http
+        await transform_jobs.start(emulator.http)
         try:
             yield
         finally:
+            await transform_jobs.stop()
             await emulator.drain()
             await emulator.http.aclose()
 
     app = FastAPI(title="SageMaker runtime emulator", lifespan=lifespan)
     app.state.emulator = emulator
+    app.state.transform_jobs = transform_jobs
+    control_plane.add_routes(app)
 
     @app.get("/ping")
     async def ping() -> Response:
@@ -457,16 +503,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--account-id", default="123456789012")
     parser.add_argument("--realtime-timeout", type=float, default=60.0)
+    parser.add_argument("--models-dir", default="", help="multi-model endpoints: where targets are unpacked (the "
+                        "container must load from there: WHISPER_TRITON_MODEL_LOAD_ROOTS)")
+    parser.add_argument("--aws-endpoint-url", default=None,
+                        help="where the emulator's own AWS calls go (the moto server); default: boto3's configuration")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=URL",
+                        help="run transform jobs of one model in another container (repeatable)")
+    parser.add_argument("--transform-poll", type=float, default=1.0,
+                        help="seconds between looks for new transform jobs in the control plane (0: only jobs "
+                             "created through the emulator's control plane)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    routes = {}
-    for item in args.endpoint:
-        name, sep, url = item.partition("=")
-        if not sep:
-            parser.error(f"--endpoint expects NAME=URL, got {item!r}")
-        routes[name] = url
-    options = EmulatorOptions(container_url=args.container_url, endpoints=routes, account_id=args.account_id,
-                              realtime_timeout_s=args.realtime_timeout)
+    routes: dict[str, dict[str, str]] = {"--endpoint": {}, "--model": {}}
+    for flag, items in (("--endpoint", args.endpoint), ("--model", args.model)):
+        for item in items:
+            name, sep, url = item.partition("=")
+            if not sep:
+                parser.error(f"{flag} expects NAME=URL, got {item!r}")
+            routes[flag][name] = url
+    options = EmulatorOptions(container_url=args.container_url, endpoints=routes["--endpoint"],
+                              account_id=args.account_id, realtime_timeout_s=args.realtime_timeout,
+                              models=routes["--model"], aws_endpoint_url=args.aws_endpoint_url,
+                              transform_poll_s=args.transform_poll or None,
+                              models_dir=args.models_dir)
     import uvicorn
 
     uvicorn.run(create_app(options), host=args.host, port=args.port, log_level="info")

@@ -134,3 +134,24 @@ def enable_forward_compatibility(environ: MutableMapping[str, str] | None = None
     else:
         logger.info("CUDA forward compatibility: %s", decision.reason)
     return decision
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python3 -m whisper_triton.supervisor.cuda_compat --library-dir`: the compat directory this module would
+    use (compat/, compat/lib or compat/lib.real), for the image's build-time import check."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python3 -m whisper_triton.supervisor.cuda_compat")
+    parser.add_argument("--library-dir", action="store_true", help="print the compat libcuda directory")
+    parser.add_argument("--compat-root", type=Path, default=COMPAT_ROOT)
+    args = parser.parse_args(argv)
+    library_dir = compat_library_dir(args.compat_root)
+    if library_dir is None:
+        logger.error("no CUDA compat libcuda under %s (compat/, compat/lib, compat/lib.real)", args.compat_root)
+        return 1
+    print(library_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,6 +23,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -37,7 +38,8 @@ from ..errors import WhisperTritonError
 from ..pipeline.longform import LongFormTranscriber
 from ..pipeline.tokenizer import WhisperTokenizer
 from ..pipeline.windows import WindowOutput, unsupported_word_timestamps
-from .common import error_response, first_value, internal_error, model_settings, text
+from ..contract.models import engine_model_name, model_not_found
+from .common import engine_model_dir, error_response, first_value, internal_error, model_settings, repository_root, text
 from .window_scheduler import WindowScheduler, file_allowance
 
 logger = logging.getLogger(__name__)
@@ -67,15 +69,21 @@ class TritonWindowDecoder:
     to it."""
 
     def __init__(self, pb_utils, tokenizer: WhisperTokenizer, model_name: str = WINDOW.name, in_flight: int = 1,
-                 urgent_slots: int = 0):
+                 urgent_slots: int = 0, router: "EngineRouter | None" = None):
         self.pb = pb_utils
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._capabilities: EngineCapabilities | None = None
         self._lock = threading.Lock()
         self._current = threading.local()  # one file per thread
-        self.scheduler = WindowScheduler(self._run_batch, lambda: self.capabilities.max_batch_size, in_flight,
-                                         urgent_slots)
+        self._in_flight = in_flight
+        self._owns_router = router is None
+        self.router = router or EngineRouter(in_flight, urgent_slots)
+        self.router.add(self)
+
+    @property
+    def scheduler(self) -> WindowScheduler:
+        return self.router.scheduler
 
     @contextmanager
     def serving(self, is_cancelled: Callable[[], bool], arrival: float | None = None,
@@ -91,13 +99,25 @@ class TritonWindowDecoder:
         finally:
             self._current.is_cancelled = self._current.deadline = self._current.slack = None
 
+    def _batch_rows(self) -> int:
+        """Rows per request to whisper_window: one window each for engines that decode in flight (each returns as
+        soon as it finishes), else its declared max_batch_size."""
+        return 1 if self.capabilities.in_flight_windows else self.capabilities.max_batch_size
+
+    def _slots(self) -> int:
+        """Requests to whisper_window at once: the engine's windows in flight, else the configured batches
+        (asked only once the capabilities are known: the dispatcher never waits on a BLS call)."""
+        known = self._capabilities
+        return max(self._in_flight, known.in_flight_windows if known is not None else 0)
+
     def _check_cancelled(self) -> None:
         is_cancelled = getattr(self._current, "is_cancelled", None)
         if is_cancelled is not None and is_cancelled():
             raise cancelled_error()
 
     def close(self) -> None:
-        self.scheduler.close()
+        if self._owns_router:
+            self.router.close()
 
     @property
     def capabilities(self) -> EngineCapabilities:
@@ -139,13 +159,13 @@ class TritonWindowDecoder:
         self._check_cancelled()
         deadline, slack = getattr(self._current, "deadline", None), getattr(self._current, "slack", None)
         payloads = list(zip(audios, prompts if prompts is not None else [None] * len(audios), [scope] * len(audios)))
-        return self.scheduler.run((tuple(outputs), options, words), payloads,
+        return self.scheduler.run((self.model_name, tuple(outputs), options, words), payloads,
                                   time.monotonic() if deadline is None else deadline,
                                   float("inf") if slack is None else slack)
 
     def _run_batch(self, group: tuple, payloads: list[tuple[np.ndarray, list[int] | None, str | None]]) -> list[dict]:
         """One request to whisper_window for one batch of rows; its reply split back into rows."""
-        outputs, options, words = group
+        _, outputs, options, words = group
         audios = [audio for audio, _, _ in payloads]
         prompts = None if payloads[0][1] is None else [prompt for _, prompt, _ in payloads]
         scopes = [scope for _, _, scope in payloads]
@@ -156,7 +176,10 @@ class TritonWindowDecoder:
         response = request.exec()
         if response.has_error():
             message = response.error().message()
-            raise decode_error(message) or WhisperTritonError(
+            decoded = decode_error(message)
+            if decoded is None and _not_ready(message):
+                raise model_unavailable(self.model_name)
+            raise decoded or WhisperTritonError(
                 "The window decoder failed; retry, and check the server log if it persists.", None, 500, "engine_error")
         return {tensor.name(): tensor.as_numpy() for tensor in response.output_tensors()}
 
@@ -214,15 +237,69 @@ class TritonWindowDecoder:
         return seconds
 
 
+class EngineRouter:
+    """The one scheduler of every engine model's windows: `transcribe` decodes files of several models
+    at once, and their windows meet here. A batch holds rows of one engine model only (the group key
+    starts with its Triton name), up to the `max_batch_size` that model declares; earliest deadline
+    first across all of them, so a short file of one model is not held up by a long file of another."""
+
+    def __init__(self, in_flight: int = 1, urgent_slots: int = 0):
+        self.decoders: dict[str, TritonWindowDecoder] = {}
+        self.in_flight = in_flight
+        self.scheduler = WindowScheduler(self._run, lambda: 1, self._slots, urgent_slots, group_rows=self._rows)
+
+    def _slots(self) -> int:
+        """Requests in flight at once: the most any engine model asks for (in-flight engines take one
+        window per request and keep many running), else the configured batches."""
+        return max([self.in_flight] + [decoder._slots() for decoder in list(self.decoders.values())])
+
+    def add(self, decoder: "TritonWindowDecoder") -> None:
+        self.decoders[decoder.model_name] = decoder
+
+    def _run(self, group: tuple, payloads: list) -> list:
+        return self.decoders[group[0]]._run_batch(group, payloads)
+
+    def _rows(self, group: tuple) -> int:
+        return self.decoders[group[0]]._batch_rows()
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+
+def model_unavailable(engine_model: str) -> WhisperTritonError:
+    """The engine model of the requested model is not loaded (it was unloaded, or never loaded):
+    the proxy loads models before it sends requests, so this reaches gRPC callers and races only."""
+    return WhisperTritonError(f"The model's engine ({engine_model}) is not loaded at the moment; retry shortly "
+                              "(requests through the HTTP proxy load it first).", "model", 503, "model_not_ready")
+
+
+def _not_ready(message: str) -> bool:
+    text = message.lower()
+    return "unknown model" in text or "is not ready" in text or "is not found" in text or "unavailable" in text
+
+
+@dataclass
+class ModelPipeline:
+    """One model's part of `transcribe`: its tokenizer, its engine model's decoder, and the pipeline over both."""
+
+    model_id: str | None
+    model_dir: str
+    decoder: TritonWindowDecoder
+    pipeline: LongFormTranscriber
+
+
 class TranscribeModel:
     def __init__(self, pb_utils, args: dict):
         self.pb = pb_utils
         self.settings = model_settings(args)
         model_dir = self.settings.resolved_model_dir()
         self.tokenizer = WhisperTokenizer.from_model_dir(model_dir)
-        self.decoder = TritonWindowDecoder(pb_utils, self.tokenizer, in_flight=self.settings.window_batches_in_flight,
-                                           urgent_slots=self.settings.urgent_window_batches)
+        self.router = EngineRouter(self.settings.window_batches_in_flight, self.settings.urgent_window_batches)
+        self.decoder = TritonWindowDecoder(pb_utils, self.tokenizer, router=self.router)
         self.pipeline = LongFormTranscriber(self.decoder, self.tokenizer)
+        self.repository = repository_root(args)
+        self._models: dict[str, ModelPipeline] = {}  # model id -> its pipeline (engine model whisper_window-<id>)
+        self._models_lock = threading.Lock()
         self._files = ThreadPoolExecutor(max_workers=self.settings.max_concurrent_files, thread_name_prefix="file")
         self._waiting = 0  # files handed over and not yet started
         self._count_lock = threading.Lock()
@@ -235,15 +312,42 @@ class TranscribeModel:
             return TranscribeOptions()
         return parse_options(load_object(raw, "OPTIONS", MAX_OPTIONS_BYTES))
 
+    def model(self, model_id: str | None) -> ModelPipeline:
+        """The pipeline of `model_id` (None or the default's id: whisper_window). Another model's engine
+        model is whisper_window-<id>, whose config.pbtxt the registry rendered beside this model's: its
+        model_dir gives the tokenizer, its CAPABILITIES the rest. Re-read when that model_dir changes (a
+        model name given to another model), so a cached tokenizer never answers for the wrong model."""
+        if model_id is None or model_id == (self.settings.served_model_name or None):
+            return ModelPipeline(None, "", self.decoder, self.pipeline)
+        engine_model = engine_model_name(model_id)  # validated: never a path before this
+        model_dir = engine_model_dir(self.repository / engine_model / "config.pbtxt")
+        if model_dir is None:
+            raise model_not_found(model_id)
+        with self._models_lock:
+            known = self._models.get(model_id)
+            if known is not None and known.model_dir == model_dir:
+                return known
+            tokenizer = WhisperTokenizer.from_model_dir(model_dir)
+            decoder = TritonWindowDecoder(self.pb, tokenizer, engine_model, router=self.router)
+            self._models[model_id] = ModelPipeline(model_id, model_dir, decoder, LongFormTranscriber(decoder, tokenizer))
+            logger.info("transcribe: model %s -> %s (tokenizer from %s)", model_id, engine_model, model_dir)
+            return self._models[model_id]
+
+    def prepare(self, request) -> tuple[ModelPipeline, TranscribeOptions]:
+        """The request's model and its options, checked against that model before any audio work."""
+        options = self.options(request)
+        chosen = self.model(options.model)
+        return chosen, chosen.pipeline.check(options)
+
     def transcribe(self, request, arrival: float | None = None) -> dict:
-        options = self.pipeline.check(self.options(request))  # before any audio work
+        chosen, options = self.prepare(request)
         data = first_value(self.pb, request, "AUDIO")
         started = time.perf_counter()
         audio = decode_audio(bytes(data or b""), max_seconds=self.settings.max_audio_seconds)
         decode_seconds = time.perf_counter() - started
         arrival = time.monotonic() if arrival is None else arrival
-        with self.decoder.serving(_cancellation_flag(request), arrival, audio.size / 16_000):
-            result = self.pipeline.transcribe(audio, options)
+        with chosen.decoder.serving(_cancellation_flag(request), arrival, audio.size / 16_000):
+            result = chosen.pipeline.transcribe(audio, options)
         result.info.work.add_seconds("audio_decode", decode_seconds)
         return result.to_dict(words=options.word_timestamps, tokens=options.include_tokens)
 
@@ -283,7 +387,7 @@ class TranscribeModel:
 
     def close(self) -> None:
         self._files.shutdown(wait=False, cancel_futures=True)
-        self.decoder.close()
+        self.router.close()
 
 
 def _cancellation_flag(request) -> Callable[[], bool]:

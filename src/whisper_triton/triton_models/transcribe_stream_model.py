@@ -4,7 +4,9 @@ one CHUNK response per chunk of decoded windows, segments in timeline order, the
 The long-form pipeline is `transcribe`'s (`LongFormTranscriber.transcribe_iter`, windows of a chunk
 decoded as one batch through `whisper_window`); only the way answers leave differs. Each request
 runs on a thread of its own, so `execute` returns at once and one instance serves several streams.
-Before each chunk the request's cancellation is asked (`is_cancelled`, set by Triton when the gRPC
+Each stream decodes on a thread of its own while its request's thread sends the chunks decoded
+(at most CHUNKS_AHEAD waiting), so sending never holds up the decoding. Before each chunk the
+request's cancellation is asked (`is_cancelled`, set by Triton when the gRPC
 client cancels the stream, e.g. the proxy after its HTTP client left), and decoding stops there.
 Its I/O is `contract.tensors.TRANSCRIBE_STREAM_SPEC`.
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +32,7 @@ from .transcribe_model import TranscribeModel
 logger = logging.getLogger(__name__)
 
 MAX_STREAMS = 8  # files decoded at once by one instance; more wait for a thread
+CHUNKS_AHEAD = 4  # chunks decoded and not yet sent; beyond it the decoding waits for the sender
 
 
 class TranscribeStreamModel(TranscribeModel):
@@ -46,26 +51,53 @@ class TranscribeStreamModel(TranscribeModel):
                                                                         np.array([payload], dtype=object))])
 
     def _stream(self, request, sender) -> None:
+        """Decode on a thread of its own (`_produce`) while this one sends: the next chunk is decoded
+        while the current one is sent, so a streamed file takes its unstreamed time, not more."""
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         arrival = time.monotonic()
         try:
-            options = self.pipeline.check(self.options(request))  # before any audio work
+            chosen, options = self.prepare(request)  # the request's model; checked before any audio work
             audio = decode_audio(bytes(first_value(self.pb, request, "AUDIO") or b""),
                                  max_seconds=self.settings.max_audio_seconds)
-            with self.decoder.serving(sender.is_cancelled, arrival, audio.size / 16_000):
-                for chunk in self.pipeline.transcribe_iter(audio, options, cancelled=sender.is_cancelled):
-                    response = self._chunk_response(stream_chunk(
-                        chunk.segments, chunk.language, chunk.language_probability, chunk.duration, chunk.info,
-                        chunk.done, words=options.word_timestamps, tokens=options.include_tokens))
-                    sender.send(response, flags=final if chunk.done else 0)
-                    if chunk.done:
-                        return
-            sender.send(flags=final)  # cancelled: close the stream without another answer
         except WhisperTritonError as exc:
             sender.send(error_response(self.pb, exc), flags=final)
+            return
         except Exception as exc:  # answer every request; never take the stub down
             logger.exception("streaming transcription failed")
             sender.send(error_response(self.pb, internal_error(exc, "Transcription")), flags=final)
+            return
+        chunks: queue.Queue = queue.Queue(maxsize=CHUNKS_AHEAD)
+        producer = threading.Thread(target=self._produce, args=(chosen, audio, options, sender, arrival, chunks),
+                                    name="stream-decode", daemon=True)
+        producer.start()
+        while True:
+            kind, value = chunks.get()
+            if kind == "chunk":
+                sender.send(self._chunk_response(value), flags=final if value["done"] else 0)
+                if value["done"]:
+                    return
+            elif kind == "error":
+                sender.send(error_response(self.pb, value), flags=final)
+                return
+            else:  # cancelled: close the stream without another answer
+                sender.send(flags=final)
+                return
+
+    def _produce(self, chosen, audio, options, sender, arrival: float, chunks: queue.Queue) -> None:
+        try:
+            with chosen.decoder.serving(sender.is_cancelled, arrival, audio.size / 16_000):
+                for chunk in chosen.pipeline.transcribe_iter(audio, options, cancelled=sender.is_cancelled):
+                    chunks.put(("chunk", stream_chunk(
+                        chunk.segments, chunk.language, chunk.language_probability, chunk.duration, chunk.info,
+                        chunk.done, words=options.word_timestamps, tokens=options.include_tokens)))
+                    if chunk.done:
+                        return
+            chunks.put(("cancelled", None))
+        except WhisperTritonError as exc:
+            chunks.put(("error", exc))
+        except Exception as exc:  # answer every request; never take the stub down
+            logger.exception("streaming transcription failed")
+            chunks.put(("error", internal_error(exc, "Transcription")))
 
     def close(self) -> None:
         self._streams.shutdown(wait=False, cancel_futures=True)

@@ -4,6 +4,12 @@ Every row is one window of at most 30 s (`contract.tensors.WHISPER_WINDOW_SPEC`)
 `execute()` go to the engine together (grouped by decoding options), each encoded once. A request
 gets the outputs it asked for and only those are computed: CAPABILITIES alone never calls the
 engine; language outputs alone run detection, not `generate`.
+
+An engine that decodes in flight (`capabilities.in_flight_windows` > 0, TensorRT-LLM's executor) must
+not wait for one `execute()` before the next request's windows can join: there each request is
+answered on a worker thread through its response sender (Triton allows that for non-decoupled models:
+exactly one final response), `execute` returns at once, and up to `in_flight_windows` requests decode
+together; beyond `MAX_WAITING` more waiting, a request is refused at once with 503.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +37,12 @@ logger = logging.getLogger(__name__)
 
 LANGUAGE_OUTPUTS = {"LANGUAGE", "LANGUAGE_PROB", "LANGUAGE_PROBS"}
 _ANY_PASS = {"CAPABILITIES", "ENGINE_SECONDS"}  # outputs that ask for no pass of their own
+MAX_WAITING = 256  # requests waiting for an in-flight worker, beyond those decoding
+
+
+def busy_error(waiting: int) -> WhisperTritonError:
+    return WhisperTritonError(f"The window decoder is busy: {waiting} requests are waiting. Retry shortly.", None, 503,
+                              "service_unavailable")
 
 
 @dataclass
@@ -67,6 +81,11 @@ class WindowModel:
         # the batch this model takes is part of what it declares: transcribe sends requests of that many rows
         self.capabilities = dataclasses.replace(engine.capabilities, max_batch_size=batch)
         self.short = ShortFormTranscriber(engine, self.tokenizer, self.settings.encoder_cache_mb << 20)
+        self.in_flight = int(engine.capabilities.in_flight_windows)
+        self._workers = (ThreadPoolExecutor(max_workers=self.in_flight, thread_name_prefix="window")
+                         if self.in_flight else None)
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
         logger.info("whisper_window ready: engine=%s model_dir=%s capabilities=%s", self.settings.engine, model_dir,
                     self.capabilities.to_json())
 
@@ -79,7 +98,8 @@ class WindowModel:
             values = json.loads(raw)
         except ValueError as exc:
             raise invalid_parameter("DECODE_OPTIONS", f"DECODE_OPTIONS is not valid JSON ({exc}).") from None
-        return validated(DecodeOptions, values).check_beam(self.capabilities.max_beam_size)
+        return validated(DecodeOptions, values).check_beam(self.capabilities.max_beam_size,
+                                                           self.capabilities.notes.get("beam_size"))
 
     def _prompt_ids(self, request, rows: int) -> list[list[int] | None]:
         """One decoder prompt per WAV row: PROMPT_IDS [rows, L] (-1 padded) or [1, L] for every row."""
@@ -124,7 +144,34 @@ class WindowModel:
         return parsed
 
     # ---- execution ----------------------------------------------------------------------
-    def execute(self, requests: list) -> list:
+    def execute(self, requests: list) -> list | None:
+        """The responses, or (in-flight engines) None: each request is answered through its response sender."""
+        if self._workers is None:
+            return self.execute_batch(requests)
+        for request in requests:
+            sender = request.get_response_sender()
+            with self._waiting_lock:
+                waiting = self._waiting
+                if waiting < MAX_WAITING:
+                    self._waiting += 1
+            if waiting >= MAX_WAITING:
+                sender.send(error_response(self.pb, busy_error(waiting)),
+                            flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            self._workers.submit(self._answer, request, sender)
+        return None
+
+    def _answer(self, request, sender) -> None:
+        with self._waiting_lock:
+            self._waiting -= 1
+        (response,) = self.execute_batch([request])
+        sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.shutdown(wait=False, cancel_futures=True)
+
+    def execute_batch(self, requests: list) -> list:
         responses: list = [None] * len(requests)
         parsed: list[tuple[int, ParsedRequest]] = []
         for index, request in enumerate(requests):

@@ -17,6 +17,12 @@ with a second `whisper_window` instance, a short file then runs beside a long fi
 of waiting for it (a CPU engine cannot stop a batch it has started), while a file alone never
 takes more than `in_flight` slots.
 
+An engine that decodes in flight (TensorRT-LLM's executor: `capabilities.in_flight_windows` > 0) takes
+each window as its own request and lets it join the running batch between decoder steps, so the
+scheduler then sends rows one by one and keeps up to that many in flight (`in_flight` and `batch_rows`
+may be callables, asked when a slot is decided): a short file's window starts at the engine's next
+step instead of after a batch. Engines that decode a batch at a time (CTranslate2) keep the above.
+
 Triton's own dynamic batcher cannot do this here: BLS requests carry no priority in this Triton
 release, and once a batch is queued there its order is fixed. Holding the choice until a slot is
 free is what keeps it late; `in_flight` > 1 keeps a GPU engine busy between batches (the next batch
@@ -39,6 +45,7 @@ logger = logging.getLogger(__name__)
 # A file's windows are due this long after it arrived, per second of its audio: RTF 0.05. Only the
 # order matters (earliest deadline first); the value sets how much a long file yields to short ones.
 DEADLINE_S_PER_AUDIO_S = 0.05
+MAX_IN_FLIGHT = 256  # batches (windows, for in-flight engines) one scheduler keeps running at most
 
 
 def file_allowance(audio_seconds: float) -> float:
@@ -65,16 +72,23 @@ class WindowScheduler:
     reply per payload; `batch_rows()` says how many rows a batch may hold (asked per batch)."""
 
     def __init__(self, run: Callable[[Hashable, list[Any]], list[Any]], batch_rows: Callable[[], int],
-                 in_flight: int = 1, urgent_slots: int = 0):
-        if in_flight < 1 or urgent_slots < 0:
+                 in_flight: int | Callable[[], int] = 1, urgent_slots: int = 0,
+                 group_rows: Callable[[Hashable], int] | None = None):
+        """`group_rows`, when given, says the rows of a batch per group instead of `batch_rows` (several
+        engine models behind one scheduler, each with its own declared batch)."""
+        fixed = in_flight if isinstance(in_flight, int) else None
+        if (fixed is not None and fixed < 1) or urgent_slots < 0:
             raise ValueError(f"in_flight must be at least 1 and urgent_slots at least 0, got {in_flight}, {urgent_slots}")
-        self._run, self._batch_rows, self._in_flight, self._urgent = run, batch_rows, in_flight, urgent_slots
+        self._run, self._urgent = run, urgent_slots
+        self._batch_rows: Callable[[Hashable], int] = group_rows or (lambda group: batch_rows())
+        self._slots = (lambda: fixed) if fixed is not None else in_flight
+        workers = fixed if fixed is not None else MAX_IN_FLIGHT
         self._pending: list[_Row] = []
         self._running: list[float] = []  # the head deadline of each batch in flight
         self._closed = False
         self._sequence = itertools.count()
         self._changed = threading.Condition()
-        self._workers = ThreadPoolExecutor(max_workers=in_flight + urgent_slots, thread_name_prefix="window-batch")
+        self._workers = ThreadPoolExecutor(max_workers=workers + urgent_slots, thread_name_prefix="window-batch")
         self.batches: list[int] = []  # rows per batch sent, for tests and logs (bounded below)
         self._dispatcher = threading.Thread(target=self._dispatch, name="window-scheduler", daemon=True)
         self._dispatcher.start()
@@ -108,7 +122,7 @@ class WindowScheduler:
         """The most urgent row, and the next most urgent rows of its group due within its slack, up to a batch."""
         head = heapq.heappop(self._pending)
         batch, others = [head], []
-        limit = max(1, self._batch_rows())
+        limit = max(1, self._batch_rows(head.group))
         while self._pending and len(batch) < limit and self._pending[0].deadline <= head.deadline + head.slack:
             row = heapq.heappop(self._pending)
             (batch if row.group == head.group else others).append(row)
@@ -119,9 +133,14 @@ class WindowScheduler:
     def _may_start(self) -> bool:
         if not self._pending:
             return False
-        if len(self._running) < self._in_flight:
+        in_flight = self.in_flight()
+        if len(self._running) < in_flight:
             return True
-        return len(self._running) < self._in_flight + self._urgent and self._pending[0].deadline < min(self._running)
+        return len(self._running) < in_flight + self._urgent and self._pending[0].deadline < min(self._running)
+
+    def in_flight(self) -> int:
+        """Batches that may run at once now (the engine may declare it only once it is asked)."""
+        return max(1, min(MAX_IN_FLIGHT, int(self._slots())))
 
     def _dispatch(self) -> None:
         while True:
