@@ -137,10 +137,10 @@ def create_app(settings: Settings, triton_url: str | None = None, registry=None)
                 until_disconnected(request, chunks),
                 on_first_segment=lambda: state.metrics.first_segment.labels("/invocations").observe(
                     time.perf_counter() - started),
-                on_done=lambda chunk: state.metrics.audio_seconds.labels("/invocations").inc(chunk.get("duration", 0)))
+                on_done=lambda chunk: state.metrics.record("/invocations", chunk))
             return StreamingResponse(lines, media_type=streamed_type or STREAM_TYPES[0])
         result = await multi_model.transcribe(request, model, invocation.audio, invocation.options)
-        state.metrics.audio_seconds.labels("/invocations").inc(result.get("duration", 0.0))
+        state.metrics.record("/invocations", result)
         if output_type == "application/json":
             return JSONResponse(result)
         return Response(render(result, FORMATS[output_type]), media_type=output_type)

@@ -68,7 +68,7 @@ async def _audio(request: Request, task: str) -> Response:
             events = serving.text_events(
                 until_disconnected(request, chunks),
                 on_first_segment=lambda: state.metrics.first_segment.labels(route).observe(time.perf_counter() - started),
-                on_done=lambda chunk: state.metrics.audio_seconds.labels(route).inc(chunk.get("duration", 0.0)))
+                on_done=lambda chunk: state.metrics.record(route, chunk))
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         result = await multi_model.transcribe(request, audio_request.model, form.audio, options)
@@ -76,7 +76,7 @@ async def _audio(request: Request, task: str) -> Response:
         if task == "translate" and exc.param == "task":  # the endpoint chose the task: name the model
             exc.param = "model"
         raise
-    state.metrics.audio_seconds.labels(route).inc(result.get("duration", 0.0))
+    state.metrics.record(route, result)
     content, fmt = serving.body(result, audio_request, task)
     if isinstance(content, dict):
         return JSONResponse(content)

@@ -79,7 +79,7 @@ class GrpcWindowDecoder:
                 "The window decoder is not available; retry shortly.", None, 503, "service_unavailable") from None
 
     def _inputs(self, audios: list[np.ndarray], prompts: list[list[int]] | None, options: DecodeOptions | None,
-                words: bool) -> list:
+                words: bool, scope: str | None = None) -> list:
         rows = len(audios)
         wav = np.zeros((rows, max(a.size for a in audios)), dtype=np.float32)
         for index, audio in enumerate(audios):
@@ -96,6 +96,8 @@ class GrpcWindowDecoder:
                                                                    dtype=object)))
         if words:
             inputs.append(self._tensor("WORD_TIMESTAMPS", np.ones((rows, 1), dtype=bool)))
+        if scope:  # the request these windows belong to: their encoder passes are reused within it only
+            inputs.append(self._tensor("CACHE_SCOPE", np.array([[scope.encode()]] * rows, dtype=object)))
         return inputs
 
     def _batches(self, count: int) -> list[range]:
@@ -103,7 +105,7 @@ class GrpcWindowDecoder:
         return [range(first, min(count, first + size)) for first in range(0, count, size)]
 
     def decode(self, audios: list[np.ndarray], prompts: list[list[int]], options: DecodeOptions,
-               word_timestamps: bool = False) -> list[WindowOutput]:
+               word_timestamps: bool = False, scope: str | None = None) -> list[WindowOutput]:
         if word_timestamps and not self.capabilities.word_timestamps:
             raise unsupported_word_timestamps(self.capabilities)
         names = ["TOKENS", "AVG_LOGPROB"] if self.capabilities.scores else ["TOKENS"]
@@ -114,7 +116,7 @@ class GrpcWindowDecoder:
         outputs: list[WindowOutput] = []
         for rows in self._batches(len(audios)):
             reply = self._infer(self._inputs([audios[i] for i in rows], [prompts[i] for i in rows], options,
-                                             word_timestamps), names)
+                                             word_timestamps, scope), names)
             arrays = {name: reply.as_numpy(name) for name in names}
             outputs += [self._output(arrays, row, word_timestamps) for row in range(len(rows))]
         return outputs
@@ -132,12 +134,12 @@ class GrpcWindowDecoder:
         return WindowOutput(Hypothesis(tokens=tokens, avg_logprob=scores["AVG_LOGPROB"],
                                        no_speech_prob=scores["NO_SPEECH_PROB"]), timings)
 
-    def detect_language(self, audios: list[np.ndarray]) -> list[dict[str, float]]:
+    def detect_language(self, audios: list[np.ndarray], scope: str | None = None) -> list[dict[str, float]]:
         if not self.capabilities.multilingual:
             return [{"en": 1.0} for _ in audios]
         detected: list[dict[str, float]] = []
         for rows in self._batches(len(audios)):
-            reply = self._infer(self._inputs([audios[i] for i in rows], None, None, False), ["LANGUAGE_PROBS"])
+            reply = self._infer(self._inputs([audios[i] for i in rows], None, None, False, scope), ["LANGUAGE_PROBS"])
             detected += [json.loads(_text(v)) for v in reply.as_numpy("LANGUAGE_PROBS").reshape(-1)]
         return detected
 

@@ -129,8 +129,9 @@ class TritonWindowDecoder:
             return self._capabilities
 
     def _request(self, audios: list[np.ndarray], prompts: list[list[int]] | None, options: DecodeOptions | None,
-                 words: bool, outputs: list[str]):
-        """One request of len(audios) rows: WAV zero-padded to the longest, PROMPT_IDS padded, one per row."""
+                 words: bool, outputs: list[str], scopes: list[str | None] | None = None):
+        """One request of len(audios) rows: WAV zero-padded to the longest, PROMPT_IDS padded, one per row,
+        and each row's CACHE_SCOPE (its file's request: encoder passes are reused within it only)."""
         pb = self.pb
         rows = len(audios)
         wav = np.zeros((rows, max(a.size for a in audios)), dtype=WINDOW.input("WAV").numpy_dtype)
@@ -148,24 +149,27 @@ class TritonWindowDecoder:
                                                                 dtype=object)))
         if words:
             tensors.append(pb.Tensor("WORD_TIMESTAMPS", np.ones((rows, 1), dtype=bool)))
+        if scopes and any(scopes):
+            tensors.append(pb.Tensor("CACHE_SCOPE", np.array([[(s or "").encode()] for s in scopes], dtype=object)))
         return pb.InferenceRequest(model_name=self.model_name, inputs=tensors, requested_output_names=outputs)
 
     def _run_all(self, audios: list[np.ndarray], prompts: list[list[int]] | None, options: DecodeOptions | None,
-                 words: bool, outputs: list[str]) -> list[dict[str, np.ndarray]]:
+                 words: bool, outputs: list[str], scope: str | None = None) -> list[dict[str, np.ndarray]]:
         """Replies row by row, through the scheduler (batches of up to max_batch_size rows)."""
         self._check_cancelled()
         deadline, slack = getattr(self._current, "deadline", None), getattr(self._current, "slack", None)
-        payloads = list(zip(audios, prompts if prompts is not None else [None] * len(audios)))
+        payloads = list(zip(audios, prompts if prompts is not None else [None] * len(audios), [scope] * len(audios)))
         return self.scheduler.run((self.model_name, tuple(outputs), options, words), payloads,
                                   time.monotonic() if deadline is None else deadline,
                                   float("inf") if slack is None else slack)
 
-    def _run_batch(self, group: tuple, payloads: list[tuple[np.ndarray, list[int] | None]]) -> list[dict]:
+    def _run_batch(self, group: tuple, payloads: list[tuple[np.ndarray, list[int] | None, str | None]]) -> list[dict]:
         """One request to whisper_window for one batch of rows; its reply split back into rows."""
         _, outputs, options, words = group
-        audios = [audio for audio, _ in payloads]
-        prompts = None if payloads[0][1] is None else [prompt for _, prompt in payloads]
-        reply = self._exec(self._request(audios, prompts, options, words, list(outputs)))
+        audios = [audio for audio, _, _ in payloads]
+        prompts = None if payloads[0][1] is None else [prompt for _, prompt, _ in payloads]
+        scopes = [scope for _, _, scope in payloads]
+        reply = self._exec(self._request(audios, prompts, options, words, list(outputs), scopes))
         return [{name: array[row : row + 1] for name, array in reply.items()} for row in range(len(payloads))]
 
     def _exec(self, request) -> dict[str, np.ndarray]:
@@ -180,19 +184,19 @@ class TritonWindowDecoder:
         return {tensor.name(): tensor.as_numpy() for tensor in response.output_tensors()}
 
     def _outputs(self, words: bool) -> list[str]:
-        names = ["TOKENS", "AVG_LOGPROB"] if self.capabilities.scores else ["TOKENS"]
+        names = ["TOKENS", "AVG_LOGPROB", "ENGINE_SECONDS"] if self.capabilities.scores else ["TOKENS", "ENGINE_SECONDS"]
         if self.capabilities.no_speech_prob:
             names.append("NO_SPEECH_PROB")
         return names + (_WORD_OUTPUTS if words else [])
 
     def decode(self, audios: list[np.ndarray], prompts: list[list[int]], options: DecodeOptions,
-               word_timestamps: bool = False) -> list[WindowOutput]:
+               word_timestamps: bool = False, scope: str | None = None) -> list[WindowOutput]:
         if word_timestamps and not self.capabilities.word_timestamps:
             raise unsupported_word_timestamps(self.capabilities)
         if not audios:
             return []
         names = self._outputs(word_timestamps)
-        replies = self._run_all(audios, prompts, options, word_timestamps, names)
+        replies = self._run_all(audios, prompts, options, word_timestamps, names, scope)
         return [self._output(reply, word_timestamps) for reply in replies]
 
     def _output(self, reply: dict[str, np.ndarray], words: bool) -> WindowOutput:
@@ -205,16 +209,32 @@ class TritonWindowDecoder:
             times = [float(v) for v in strip_pad(reply["TOKEN_TIMES"].reshape(-1), WINDOW.output("TOKEN_TIMES").pad)]
             probs = [float(v) for v in strip_pad(reply["TOKEN_PROBS"].reshape(-1), WINDOW.output("TOKEN_PROBS").pad)]
             timings = TokenTimings(starts=times[0::2], ends=times[1::2], probabilities=probs)
-        return WindowOutput(hypothesis, timings)
+        seconds = json.loads(reply["ENGINE_SECONDS"].reshape(-1)[0]) if "ENGINE_SECONDS" in reply else {}
+        return WindowOutput(hypothesis, timings, seconds)
 
-    def detect_language(self, audios: list[np.ndarray]) -> list[dict[str, float]]:
+    def detect_language(self, audios: list[np.ndarray], scope: str | None = None) -> list[dict[str, float]]:
         if not self.capabilities.multilingual:
             return [{"en": 1.0} for _ in audios]
         # asked for the language outputs alone, whisper_window runs detection and not `generate`
         if not audios:
             return []
-        replies = self._run_all(audios, None, None, False, ["LANGUAGE_PROBS"])
+        replies = self._run_all(audios, None, None, False, ["LANGUAGE_PROBS", "ENGINE_SECONDS"], scope)
+        seconds = self._detection_seconds()
+        for reply in (r for r in replies if "ENGINE_SECONDS" in r):
+            for stage, value in json.loads(reply["ENGINE_SECONDS"].reshape(-1)[0]).items():
+                seconds[stage] = seconds.get(stage, 0.0) + value
         return [json.loads(reply["LANGUAGE_PROBS"].reshape(-1)[0]) for reply in replies]
+
+    def _detection_seconds(self) -> dict[str, float]:
+        if not hasattr(self._current, "detection_seconds"):
+            self._current.detection_seconds = {}
+        return self._current.detection_seconds
+
+    def take_detection_seconds(self) -> dict[str, float]:
+        """The engine's time in this file's detections since the last call (encoder, decoder shares)."""
+        seconds = dict(self._detection_seconds())
+        self._detection_seconds().clear()
+        return seconds
 
 
 class EngineRouter:
@@ -322,10 +342,13 @@ class TranscribeModel:
     def transcribe(self, request, arrival: float | None = None) -> dict:
         chosen, options = self.prepare(request)
         data = first_value(self.pb, request, "AUDIO")
+        started = time.perf_counter()
         audio = decode_audio(bytes(data or b""), max_seconds=self.settings.max_audio_seconds)
+        decode_seconds = time.perf_counter() - started
         arrival = time.monotonic() if arrival is None else arrival
         with chosen.decoder.serving(_cancellation_flag(request), arrival, audio.size / 16_000):
             result = chosen.pipeline.transcribe(audio, options)
+        result.info.work.add_seconds("audio_decode", decode_seconds)
         return result.to_dict(words=options.word_timestamps, tokens=options.include_tokens)
 
     def respond(self, request, arrival: float | None = None):
