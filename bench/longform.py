@@ -1,6 +1,7 @@
 """Long-form benchmark: our pipeline vs faster-whisper's BatchedInferencePipeline, in one process,
 on the same file, the same CTranslate2 model instance and the same settings. Prints RTF and WER of
-both (paired, interleaved rounds; medians) and writes JSON. Not a test: no assertions."""
+both (paired, interleaved rounds; medians) and writes JSON. Not a test: no assertions. Every call is
+cold: the pipeline scopes its encoder reuse to one call, so a round never reuses an earlier one's work."""
 
 from __future__ import annotations
 

@@ -12,6 +12,11 @@ What it measures (paired, interleaved rounds; medians), with and without timesta
 - short-request overhead at concurrency 1, 8 concurrent short requests vs sequential, and
   fairness: a short clip sent while the long file is being transcribed vs alone.
 
+Every request is cold: `whisper_window` keeps encoder outputs within one request only (its cache
+is scoped to the request), so a round that sends the same file again pays for all of its work, as a
+user's new file does (before 2026-12-07 repeated requests were answered from a cache kept across
+requests, and the speed figures of that time were warm: see the README).
+
 faster-whisper runs in its own worker process (its CPU time and memory are its own, and its
 threads never share a process with the HTTP client). Prints a table, writes JSON and a PNG plot.
 Not a test: no assertions. Linux only (/proc).

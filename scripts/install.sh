@@ -49,7 +49,14 @@ if [[ "${mode}" == "test" ]]; then
 fi
 stamp=".venv/.installed-${mode}"
 wanted="$(sha256sum pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
+fetch_real_speech() {
+  # recorded speech with texts for the tests (Debian packages, pinned and sha256-checked; cached in .work/)
+  if [[ "${mode}" == "test" ]]; then
+    .venv/bin/python -m testkit.real_speech --fixture
+  fi
+}
 if [[ -f "${stamp}" && "$(cat "${stamp}")" == "${wanted}" ]]; then
+  fetch_real_speech
   exit 0
 fi
 
@@ -79,3 +86,4 @@ if [[ "${mode}" == "test" ]] && command -v apt-get >/dev/null 2>&1; then
   .venv/bin/python -m testkit.recorded_speech >/dev/null
 fi
 echo "${wanted}" > "${stamp}"
+fetch_real_speech

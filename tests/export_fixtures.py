@@ -41,6 +41,7 @@ def make_adapter(name: str, scale: float, target_modules=("q_proj", "v_proj", "f
     if (out / "adapter_config.json").is_file():
         return out
     model = WhisperForConditionalGeneration.from_pretrained(str(base or tiny_hf_dir()), dtype=torch.float32)
+    torch.manual_seed(sum(map(ord, name)))  # PEFT draws the A matrices: the same adapter on every run
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(target_modules)))
     if scale:
         generator = torch.Generator().manual_seed(1234)
@@ -75,3 +76,18 @@ def speech_wav(text: str = SPEECH_TEXT) -> bytes:
     path = _root() / f"speech-{abs(hash(text))}.wav"
     subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(path), text], check=True, timeout=60)
     return path.read_bytes()
+
+
+@lru_cache(maxsize=1)
+def exported_models() -> Path:
+    """`whisper-export models` run once per session: two real LoRA fine-tunes of tiny.en (lora-a, lora-b),
+    merged with the verified PEFT merge, converted for CTranslate2, and their models.json."""
+    from whisper_triton.export.cli import main
+
+    out = _root() / "models"
+    a = make_adapter("lora-a", 0.02)
+    b = make_adapter("lora-b", 0.02, target_modules=("k_proj", "out_proj", "fc2"))
+    code = main(["models", "--base", str(tiny_hf_dir()), "--adapter", f"lora-a={a}", "--adapter", f"lora-b={b}",
+                 "--no-base", "--output", str(out)])
+    assert code == 0, "whisper-export models failed"
+    return out

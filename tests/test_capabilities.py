@@ -16,7 +16,13 @@ def test_ctranslate2_applies_every_rule(ct2_engine, tokenizer, speech_clips):
     result = LongFormTranscriber(EngineWindowDecoder(ct2_engine, tokenizer), tokenizer).transcribe(
         speech_clips[0].samples)
     assert result.info.engine == "ctranslate2" and result.info.not_applied == {}
-    assert result.to_dict()["info"] == {"engine": "ctranslate2", "not_applied": {}, "left_out": []}
+    info = result.to_dict()["info"]
+    assert {k: info[k] for k in ("engine", "not_applied", "left_out")} == {"engine": "ctranslate2", "not_applied": {},
+                                                                             "left_out": []}
+    # what the request cost: one window, decoded once, on the engine's clock
+    work = info["work"]
+    assert (work["windows"], work["decodes"], work["fallback_decodes"], work["follow_up_decodes"]) == (1, 1, 0, 0)
+    assert {"vad", "decoding", "encoder", "decoder"} <= set(work["seconds"])
 
 
 def test_an_engine_without_no_speech_probability_says_so(ct2_engine, tokenizer, speech_clips):
@@ -58,6 +64,21 @@ def test_each_window_is_encoded_once(ct2_engine, tokenizer, speech_clips, monkey
     result = pipeline.transcribe(clip, options)
     assert result.segments and result.segments[0].words
     assert sum(calls) == 1 and decoder.cache.hits >= 2
+
+
+def test_no_encoder_pass_crosses_requests(ct2_engine, tokenizer, speech_clips, monkeypatch):
+    """The same audio sent twice is two cold requests: each encodes its window once (the cache is
+    scoped to one request), so a repeated request is never answered faster from another's work."""
+    calls = []
+    real = ct2_engine.encode
+    monkeypatch.setattr(ct2_engine, "encode", lambda features: calls.append(features.shape[0]) or real(features))
+    decoder = EngineWindowDecoder(ct2_engine, tokenizer)
+    pipeline = LongFormTranscriber(decoder, tokenizer)
+    clip = speech_clips[2].samples
+    first = pipeline.transcribe(clip, TranscribeOptions(word_timestamps=True))
+    second = pipeline.transcribe(clip, TranscribeOptions(word_timestamps=True))
+    assert first.text == second.text and sum(calls) == 2 and decoder.cache.hits == 0
+    assert second.info.work.seconds["encoder"] > 0  # the second request paid for its own encoder pass
 
 
 def test_the_encoder_cache_is_bounded():

@@ -15,7 +15,7 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline": {"contract"},
     "engines": {"pipeline", "contract"},
     "triton_models": {"engines", "speakers", "pipeline", "contract"},
-    "http": {"live", "pipeline", "contract"},  # routes call their capability (live sessions)
+    "http": {"registry", "live", "pipeline", "contract"},  # routes call their capability (live sessions, the model registry)
     "live": {"pipeline", "contract"},
     "speakers": {"pipeline", "contract"},
     "export": {"engines", "pipeline", "contract"},

@@ -152,8 +152,8 @@ class EarlyStoppingDecoder(EngineWindowDecoder):
         super().__init__(engine, tokenizer)
         self.calls = 0
 
-    def decode(self, audios, prompts, options, word_timestamps=False, features=None):
-        outputs = super().decode(audios, prompts, options, word_timestamps, features)
+    def decode(self, audios, prompts, options, word_timestamps=False, features=None, scope=None):
+        outputs = super().decode(audios, prompts, options, word_timestamps, features, scope)
         self.calls += 1
         if self.calls == 1:
             begin = self.tokenizer.timestamp_begin

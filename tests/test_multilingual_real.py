@@ -27,9 +27,9 @@ class RecordingDecoder(EngineWindowDecoder):
         super().__init__(engine, tokenizer)
         self.prompts: list[list[int]] = []
 
-    def decode(self, audios, prompts, options, word_timestamps=False, features=None):
+    def decode(self, audios, prompts, options, word_timestamps=False, features=None, scope=None):
         self.prompts += prompts
-        return super().decode(audios, prompts, options, word_timestamps, features)
+        return super().decode(audios, prompts, options, word_timestamps, features, scope)
 
 
 @pytest.fixture(scope="module")

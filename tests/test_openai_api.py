@@ -167,5 +167,10 @@ def test_metrics_after_requests(serve, client, clip):
     assert value("whisper_errors_total", route=route, type="model_not_found") >= 1
     assert value("whisper_audio_seconds_total", route=route) >= 2 * 3.0
     assert value("whisper_stream_first_segment_seconds_count", route=route) >= 1
+    # the work behind the answers (info.work): windows, decodes by kind, seconds per stage
+    assert value("whisper_windows_total", route=route) >= 2
+    assert value("whisper_window_decodes_total", route=route, kind="first") >= 2
+    assert value("whisper_stage_seconds_total", route=route, stage="vad") > 0
+    assert value("whisper_stage_seconds_total", route=route, stage="decoder") > 0
     assert value("whisper_http_request_duration_seconds_count", route=route) >= 3
     assert any(s.name == "whisper_http_requests_in_flight" and s.labels["route"] == route for s in samples)

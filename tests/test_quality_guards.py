@@ -34,9 +34,9 @@ class LoopingDecoder(EngineWindowDecoder):
         begin = self.tokenizer.timestamp_begin
         return [begin] + self.tokenizer.encode(LOOP_TEXT) + [begin + 150, self.tokenizer.eot]
 
-    def decode(self, audios, prompts, options, word_timestamps=False, features=None):
+    def decode(self, audios, prompts, options, word_timestamps=False, features=None, scope=None):
         self.temperatures.append(options.temperature)
-        outputs = super().decode(audios, prompts, options, word_timestamps, features)
+        outputs = super().decode(audios, prompts, options, word_timestamps, features, scope)
         if options.temperature in self.loop_at:
             for output in outputs:
                 output.hypothesis = replace(output.hypothesis, tokens=self.loop_tokens(), avg_logprob=LOOP_LOGPROB)
@@ -148,9 +148,9 @@ def test_huge_initial_prompt_transcribes_the_speech(ct2_engine, tokenizer, speec
     prompts = []
     original = decoder.decode
 
-    def recording(audios, prompt_ids, options, word_timestamps=False, features=None):
+    def recording(audios, prompt_ids, options, word_timestamps=False, features=None, scope=None):
         prompts.extend(prompt_ids)
-        return original(audios, prompt_ids, options, word_timestamps, features)
+        return original(audios, prompt_ids, options, word_timestamps, features, scope)
 
     decoder.decode = recording
     huge = "The meeting notes say many things about the weather. " * 150  # under the request model's 8,192 characters
@@ -181,3 +181,21 @@ def test_tensorrtllm_request_keeps_the_newest_prompt_tokens_and_caps_new_tokens(
         assert len(sent) == max_prompt_len and sent[0] == tok.sot_prev and sent[-1] == tok.sot
         assert request.plan.forced == tuple(prompt[-3:]) and sent[1:-1] == prompt[1:-4][-(max_prompt_len - 2):]
         assert request.max_new_tokens == 448 - max_prompt_len
+
+
+def test_repetitive_speech_at_a_speaking_rate_is_not_a_loop():
+    """Telephony prompts repeat themselves ("... seguido por la tecla de numero" in every sentence) and
+    compress past 2.4; at the rate a voice speaks they are speech, not a loop (a loop writes far more
+    text than its window holds). Flagged as a loop, such a window was decoded again at higher
+    temperatures and sampled garbage replaced right text (bench/real_speech.py, Spanish prompts)."""
+    from whisper_triton.pipeline.decoding import DecodeAttempt, attempt_failed, compression_ratio, is_loop
+
+    prompts = ("Por favor ingrese su numero de agente seguido por la tecla de numero. Contrasena incorrecta. "
+               "Por favor ingrese su contrasena seguido por la tecla de numero. Opcion invalida. ") * 3
+    assert compression_ratio(prompts.strip()) > 2.4
+    thresholds = TranscribeOptions().thresholds
+    spoken = DecodeAttempt(prompts, avg_logprob=-0.3, no_speech_prob=0.0, duration=28.0)  # ~14 characters a second
+    looped = DecodeAttempt(prompts, avg_logprob=-0.3, no_speech_prob=0.0, duration=6.0)  # ~70 a second
+    assert not is_loop(spoken, thresholds) and not attempt_failed(spoken, thresholds)
+    assert is_loop(looped, thresholds) and attempt_failed(looped, thresholds)
+    assert is_loop(DecodeAttempt(prompts, -0.3, 0.0), thresholds)  # no duration known: the ratio alone

@@ -270,3 +270,85 @@ def test_whisper_invoke_realtime_live_streams_a_file(live_serve, recorded, tmp_p
     # an endpoint name is not a WebSocket: the CLI says what --live needs
     assert main(["my-endpoint", "--live", str(path)]) == 1
     assert "WebSocket URL" in capsys.readouterr().err
+
+
+# ---- session limits (a serve of its own: short idle and session limits) ---------------------------------
+IDLE_S, SESSION_S = 2.0, 6.0
+
+
+@pytest.fixture(scope="module")
+def limited_serve(tmp_path_factory):
+    instance = start_serve(tmp_path_factory.mktemp("live-limits"), {
+        "WHISPER_TRITON_LIVE_IDLE_TIMEOUT_S": str(IDLE_S), "WHISPER_TRITON_LIVE_MAX_SESSION_S": str(SESSION_S)})
+    try:
+        instance.wait_ready()
+        yield instance
+    finally:
+        instance.terminate()
+
+
+async def _events_until_closed(socket, sender=None, limit: int = 500) -> tuple[list[dict], int, str]:
+    """Every event until the server closes the session (bounded in count), with the close code and reason."""
+    import websockets
+
+    events = []
+    task = asyncio.ensure_future(sender(socket)) if sender else None
+    try:
+        for _ in range(limit):
+            try:
+                events.append(json.loads(await asyncio.wait_for(socket.recv(), timeout=60)))
+            except websockets.ConnectionClosed as closed:
+                return events, closed.rcvd.code, closed.rcvd.reason
+        raise AssertionError(f"the session was not closed after {limit} events")
+    finally:
+        if task:
+            task.cancel()
+
+
+def test_an_idle_session_is_closed_with_an_error_event(limited_serve):
+    import websockets
+
+    async def main():
+        async with websockets.connect(ws_url(limited_serve, "/v1/realtime?intent=transcription")) as socket:
+            return await _events_until_closed(socket)
+
+    events, code, reason = asyncio.run(main())
+    assert events[0]["type"] == "session.created"
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "idle_timeout"
+    assert code == 1000 and "No event" in reason
+
+
+def test_a_session_past_its_limit_is_closed_though_it_keeps_sending(limited_serve):
+    import websockets
+
+    silence = base64.b64encode(encode_pcm16(np.zeros(int(0.5 * 24_000), np.float32))).decode()
+
+    async def keep_sending(socket):
+        for _ in range(100):  # 0.5 s of audio every 0.5 s, far past the limit if nothing stopped it
+            await socket.send(json.dumps({"type": "input_audio_buffer.append", "audio": silence}))
+            await asyncio.sleep(0.5)
+
+    async def main():
+        async with websockets.connect(ws_url(limited_serve, "/v1/realtime?intent=transcription")) as socket:
+            return await _events_until_closed(socket, keep_sending)
+
+    events, code, reason = asyncio.run(main())
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "session_expired"
+    assert code == 1008 and "limit" in reason
+
+
+def test_an_event_over_the_size_limit_closes_the_session_with_1009(limited_serve):
+    import websockets
+
+    from whisper_triton.contract.realtime import MAX_EVENT_BYTES
+
+    async def main():
+        async with websockets.connect(ws_url(limited_serve, "/v1/realtime?intent=transcription"),
+                                      max_size=None) as socket:
+            assert json.loads(await socket.recv())["type"] == "session.created"
+            await socket.send("x" * (MAX_EVENT_BYTES + 1))
+            return await _events_until_closed(socket)
+
+    events, code, _ = asyncio.run(main())
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "event_too_large"
+    assert code == 1009

@@ -50,6 +50,9 @@ def test_engine_options_follow_the_engine(monkeypatch):
     monkeypatch.setenv("WHISPER_TRITON_ENGINE", "tensorrtllm")
     monkeypatch.setenv("WHISPER_TRITON_KV_CACHE_FREE_GPU_MEMORY_FRACTION", "0.6")
     options = load_settings().engine_options()
-    assert options["kv_cache_free_gpu_memory_fraction"] == 0.6 and options["cross_kv_cache_fraction"] == 0.5
+    # unset, the cross-attention share is computed for Whisper's 1,500 encoder positions by the engine
+    assert options["kv_cache_free_gpu_memory_fraction"] == 0.6 and options["cross_kv_cache_fraction"] is None
+    monkeypatch.setenv("WHISPER_TRITON_CROSS_KV_CACHE_FRACTION", "0.5")
+    assert load_settings().engine_options()["cross_kv_cache_fraction"] == 0.5
     monkeypatch.setenv("WHISPER_TRITON_ENGINE", "ctranslate2")
     assert "cross_kv_cache_fraction" not in load_settings().engine_options()

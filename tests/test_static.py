@@ -154,6 +154,7 @@ def test_sagemaker_label_and_port(dockerfile):
     for arguments in _all(dockerfile, "LABEL"):
         labels.update(_key_values(arguments))
     assert labels["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
+    assert labels["com.amazonaws.sagemaker.capabilities.multi-models"] == "true"
     assert labels["com.amazonaws.sagemaker.capabilities.bidirectional-streaming"] == "true"
     assert _all(dockerfile, "EXPOSE") == ["8080"]
 

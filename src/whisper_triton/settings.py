@@ -118,6 +118,16 @@ class Settings(BaseSettings):
     # so clients written for OpenAI (model="whisper-1") work unchanged
     served_model_name: str = ""
     model_aliases: str = "whisper-1"
+    # Several models on one endpoint (registry/): a models.json manifest (empty: the repository's own
+    # models.json when it has one), the memory per device that loaded models may take (0: no budget;
+    # beyond it the least recently used idle model is unloaded), how long a request waits for its model
+    # to load before a 503 + Retry-After (the load goes on), how long one load may take, and where
+    # SageMaker's multi-model POST /models may load directories from (comma-separated; empty: nowhere)
+    model_manifest: str = ""
+    model_memory_budget_mb: float = Field(default=0.0, ge=0)
+    model_load_wait_s: float = Field(default=60.0, gt=0)
+    model_load_timeout_s: float = Field(default=600.0, gt=0)
+    model_load_roots: str = "/opt/ml/models"
 
     # SageMaker batch transform and debugging (SageMaker's own variable names)
     sagemaker_batch: bool = Field(default=False, validation_alias=AliasChoices("SAGEMAKER_BATCH", "WHISPER_TRITON_SAGEMAKER_BATCH"))
@@ -161,7 +171,8 @@ class Settings(BaseSettings):
 
 # the settings a Triton model's config.pbtxt may carry as parameters (same names as the fields)
 MODEL_PARAMETERS = ("engine", "model_dir", "device", "compute_type", "cpu_threads", "encoder_cache_mb",
-                    "max_concurrent_files", "window_batches_in_flight", "urgent_window_batches", "speaker_encoder")
+                    "max_concurrent_files", "window_batches_in_flight", "urgent_window_batches", "served_model_name",
+                    "speaker_encoder")
 
 
 def _given(values: dict | None) -> dict:

@@ -5,5 +5,6 @@ the HTTP proxy can parse and check a request without loading the pipeline:
 - `options`: every user option of a transcription (type, range, alias, default), nested groups;
 - `capabilities`: what an engine (and the model it runs) can do, declared, never guessed;
 - `tensors`: the inputs and outputs of each Triton model, for both the model and its clients;
-- `results`: the transcription result (segments, words, the `info` block).
+- `results`: the transcription result (segments, words, the `info` block);
+- `models`: model ids (checked before they name anything), engine model names, the `models.json` manifest.
 """

@@ -31,6 +31,7 @@ MAX_BATCH_SIZE = 64
 MAX_TEMPERATURES = 16
 MAX_PROMPT_CHARS = 8_192  # far above 223 tokens in any script; beyond it a prompt is refused, not cut
 MAX_LANGUAGE_CHARS = 32
+MAX_MODEL_ID_CHARS = 64
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 CHUNK_SECONDS = 30.0
 MAX_SPEAKERS = 16  # speakers one file may be diarized into
@@ -114,6 +115,9 @@ class TranscribeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     language: Annotated[str, Field(max_length=MAX_LANGUAGE_CHARS)] | None = None
+    # which of the endpoint's models answers (contract/models.py: ids, aliases resolved by the proxy);
+    # None: the default model
+    model: Annotated[str, Field(max_length=MAX_MODEL_ID_CHARS)] | None = None
     task: Literal["transcribe", "translate"] = "transcribe"
     vad: bool = True
     chunk_length: Annotated[float, Field(gt=0.0, le=CHUNK_SECONDS)] = CHUNK_SECONDS
@@ -191,6 +195,15 @@ class TranscribeOptions(BaseModel):
         annotation = cls.model_fields[info.field_name].annotation
         if isinstance(value, bool) and annotation is not bool and "bool" not in str(annotation):
             raise ValueError("must be a number, not a boolean")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_id(cls, value: str | None) -> str | None:
+        from .models import is_model_id
+
+        if value is not None and not is_model_id(value):
+            raise ValueError("not a model id: 1-64 letters, digits, '.', '_' or '-' (GET /v1/models lists them)")
         return value
 
     @field_validator("language", mode="before")

@@ -41,6 +41,27 @@ class LeftOut:
     start: float
     end: float
     reason: str  # "loop": every decode was a loop; "unsure_language": every decode failed, language unsure
+    language_probability: float | None = None  # the detected language's probability, where it was unsure
+
+
+@dataclass
+class Work:
+    """What one request cost: windows and engine passes by kind, and wall seconds per stage.
+
+    `seconds` keys: `audio_decode` (bytes -> samples), `vad`, `detection` and `decoding` (waiting
+    for the engine, all passes of the kind), and the engine's own time shared out to this request's
+    rows of each batch: `encoder`, `decoder` (generation), `alignment` (word timestamps)."""
+
+    windows: int = 0  # windows the speech was cut into
+    decodes: int = 0  # window decodes sent to the engine, every kind below included
+    fallback_decodes: int = 0  # of them: again at a higher temperature (the first decode failed a check)
+    follow_up_decodes: int = 0  # of them: the rest of a window whose decode stopped before its speech ended
+    language_retries: int = 0  # of them: again in another candidate language (the language was unsure)
+    detections: int = 0  # windows run through language detection
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add_seconds(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 6)
 
 
 @dataclass
@@ -48,6 +69,7 @@ class TranscriptionInfo:
     engine: str = ""
     not_applied: dict[str, str] = field(default_factory=dict)  # rule -> why it could not be applied
     left_out: list[LeftOut] = field(default_factory=list)  # windows whose text a guard left out
+    work: Work = field(default_factory=Work)  # windows, engine passes and time per stage of this request
 
 
 @dataclass

@@ -113,8 +113,13 @@ _WINDOW_OUTPUTS = (
 
 WHISPER_WINDOW_SPEC = ModelSpec(
     name=WHISPER_WINDOW, max_batch_size=8,
-    inputs=(_WAV, _WAV_LENS, _TEXT_PREFIX, _PROMPT_IDS, _WORD_TIMESTAMPS, _DECODE_OPTIONS),
+    inputs=(_WAV, _WAV_LENS, _TEXT_PREFIX, _PROMPT_IDS, _WORD_TIMESTAMPS, _DECODE_OPTIONS,
+            TensorSpec("CACHE_SCOPE", "TYPE_STRING", (1,), optional=True,
+                       doc="the long-form request a row belongs to: its encoder pass is reused within that "
+                           "request only (detection, fallback, alignment); rows without one keep nothing")),
     outputs=_WINDOW_OUTPUTS + (
+        TensorSpec("ENGINE_SECONDS", "TYPE_STRING", (1,),
+                   doc="JSON {encoder, decoder, alignment}: this row's share of its batch's engine time"),
         TensorSpec("LANGUAGE_PROBS", "TYPE_STRING", (1,),
                    doc="JSON {code: probability} over the language tokens; asked alone, only detection runs"),
         TensorSpec("CAPABILITIES", "TYPE_STRING", (1,),

@@ -62,6 +62,9 @@ def _add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> N
                        help="debugging: start sagemaker-ssh-helper in the container (image built with "
                             "INSTALL_SSH_HELPER=true), registering it in SSM with this IAM role name")
     group.add_argument("--ssh-owner", default="", help="debugging: the SSHOwner tag value (your IAM user id)")
+    group.add_argument("--multi-model", action="store_true",
+                       help="a multi-model endpoint: --model-data is the S3 prefix of <id>.tar.gz models "
+                            "(whisper-deploy models-upload); each invocation names one with TargetModel")
     group.add_argument("--env", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                        help="container environment variable (repeatable), e.g. WHISPER_TRITON_ENGINE=tensorrtllm")
 
@@ -118,7 +121,8 @@ def _scaling(args: argparse.Namespace) -> AutoscalingOptions:
 
 def _model(args: argparse.Namespace) -> ModelOptions:
     environment = {**ssh_environment(args.ssh_ssm_role, args.ssh_owner), **dict(args.env)}
-    return ModelOptions(image_uri=args.image, model_data=args.model_data, role_arn=args.role, environment=environment)
+    return ModelOptions(image_uri=args.image, model_data=args.model_data, role_arn=args.role, environment=environment,
+                        multi_model=getattr(args, "multi_model", False))
 
 
 def ssh_environment(ssm_role: str, owner: str) -> dict[str, str]:
@@ -171,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="create model, endpoint config and endpoint (and autoscaling)")
     deploy.add_argument("--name", required=True, help="endpoint name; also the deployment tag value")
     _add_model_args(deploy)
+    components = deploy.add_argument_group("inference components (instead of one model or a multi-model endpoint)")
+    components.add_argument("--inference-component", action="append", type=_key_value, default=[],
+                            metavar="ID=S3URI", help="one component per model: its repository prefix (repeatable)")
+    components.add_argument("--component-memory-mb", type=int, default=8192)
+    components.add_argument("--component-accelerators", type=float, default=1.0)
+    components.add_argument("--component-copies", type=int, default=1)
     _add_endpoint_args(deploy)
     _add_scaling_args(deploy)
 
@@ -210,12 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--name", required=True)
     cleanup.add_argument("--dry-run", action="store_true", help="list, do not remove")
 
+    upload = sub.add_parser("models-upload", help="pack each model of a models.json as <id>.tar.gz under an S3 "
+                            "prefix: the --model-data of a --multi-model endpoint")
+    upload.add_argument("--manifest", required=True, help="models.json written by `whisper-export models`")
+    upload.add_argument("--uri", required=True, help="s3://BUCKET/PREFIX/")
+
     status = sub.add_parser("status", help="list the resources tagged for a deployment")
     status.add_argument("--name", required=True)
     return parser
 
 
 def run(args: argparse.Namespace, deployer: Deployer) -> dict:
+    if args.command == "deploy" and args.inference_component:
+        from .components import ComponentOptions
+
+        result = deployer.deploy_components(
+            _deployment(args), dict(args.inference_component),
+            ComponentOptions(args.component_memory_mb, args.component_accelerators, args.component_copies),
+            wait=not args.no_wait, wait_timeout_s=args.wait_timeout)
+        return {"endpoint": result.endpoint_name, "models": result.model_name, "created": [str(r) for r in result.created]}
     if args.command == "deploy":
         result = deployer.deploy(_deployment(args), wait=not args.no_wait, wait_timeout_s=args.wait_timeout)
         return {"endpoint": result.endpoint_name, "model": result.model_name,
@@ -246,6 +269,10 @@ def run(args: argparse.Namespace, deployer: Deployer) -> dict:
     if args.command == "cleanup":
         resources = deployer.cleanup(args.name, dry_run=args.dry_run)
         return {("would_remove" if args.dry_run else "removed"): [str(r) for r in resources]}
+    if args.command == "models-upload":
+        from .multi_model import upload_models
+
+        return {"uploaded": upload_models(args.manifest, args.uri, deployer.aws.s3)}
     if args.command == "status":
         return {"resources": [str(r) for r in deployer.find(args.name)]}
     raise AssertionError(args.command)

@@ -15,6 +15,7 @@ deploy / update / delete), `autoscaling`, `transform` (batch transform jobs) and
 from __future__ import annotations
 
 from .autoscaling import AutoscalingMixin
+from .components import ComponentsMixin
 from .endpoints import ASYNC_ENVIRONMENT, EndpointMixin
 from .inventory import InventoryMixin
 from .resources import DeploymentResult, Resource, policy_names, resource_id
@@ -24,5 +25,5 @@ from .validation import ValidationMixin
 __all__ = ["ASYNC_ENVIRONMENT", "Deployer", "DeploymentResult", "Resource", "policy_names", "resource_id"]
 
 
-class Deployer(ValidationMixin, EndpointMixin, AutoscalingMixin, TransformMixin, InventoryMixin):
+class Deployer(ValidationMixin, EndpointMixin, AutoscalingMixin, TransformMixin, InventoryMixin, ComponentsMixin):
     """Plain-boto3 deployment steps. `progress` receives one line per status change while waiting."""

@@ -35,7 +35,10 @@ class EndpointMixin(DeployerBase):
     def create_model(self, name: str, model: ModelOptions, tags: dict[str, str], undo: Undo) -> str:
         model_name = f"{name}-{unique_suffix()}"
         container: dict[str, Any] = {"Image": model.image_uri, "Environment": dict(model.environment)}
-        if model.compressed:
+        if model.multi_model:  # SageMaker hands each <id>.tar.gz under the prefix to the container on demand
+            container["Mode"] = "MultiModel"
+            container["ModelDataUrl"] = model.model_data if model.model_data.endswith("/") else model.model_data + "/"
+        elif model.compressed:
             container["ModelDataUrl"] = model.model_data
         else:
             uri = model.model_data if model.model_data.endswith("/") else model.model_data + "/"

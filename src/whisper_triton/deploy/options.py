@@ -62,6 +62,10 @@ class ModelOptions:
     model_data: str
     role_arn: str
     environment: dict[str, str] = field(default_factory=dict)
+    # a multi-model endpoint: `model_data` is the S3 prefix holding one `<id>.tar.gz` per model
+    # (`whisper-deploy models-upload` packs a models.json's models there); the container is told to
+    # load each one when an invocation first names it (TargetModel)
+    multi_model: bool = False
 
     @property
     def compressed(self) -> bool:

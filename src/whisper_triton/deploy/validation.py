@@ -85,6 +85,12 @@ class ValidationMixin(DeployerBase):
         if model is None:
             problems.append(("No model was given.", "Pass --image, --model-data and --role.", "model"))
             return
+        if model.multi_model and model.compressed:
+            problems.append((
+                "A multi-model endpoint takes an S3 prefix of models, not one model.tar.gz.",
+                "Pass --model-data s3://BUCKET/PREFIX/ holding one <id>.tar.gz per model (whisper-deploy models-upload).",
+                "model_data",
+            ))
         if not model.role_arn:
             problems.append((
                 "No execution role was given: SageMaker needs an IAM role to pull the image and read the model data.",

@@ -67,6 +67,23 @@ def cmd_model_repo(args) -> None:
                                            compute_type=args.compute_type or "", cpu_threads=args.cpu_threads))
 
 
+def cmd_models(args) -> None:
+    from .models import ModelsExportConfig, adapters_in, export_models, parse_pairs
+
+    adapters = parse_pairs(args.adapter, "adapter")
+    if args.adapters:
+        for model_id, directory in adapters_in(args.adapters).items():
+            if model_id in adapters:
+                raise ExportError(f"The model id {model_id!r} is given twice (--adapter and --adapters).")
+            adapters[model_id] = directory
+    manifest = export_models(ModelsExportConfig(
+        base_dir=args.base, output_dir=args.output, adapters=adapters, extra_models=parse_pairs(args.model, "model"),
+        base_id=args.base_id, include_base=not args.no_base, default=args.default or "",
+        quantization=args.quantization, translate=args.translate, keep_merged=args.keep_merged))
+    for model in manifest.models:
+        print(f"{model.id}{' (default)' if model.id == manifest.default_id else ''}: {model.path}")
+
+
 def _progress_bar(total_bytes: int, label: str):
     from tqdm import tqdm
 
@@ -233,6 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", default="float16")
     _add_translate_option(p)
     p.set_defaults(func=cmd_ctranslate2)
+
+    p = sub.add_parser("models", help="several LoRA adapters against one base in one step: one merged model per "
+                       "adapter (and the base), and models.json for serve (WHISPER_TRITON_MODEL_MANIFEST)")
+    p.add_argument("--base", required=True, help="the Hugging Face Whisper directory the adapters were trained on")
+    p.add_argument("--adapter", action="append", default=[], metavar="[ID=]DIR",
+                   help="a PEFT LoRA adapter directory (repeatable); its id defaults to the folder name")
+    p.add_argument("--adapters", default=None, metavar="FOLDER", help="a folder whose subfolders are adapters")
+    p.add_argument("--model", action="append", default=[], metavar="ID=DIR",
+                   help="an already exported model directory to list in the manifest too (repeatable)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--base-id", default="base", help="the base model's id (default: base)")
+    p.add_argument("--no-base", action="store_true", help="do not export the base itself")
+    p.add_argument("--default", default=None, help="the default model's id (default: the base, else the first)")
+    p.add_argument("--quantization", default="float16")
+    p.add_argument("--keep-merged", action="store_true", help="keep the merged Hugging Face checkpoints (.merged/)")
+    _add_translate_option(p)
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("model-repo", help="lay out a Triton model repository (config.pbtxt rendered) for engines or a CTranslate2 model")
     p.add_argument("--model-dir", required=True, help="engine directory (build-engines) or CTranslate2 model (ctranslate2)")

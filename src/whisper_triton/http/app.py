@@ -23,6 +23,7 @@ from ..errors import WhisperTritonError
 from ..pipeline.formats import FORMATS, render
 from ..settings import Settings
 from .guards import Admission, Guards
+from . import multi_model
 from .metrics import MetricsMiddleware, ProxyMetrics
 from .openai_router import OPENAI_PREFIX, openai_error_response
 from .openai_router import router as openai_router
@@ -49,7 +50,8 @@ def _record_error(request: Request, exc: WhisperTritonError) -> None:
     request.app.state.metrics.errors.labels(route, exc.type).inc()
 
 
-def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
+def create_app(settings: Settings, triton_url: str | None = None, registry=None) -> FastAPI:
+    """`registry`: the model registry `serve` built (several models); None: the default model only."""
     url = triton_url or f"127.0.0.1:{settings.triton_grpc_port}"
 
     admission = Admission(settings.max_requests_in_flight, settings.max_queued_audio_seconds, settings.retry_after_s)
@@ -57,21 +59,27 @@ def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.triton = TritonClient(url, settings.request_timeout_s, admission)
+        app.state.registry = registry or multi_model.standalone_registry(settings)
+        if registry is not None:  # serve's: its manifest and the default's capabilities, before requests
+            await registry.start()
         app.state.live_lock = asyncio.Lock()
         try:
             yield
         finally:
             if app.state.live is not None:
                 app.state.live.close()
+            for service in app.state.live_models.values():
+                service.close()
+            await app.state.registry.close()
             await app.state.triton.close()
 
     app = FastAPI(title="whisper-triton", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.metrics = ProxyMetrics()
-    app.state.openai_models = None
     app.state.admission = admission
     app.state.triton_url = url
     app.state.live = None  # the live transcription service, set up by the first session (http/realtime.py)
+    app.state.live_models = {}  # one per other model a session names (?model=), set up by its first session
     app.state.session_admission = SessionAdmission(admission, settings.live_max_sessions)
     app.add_middleware(Guards, settings=settings, admission=admission)  # request id, API key, load, disconnects
 
@@ -114,8 +122,8 @@ def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
             "MaxPayloadInMB": max(1, settings.body_limit() // (1024 * 1024)),
         })
 
-    @app.post("/invocations")
-    async def invocations(request: Request):
+    async def invoke(request: Request, model_name: str | None = None):
+        """/invocations, for the model the request names (SageMaker's multi-model invoke: `model_name`)."""
         started = time.perf_counter()
         streamed_type = stream_type(request.headers.get("accept"))
         output_type = None if streamed_type else choose_output_type(request.headers.get("accept"))
@@ -124,23 +132,36 @@ def create_app(settings: Settings, triton_url: str | None = None) -> FastAPI:
             raise WhisperTritonError("RTTM lists who spoke when: add diarize=true to ask for speakers.", "Accept", 406,
                                      "not_acceptable")
         state = request.app.state
+        model = model_name or multi_model.requested_model(request, invocation.options)
         if streamed_type or invocation.stream:
-            chunks = await first_chunk(state.triton.transcribe_stream(invocation.audio, invocation.options,
-                                                                      invocation.references))
+            chunks = await first_chunk(multi_model.transcribe_stream(request, model, invocation.audio,
+                                                                     invocation.options, invocation.references))
             lines = json_lines(
                 until_disconnected(request, chunks),
                 on_first_segment=lambda: state.metrics.first_segment.labels("/invocations").observe(
                     time.perf_counter() - started),
-                on_done=lambda chunk: state.metrics.audio_seconds.labels("/invocations").inc(chunk.get("duration", 0)))
+                on_done=lambda chunk: state.metrics.record("/invocations", chunk))
             return StreamingResponse(lines, media_type=streamed_type or STREAM_TYPES[0])
-        result = await state.triton.transcribe(invocation.audio, invocation.options, invocation.references)
-        state.metrics.audio_seconds.labels("/invocations").inc(result.get("duration", 0.0))
+        result = await multi_model.transcribe(request, model, invocation.audio, invocation.options,
+                                              invocation.references)
+        state.metrics.record("/invocations", result)
         if output_type == "application/json":
             return JSONResponse(result)
         return Response(render(result, FORMATS[output_type]), media_type=output_type)
 
+    @app.post("/invocations")
+    async def invocations(request: Request):
+        return await invoke(request)
+
+    @app.post("/models/{model_name}/invoke")
+    async def invoke_model(model_name: str, request: Request):
+        await multi_model.check_loaded(request, model_name)
+        return await invoke(request, model_name)
+
     app.include_router(openai_router)
     app.include_router(realtime_router)
-    routes = {route.path for route in (*app.routes, *openai_router.routes) if hasattr(route, "path")}
+    app.include_router(multi_model.router)
+    routes = {route.path for route in (*app.routes, *openai_router.routes, *multi_model.router.routes)
+              if hasattr(route, "path")}
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
     return app

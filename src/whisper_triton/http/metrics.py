@@ -8,6 +8,12 @@ metrics stay on Triton's metrics port, 8002). One registry per app, so several a
 - whisper_audio_seconds_total{route}: seconds of audio transcribed
 - whisper_errors_total{route,type}: error answers by their `type`
 - whisper_stream_first_segment_seconds{route}: request start to the first segment sent (streaming)
+- whisper_windows_total{route}: windows the speech was cut into
+- whisper_window_decodes_total{route,kind}: engine decodes of windows, by kind: `first`, `fallback`
+  (a higher temperature), `follow_up` (the rest of a window whose decode stopped early),
+  `language_retry` (another candidate language where the detected one was unsure)
+- whisper_stage_seconds_total{route,stage}: time per stage (`audio_decode`, `vad`, `detection`,
+  `decoding`; the engine's `encoder`, `decoder`, `alignment` shares), from each answer's `info.work`
 - whisper_live_sessions_open{route}: live sessions open; whisper_live_sessions_total{route,outcome}: sessions
   by how they ended or why they were refused (closed, idle, too_long, refused_capacity, refused_key, ...)
 - whisper_live_utterances_total{outcome}: utterances transcribed (completed) or failed
@@ -44,7 +50,6 @@ class ProxyMetrics:
         self.first_segment = Histogram("whisper_stream_first_segment_seconds",
                                        "Streaming: request start to the first segment sent", ["route"],
                                        buckets=LATENCY_BUCKETS, registry=self.registry)
-
         self.live_sessions = Gauge("whisper_live_sessions_open", "Live sessions open", ["route"], registry=self.registry)
         self.live_sessions_total = Counter("whisper_live_sessions", "Live sessions by outcome", ["route", "outcome"],
                                            registry=self.registry)
@@ -55,14 +60,43 @@ class ProxyMetrics:
         self.live_first_delta = Histogram("whisper_live_first_delta_seconds",
                                           "Live: speech start detected to the first delta", buckets=LIVE_BUCKETS,
                                           registry=self.registry)
+        self.windows = Counter("whisper_windows", "Windows the speech was cut into", ["route"], registry=self.registry)
+        self.window_decodes = Counter("whisper_window_decodes", "Engine decodes of windows, by kind",
+                                      ["route", "kind"], registry=self.registry)
+        self.stage_seconds = Counter("whisper_stage_seconds", "Seconds per stage of transcription",
+                                     ["route", "stage"], registry=self.registry)
+
+    def record(self, route: str, result: dict) -> None:
+        """An answer's audio seconds and the work it cost (`info.work`)."""
+        self.audio_seconds.labels(route).inc(result.get("duration", 0.0) or 0.0)
+        work = (result.get("info") or {}).get("work") or {}
+        if not work:
+            return
+        self.windows.labels(route).inc(work.get("windows", 0))
+        extra = {"fallback": work.get("fallback_decodes", 0), "follow_up": work.get("follow_up_decodes", 0),
+                 "language_retry": work.get("language_retries", 0)}
+        self.window_decodes.labels(route, "first").inc(max(0, work.get("decodes", 0) - sum(extra.values())))
+        for kind, count in extra.items():
+            self.window_decodes.labels(route, kind).inc(count)
+        for stage, seconds in (work.get("seconds") or {}).items():
+            self.stage_seconds.labels(route, stage).inc(max(0.0, float(seconds)))
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 def route_label(scope: dict, routes: set[str]) -> str:
+    """The route's template (`/models/{model_name}/invoke`), so a label never holds a caller's name."""
     path = scope.get("path", "")
-    return path if path in routes else UNMATCHED
+    if path in routes:
+        return path
+    parts = path.split("/")
+    for route in routes:
+        template = route.split("/")
+        if "{" in route and len(template) == len(parts) and all(
+                t == p or (t.startswith("{") and t.endswith("}") and ":" not in t and p) for t, p in zip(template, parts)):
+            return route
+    return UNMATCHED
 
 
 class MetricsMiddleware:

@@ -143,6 +143,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "whisper-triton"
     root: str | None = None  # for an alias: the model it names
+    capabilities: dict | None = None  # what the model's engine declares (contract/capabilities.py)
+    status: dict | None = None  # loaded or not, default or not, memory budgeted and measured, loads
 
 
 class ModelList(BaseModel):

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import WhisperTritonError
+from . import multi_model
 from . import openai_serving as serving
 from .openai_protocol import MEDIA_TYPES, error_body
 from .streaming import first_chunk, until_disconnected
@@ -23,23 +24,24 @@ def openai_error_response(exc: WhisperTritonError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content=error_body(exc).model_dump())
 
 
-async def models_of(request: Request) -> serving.ServedModels:
+async def models_of(request: Request) -> serving.ModelList:
+    registry = await multi_model.registry_of(request)
     state = request.app.state
-    if getattr(state, "openai_models", None) is None:
-        state.openai_models = await serving.served_models(state.settings, state.triton)
-    return state.openai_models
+    if getattr(state, "models_created", None) is None:
+        state.models_created = int(time.time())
+    return serving.model_list(registry, state.models_created)
 
 
 @router.get("/models")
 async def list_models(request: Request):
-    return JSONResponse((await models_of(request)).listing().model_dump(exclude_none=True))
+    return JSONResponse((await models_of(request)).model_dump(exclude_none=True))
 
 
 @router.get("/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request):
-    models = await models_of(request)
-    models.resolve(model_id)
-    return JSONResponse(next(card for card in models.listing().data if card.id == model_id).model_dump(exclude_none=True))
+    (await multi_model.registry_of(request)).resolve(model_id)
+    return JSONResponse(next(card for card in (await models_of(request)).data
+                             if card.id == model_id).model_dump(exclude_none=True))
 
 
 @router.post("/audio/transcriptions")
@@ -59,24 +61,24 @@ async def _audio(request: Request, task: str) -> Response:
     form = await serving.read_form(request, state.settings.body_limit())
     theirs, ours = serving.openai_fields(form.fields)
     audio_request, references = serving.audio_request(theirs, task)
-    (await models_of(request)).resolve(audio_request.model)
     options = serving.transcribe_options(audio_request, ours, task)
     try:
         if audio_request.stream:
-            chunks = await first_chunk(state.triton.transcribe_stream(form.audio, options, references))
+            chunks = await first_chunk(multi_model.transcribe_stream(request, audio_request.model, form.audio, options,
+                                                                     references))
             events = serving.text_events(
                 until_disconnected(request, chunks),
                 on_first_segment=lambda: state.metrics.first_segment.labels(route).observe(time.perf_counter() - started),
-                on_done=lambda chunk: state.metrics.audio_seconds.labels(route).inc(chunk.get("duration", 0.0)),
+                on_done=lambda chunk: state.metrics.record(route, chunk),
                 diarized_segments=audio_request.response_format == "diarized_json")
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        result = await state.triton.transcribe(form.audio, options, references)
+        result = await multi_model.transcribe(request, audio_request.model, form.audio, options, references)
     except WhisperTritonError as exc:
         if task == "translate" and exc.param == "task":  # the endpoint chose the task: name the model
             exc.param = "model"
         raise
-    state.metrics.audio_seconds.labels(route).inc(result.get("duration", 0.0))
+    state.metrics.record(route, result)
     content, fmt = serving.body(result, audio_request, task)
     if isinstance(content, dict):
         return JSONResponse(content)

@@ -10,10 +10,8 @@ own checks (language, task, word timestamps), which Triton's `transcribe` models
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import Request
 
@@ -35,8 +33,6 @@ _LIST_FIELDS = {"timestamp_granularities[]": "timestamp_granularities",
                 "known_speaker_references[]": "known_speaker_references",
                 "known_speaker_references": "known_speaker_references"}
 
-EMBEDDED_MODEL_ID = "whisper-tiny.en"  # the embedded default (settings.default_model_dir)
-GENERIC_DIR_NAMES = {"model", "models", "1", "ct2", "ctranslate2", "engine", "engines", "whisper", "opt", "ml"}
 _CODES_BY_NAME = {name: code for code, name in LANGUAGE_NAMES.items()}
 
 
@@ -209,43 +205,17 @@ def transcribe_options(request: AudioRequest, extra: dict, task: str) -> Transcr
 
 
 # ---- the served models ---------------------------------------------------------------------
-def model_id_from_dir(model_dir: str) -> str:
-    """A readable id for the model served from `model_dir` (its first non-generic folder name)."""
-    if not model_dir:
-        return EMBEDDED_MODEL_ID
-    for part in reversed(Path(model_dir).parts):
-        if part.lower() not in GENERIC_DIR_NAMES and part not in ("/", ""):
-            return part.replace("_", "-")
-    return "whisper"
-
-
-@dataclass
-class ServedModels:
-    served: str
-    aliases: tuple[str, ...]
-    created: int
-
-    @property
-    def ids(self) -> tuple[str, ...]:
-        return (self.served,) + tuple(a for a in self.aliases if a != self.served)
-
-    def resolve(self, model: str | None) -> str:
-        if model is None or not model.strip() or model.strip() in self.ids:
-            return self.served
-        raise WhisperTritonError(f"The model {model!r} is not served here. Served: {', '.join(self.ids)} "
-                                 "(GET /v1/models lists them).", "model", 404, "model_not_found")
-
-    def listing(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=i, created=self.created, root=None if i == self.served else self.served)
-                               for i in self.ids])
-
-
-async def served_models(settings: Settings, triton) -> ServedModels:
-    """The served model's id: the setting, else from the model_dir Triton's engine model was given."""
-    aliases = tuple(a.strip() for a in settings.model_aliases.split(",") if a.strip())
-    if settings.served_model_name:
-        return ServedModels(settings.served_model_name, aliases, int(time.time()))
-    return ServedModels(model_id_from_dir(await triton.engine_model_dir()), aliases, int(time.time()))
+def model_list(registry, created: int) -> ModelList:
+    """Every model of the endpoint with its capabilities and state, then each alias naming it (`root`)."""
+    cards = []
+    for view in registry.views():
+        status = {"state": view.state, "default": view.default, "source": view.source, "memory_mb": view.memory_mb,
+                  "rss_mb": view.rss_mb, "in_use": view.in_use, "loads": view.loads, "unloads": view.unloads,
+                  "load_seconds": view.load_seconds}
+        capabilities = view.capabilities or ({"card": view.card} if view.card else None)
+        cards.append(ModelCard(id=view.id, created=created, capabilities=capabilities, status=status))
+        cards += [ModelCard(id=alias, created=created, root=view.id) for alias in view.aliases if alias != view.id]
+    return ModelList(data=cards)
 
 
 # ---- results -> OpenAI's bodies -------------------------------------------------------------

@@ -22,6 +22,7 @@ Around a session:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,12 +34,13 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..contract.realtime import MAX_EVENT_BYTES, EventError, as_json, parse_client_event, server_error
-from ..errors import OverloadedError
+from ..errors import OverloadedError, WhisperTritonError
 from ..live.decoding import UtteranceDecoder
 from ..live.session import LiveLimits, LiveObserver, LiveSession
 from ..pipeline.longform import LongFormTranscriber
 from ..pipeline.tokenizer import WhisperTokenizer
 from ..settings import Settings
+from . import multi_model
 from .guards import Admission, key_matches, presented_key
 from .metrics import ProxyMetrics
 from .window_client import GrpcWindowDecoder
@@ -115,10 +117,16 @@ class LiveService:
         self.limits = LiveLimits(partial_interval_s=settings.live_partial_interval_s)
 
     @classmethod
-    async def create(cls, settings: Settings, triton, url: str) -> "LiveService":
-        model_dir = await asyncio.to_thread(_model_dir, settings, await triton.engine_model_dir())
+    async def create(cls, settings: Settings, triton, url: str, lease=None) -> "LiveService":
+        """`lease`: another model of the endpoint (registry), decoded by its own engine model."""
+        if lease is not None and lease.option is not None:
+            model_dir, engine_model = lease.model_dir, lease.triton_name
+        else:
+            model_dir = await asyncio.to_thread(_model_dir, settings, await triton.engine_model_dir())
+            engine_model = None
         tokenizer = await asyncio.to_thread(WhisperTokenizer.from_model_dir, model_dir)
-        window = GrpcWindowDecoder(url, timeout_s=min(settings.request_timeout_s, 300.0))
+        window = GrpcWindowDecoder(url, timeout_s=min(settings.request_timeout_s, 300.0),
+                                   **({"model_name": engine_model} if engine_model else {}))
         await asyncio.to_thread(lambda: window.capabilities)  # asked once, before the first utterance
         return cls(UtteranceDecoder(LongFormTranscriber(window, tokenizer), window.urgency), window, settings)
 
@@ -138,9 +146,14 @@ def _model_dir(settings: Settings, engine_dir: str) -> Path:
     return (repository / path).resolve()
 
 
-async def live_service(app) -> LiveService:
+async def live_service(app, lease=None) -> LiveService:
     state = app.state
     async with state.live_lock:
+        if lease is not None and lease.option is not None:  # another model (?model=): a service of its own
+            key = (lease.triton_name, str(lease.model_dir))
+            if key not in state.live_models:
+                state.live_models[key] = await LiveService.create(state.settings, state.triton, state.triton_url, lease)
+            return state.live_models[key]
         if state.live is None:
             state.live = await LiveService.create(state.settings, state.triton, state.triton_url)
         return state.live
@@ -207,9 +220,15 @@ async def serve_session(websocket: WebSocket, route: str) -> None:
 async def _run(websocket: WebSocket, route: str) -> str:
     app = websocket.app
     settings: Settings = app.state.settings
+    held = contextlib.AsyncExitStack()  # the model the session names (?model=), held until the session ends
     try:
-        service = await live_service(app)
+        service = await live_service(app, await held.enter_async_context(multi_model.session_model(websocket)))
+    except WhisperTritonError as exc:  # an unknown model (404), or one still loading (503)
+        await held.aclose()
+        await _refuse(websocket, "invalid_request_error", exc.type, exc.message, CLOSE_POLICY)
+        return "refused_model"
     except Exception:  # noqa: BLE001 - Triton not ready, model without tokenizer: tell the client, log the cause
+        await held.aclose()
         logger.exception("live transcription could not start")
         await _refuse(websocket, "server_error", "service_unavailable",
                       "Live transcription is not available right now; retry shortly.", CLOSE_TRY_LATER)
@@ -263,6 +282,7 @@ async def _run(websocket: WebSocket, route: str) -> str:
         await session.close()
         writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)
+        await held.aclose()
 
 
 async def _write(websocket: WebSocket, outgoing: asyncio.Queue) -> None:

@@ -31,12 +31,14 @@ PRIORITY = {"final": 1, "file": 2, "partial": 3}
 
 
 class GrpcWindowDecoder:
-    def __init__(self, url: str, timeout_s: float = 120.0):
+    def __init__(self, url: str, timeout_s: float = 120.0, model_name: str = WINDOW.name):
+        """`model_name`: the engine model to decode with (whisper_window-<id> for another model of the endpoint)."""
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
         self.client = grpcclient.InferenceServerClient(url=url)
         self.timeout_s = timeout_s
+        self.model_name = model_name
         self._capabilities: EngineCapabilities | None = None
         self._lock = threading.Lock()
         self._urgency = threading.local()  # the priority of this thread's requests
@@ -69,7 +71,7 @@ class GrpcWindowDecoder:
 
         self.requests += 1
         try:
-            return self.client.infer(WINDOW.name, inputs, outputs=[self._grpc.InferRequestedOutput(n) for n in outputs],
+            return self.client.infer(self.model_name, inputs, outputs=[self._grpc.InferRequestedOutput(n) for n in outputs],
                                      client_timeout=self.timeout_s, priority=getattr(self._urgency, "priority", 0))
         except InferenceServerException as exc:
             message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
@@ -77,7 +79,7 @@ class GrpcWindowDecoder:
                 "The window decoder is not available; retry shortly.", None, 503, "service_unavailable") from None
 
     def _inputs(self, audios: list[np.ndarray], prompts: list[list[int]] | None, options: DecodeOptions | None,
-                words: bool) -> list:
+                words: bool, scope: str | None = None) -> list:
         rows = len(audios)
         wav = np.zeros((rows, max(a.size for a in audios)), dtype=np.float32)
         for index, audio in enumerate(audios):
@@ -94,6 +96,8 @@ class GrpcWindowDecoder:
                                                                    dtype=object)))
         if words:
             inputs.append(self._tensor("WORD_TIMESTAMPS", np.ones((rows, 1), dtype=bool)))
+        if scope:  # the request these windows belong to: their encoder passes are reused within it only
+            inputs.append(self._tensor("CACHE_SCOPE", np.array([[scope.encode()]] * rows, dtype=object)))
         return inputs
 
     def _batches(self, count: int) -> list[range]:
@@ -101,7 +105,7 @@ class GrpcWindowDecoder:
         return [range(first, min(count, first + size)) for first in range(0, count, size)]
 
     def decode(self, audios: list[np.ndarray], prompts: list[list[int]], options: DecodeOptions,
-               word_timestamps: bool = False) -> list[WindowOutput]:
+               word_timestamps: bool = False, scope: str | None = None) -> list[WindowOutput]:
         if word_timestamps and not self.capabilities.word_timestamps:
             raise unsupported_word_timestamps(self.capabilities)
         names = ["TOKENS", "AVG_LOGPROB"] if self.capabilities.scores else ["TOKENS"]
@@ -112,7 +116,7 @@ class GrpcWindowDecoder:
         outputs: list[WindowOutput] = []
         for rows in self._batches(len(audios)):
             reply = self._infer(self._inputs([audios[i] for i in rows], [prompts[i] for i in rows], options,
-                                             word_timestamps), names)
+                                             word_timestamps, scope), names)
             arrays = {name: reply.as_numpy(name) for name in names}
             outputs += [self._output(arrays, row, word_timestamps) for row in range(len(rows))]
         return outputs
@@ -130,12 +134,12 @@ class GrpcWindowDecoder:
         return WindowOutput(Hypothesis(tokens=tokens, avg_logprob=scores["AVG_LOGPROB"],
                                        no_speech_prob=scores["NO_SPEECH_PROB"]), timings)
 
-    def detect_language(self, audios: list[np.ndarray]) -> list[dict[str, float]]:
+    def detect_language(self, audios: list[np.ndarray], scope: str | None = None) -> list[dict[str, float]]:
         if not self.capabilities.multilingual:
             return [{"en": 1.0} for _ in audios]
         detected: list[dict[str, float]] = []
         for rows in self._batches(len(audios)):
-            reply = self._infer(self._inputs([audios[i] for i in rows], None, None, False), ["LANGUAGE_PROBS"])
+            reply = self._infer(self._inputs([audios[i] for i in rows], None, None, False, scope), ["LANGUAGE_PROBS"])
             detected += [json.loads(_text(v)) for v in reply.as_numpy("LANGUAGE_PROBS").reshape(-1)]
         return detected
 

@@ -9,6 +9,10 @@ from ..contract.options import QualityThresholds
 from ..contract.results import Segment, Word  # noqa: F401  (re-exported: the pipeline's vocabulary)
 
 TIME_PRECISION = 0.02  # seconds per timestamp token step
+# Repetitive text is a loop only where it is more text than the audio could hold: recorded telephony
+# prompts ("... seguido por la tecla de numero" in every sentence) compress past 2.4 at 14-16
+# characters a second of speech; a decoder loop writes far more (a 4 s clip of " la la" * 60: 90/s)
+LOOP_CHARS_PER_SECOND = 20.0
 
 
 @dataclass
@@ -59,9 +63,18 @@ def is_silence(no_speech_prob: float | None, avg_logprob: float | None, threshol
     return thresholds.log_prob is None or avg_logprob is None or avg_logprob < thresholds.log_prob
 
 
-def needs_fallback(text: str, avg_logprob: float | None, thresholds: QualityThresholds) -> bool:
+def too_repetitive(text: str, thresholds: QualityThresholds, duration: float | None = None) -> bool:
+    """The compression-ratio test, where the text is also more than `duration` seconds of speech hold
+    (`LOOP_CHARS_PER_SECOND`; no duration: the ratio alone, as openai-whisper)."""
+    if thresholds.compression_ratio is None or compression_ratio(text) <= thresholds.compression_ratio:
+        return False
+    return duration is None or duration <= 0 or len(text) / duration > LOOP_CHARS_PER_SECOND
+
+
+def needs_fallback(text: str, avg_logprob: float | None, thresholds: QualityThresholds,
+                   duration: float | None = None) -> bool:
     """Whether to decode again at a higher temperature."""
-    if thresholds.compression_ratio is not None and compression_ratio(text) > thresholds.compression_ratio:
+    if too_repetitive(text, thresholds, duration):
         return True
     return thresholds.log_prob is not None and avg_logprob is not None and avg_logprob < thresholds.log_prob
 
@@ -75,6 +88,7 @@ class DecodeAttempt:
     avg_logprob: float | None
     no_speech_prob: float | None
     temperature: float = 0.0
+    duration: float | None = None  # seconds of audio in the window (for the loop test)
 
     @property
     def compression_ratio(self) -> float:
@@ -86,12 +100,12 @@ def attempt_failed(attempt: DecodeAttempt, thresholds: QualityThresholds) -> boo
     there is nothing to improve (it is left out of the transcript)."""
     if is_silence(attempt.no_speech_prob, attempt.avg_logprob, thresholds):
         return False
-    return needs_fallback(attempt.text.strip(), attempt.avg_logprob, thresholds)
+    return needs_fallback(attempt.text.strip(), attempt.avg_logprob, thresholds, attempt.duration)
 
 
 def is_loop(attempt: DecodeAttempt, thresholds: QualityThresholds) -> bool:
     """Too repetitive to be speech: the compression-ratio test fails."""
-    return thresholds.compression_ratio is not None and attempt.compression_ratio > thresholds.compression_ratio
+    return too_repetitive(attempt.text.strip(), thresholds, attempt.duration)
 
 
 def select_attempt(attempts: list[DecodeAttempt], thresholds: QualityThresholds) -> int | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
@@ -34,14 +36,20 @@ SILENCE_PEAK = 1e-4
 class WindowOutput:
     hypothesis: Hypothesis
     timings: TokenTimings | None = None  # for the hypothesis' text tokens, when asked
+    # the engine's time for this row: its share of its batch's encoder, decoder and alignment passes
+    engine_seconds: dict[str, float] = field(default_factory=dict)
 
 
 class EncoderCache:
-    """Encoder outputs of recent windows, keyed by their samples, bounded in bytes.
+    """Encoder outputs of recent windows, keyed by a scope and their samples, bounded in bytes.
 
-    A window is often decoded more than once: language detection first, then transcription, then
-    a fallback temperature or alignment, each possibly in another request (the `transcribe` model
-    sends every attempt to `whisper_window` on its own). Keyed by content, a hit is always right."""
+    A window is often decoded more than once within one request: language detection first, then
+    transcription, then a fallback temperature, another candidate language, or alignment, each in a
+    BLS request of its own (the `transcribe` model sends every pass to `whisper_window` apart). The
+    scope is the file's request (a random id the long-form pipeline draws per file), so an encoder
+    pass is reused within that request and never serves another request's audio as speed: two
+    requests with the same audio are two cold requests, as they are for a user (a client retry too:
+    it recomputes). Without a scope nothing is kept (a single call reuses its pass by itself)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -50,9 +58,10 @@ class EncoderCache:
         self.hits = self.misses = 0
 
     @staticmethod
-    def key(audio: np.ndarray) -> bytes:
+    def key(audio: np.ndarray, scope: str = "") -> bytes:
         data = np.ascontiguousarray(audio, dtype=np.float32)
-        return hashlib.blake2b(data.tobytes(), digest_size=16).digest() + data.size.to_bytes(8, "little")
+        digest = hashlib.blake2b(data.tobytes(), digest_size=16, key=scope.encode()[:64]).digest()
+        return digest + data.size.to_bytes(8, "little")
 
     def get(self, key: bytes) -> np.ndarray | None:
         value = self._items.get(key)
@@ -71,13 +80,15 @@ class EncoderCache:
 
 
 class EngineWindowDecoder:
-    """Audio windows -> engine calls, in-process; one encoder pass per window where the engine can."""
+    """Audio windows -> engine calls, in-process; one encoder pass per window and request where the
+    engine can reuse it (`scope`: the request's id; see `EncoderCache`)."""
 
     def __init__(self, engine: Engine, tokenizer: WhisperTokenizer, encoder_cache_bytes: int = 256 << 20):
         self.engine = engine
         self.tokenizer = tokenizer
         self.capabilities: EngineCapabilities = engine.capabilities
         self.cache = EncoderCache(encoder_cache_bytes) if self.capabilities.encoder_reuse else None
+        self.last_encoder_seconds = 0.0  # of the last `inputs` call (its caller shares it out)
 
     @property
     def is_multilingual(self) -> bool:
@@ -86,34 +97,61 @@ class EngineWindowDecoder:
     def features(self, audios: list[np.ndarray]) -> np.ndarray:
         return batch_log_mel(audios, self.engine.n_mels)
 
-    def inputs(self, audios: list[np.ndarray]) -> np.ndarray:
-        """What the engine decodes from: its encoder output where it can reuse one, else log-mel."""
-        if self.cache is None:
-            return self.features(audios)
-        keys = [self.cache.key(audio) for audio in audios]
-        found = {key: self.cache.get(key) for key in set(keys)}
-        missing = [key for key, value in found.items() if value is None]
-        self.cache.hits += len(keys) - sum(1 for key in keys if found[key] is None)
-        if missing:
-            self.cache.misses += len(missing)
-            first = {key: audios[keys.index(key)] for key in missing}
-            encoded = self.engine.encode(self.features(list(first.values())))
-            for key, value in zip(first, encoded):
-                found[key] = value
-                self.cache.put(key, value)
-        return np.stack([found[key] for key in keys])
+    def inputs(self, audios: list[np.ndarray], scopes: list[str | None] | None = None) -> np.ndarray:
+        """What the engine decodes from: its encoder output where it can reuse one, else log-mel.
+        Rows with a scope are looked up in (and added to) the cache under it."""
+        started = time.perf_counter()
+        try:
+            if self.cache is None:
+                return self.features(audios)
+            scopes = scopes or [None] * len(audios)
+            keys = [self.cache.key(a, s) if s else None for a, s in zip(audios, scopes)]
+            found: dict[object, np.ndarray | None] = {}
+            missing: dict[object, np.ndarray] = {}
+            for index, (key, audio) in enumerate(zip(keys, audios)):
+                slot = key if key is not None else ("row", index)
+                if slot in found or slot in missing:
+                    continue
+                value = self.cache.get(key) if key is not None else None
+                if value is None:
+                    missing[slot] = audio
+                else:
+                    found[slot] = value
+                    self.cache.hits += 1
+            if missing:
+                self.cache.misses += len(missing)
+                encoded = self.engine.encode(self.features(list(missing.values())))
+                for slot, value in zip(missing, encoded):
+                    found[slot] = value
+                    if not (isinstance(slot, tuple) and slot[0] == "row"):
+                        self.cache.put(slot, value)
+            return np.stack([found[key if key is not None else ("row", i)] for i, key in enumerate(keys)])
+        finally:
+            self.last_encoder_seconds = time.perf_counter() - started
 
     def decode(self, audios: list[np.ndarray], prompts: list[list[int]], options: DecodeOptions,
-               word_timestamps: bool = False, inputs: np.ndarray | None = None) -> list[WindowOutput]:
+               word_timestamps: bool = False, inputs: np.ndarray | None = None,
+               scope: str | None = None) -> list[WindowOutput]:
         if not audios:
             return []
         if word_timestamps and not self.capabilities.word_timestamps:
             raise unsupported_word_timestamps(self.capabilities)
-        inputs = self.inputs(audios) if inputs is None else inputs
+        encoder_s = 0.0
+        if inputs is None:
+            inputs = self.inputs(audios, [scope] * len(audios))
+            encoder_s = self.last_encoder_seconds
+        started = time.perf_counter()
         hypotheses = self.engine.generate(inputs, prompts, options)
+        decoder_s = time.perf_counter() - started
         outputs = [WindowOutput(h) for h in hypotheses]
+        alignment_s = 0.0
         if word_timestamps:
+            started = time.perf_counter()
             self._align(inputs, audios, prompts, outputs)
+            alignment_s = time.perf_counter() - started
+        share = {"encoder": encoder_s, "decoder": decoder_s, "alignment": alignment_s}
+        for output in outputs:
+            output.engine_seconds = {stage: seconds / len(outputs) for stage, seconds in share.items() if seconds}
         return outputs
 
     def _align(self, inputs, audios, prompts, outputs: list[WindowOutput]) -> None:
@@ -136,11 +174,32 @@ class EngineWindowDecoder:
         tail = prompt[prompt.index(self.tokenizer.sot):] if self.tokenizer.sot in prompt else prompt
         return [t for t in tail if t != self.tokenizer.no_timestamps]
 
-    def detect_language(self, audios: list[np.ndarray], inputs: np.ndarray | None = None) -> list[dict[str, float]]:
+    def detect_language(self, audios: list[np.ndarray], inputs: np.ndarray | None = None,
+                        scope: str | None = None) -> list[dict[str, float]]:
         if not self.is_multilingual:
             return [{"en": 1.0} for _ in audios]
-        inputs = self.inputs(audios) if inputs is None else inputs
-        return self.engine.detect_language(inputs)
+        encoder_s = 0.0
+        if inputs is None:
+            inputs = self.inputs(audios, [scope] * len(audios))
+            encoder_s = self.last_encoder_seconds
+        started = time.perf_counter()
+        detected = self.engine.detect_language(inputs)
+        self._detection_seconds().update(
+            encoder=self._detection_seconds().get("encoder", 0.0) + encoder_s,
+            decoder=self._detection_seconds().get("decoder", 0.0) + time.perf_counter() - started)
+        return detected
+
+    def _detection_seconds(self) -> dict[str, float]:
+        local = self.__dict__.setdefault("_local", threading.local())
+        if not hasattr(local, "seconds"):
+            local.seconds = {}
+        return local.seconds
+
+    def take_detection_seconds(self) -> dict[str, float]:
+        """The engine's time in this thread's detections since the last call (encoder, decoder)."""
+        seconds = dict(self._detection_seconds())
+        self._detection_seconds().clear()
+        return seconds
 
 
 def unsupported_word_timestamps(capabilities: EngineCapabilities) -> WhisperTritonError:
@@ -158,6 +217,7 @@ class ShortRequest:
     options: DecodeOptions = field(default_factory=DecodeOptions)
     prompt_ids: list[int] | None = None  # used as is when given (the long-form model sends its own)
     word_timestamps: bool = False
+    scope: str | None = None  # the long-form request this window belongs to (encoder reuse within it)
 
 
 @dataclass
@@ -171,6 +231,7 @@ class ShortResult:
     language_probability: float = 1.0
     timings: TokenTimings | None = None
     language_probabilities: dict[str, float] | None = None  # the whole distribution, where detected
+    engine_seconds: dict[str, float] = field(default_factory=dict)  # this row's share of the engine's time
 
 
 class ShortFormTranscriber:
@@ -183,13 +244,26 @@ class ShortFormTranscriber:
     def detect(self, requests: list[ShortRequest]) -> list[ShortResult]:
         """Language detection alone (no `generate`): what a client asking only for languages gets."""
         audible = [r for r in requests if not _is_silent(r.audio)]
-        detected = iter(self.decoder.detect_language([r.audio for r in audible]) if audible else [])
+        audios = [r.audio for r in audible]
+        share: dict[str, float] = {}
+        found: list[dict[str, float]] = []
+        if audible and self.decoder.is_multilingual:
+            started = time.perf_counter()
+            inputs = self.decoder.inputs(audios, [r.scope for r in audible])
+            encoder_s = self.decoder.last_encoder_seconds
+            found = self.decoder.detect_language(audios, inputs)
+            share = {"encoder": encoder_s / len(audible),
+                     "decoder": (time.perf_counter() - started - encoder_s) / len(audible)}
+        elif audible:
+            found = self.decoder.detect_language(audios)
+        detected = iter(found)
         results = []
         for request in requests:
-            probs = next(detected) if not _is_silent(request.audio) else {request.spec.language or "en": 0.0}
+            silent = _is_silent(request.audio)
+            probs = next(detected) if not silent else {request.spec.language or "en": 0.0}
             language = max(probs, key=probs.get)
             results.append(ShortResult("", language, _duration(request.audio), language_probability=float(probs[language]),
-                                       language_probabilities=probs))
+                                       language_probabilities=probs, engine_seconds={} if silent else dict(share)))
         return results
 
     def transcribe(self, requests: list[ShortRequest]) -> list[ShortResult]:
@@ -214,7 +288,9 @@ class ShortFormTranscriber:
 
     def _transcribe_audible(self, requests: list[ShortRequest], indices: list[int], results: list) -> None:
         audios = [r.audio for r in requests]
-        inputs = self.decoder.inputs(audios)  # one encoder pass for detection, decoding and alignment
+        # one encoder pass for detection, decoding and alignment (reused across calls within a scope)
+        inputs = self.decoder.inputs(audios, [r.scope for r in requests])
+        encoder_share = self.decoder.last_encoder_seconds / len(requests)
         languages, probabilities = self._languages(inputs, audios, requests)
         groups: dict[tuple[DecodeOptions, bool], list[int]] = defaultdict(list)
         for position, request in enumerate(requests):
@@ -223,6 +299,7 @@ class ShortFormTranscriber:
             prompts = [self._prompt(requests[p], languages[p]) for p in positions]
             outputs = self.decoder.decode([audios[p] for p in positions], prompts, options, words, inputs[positions])
             for position, output in zip(positions, outputs):
+                output.engine_seconds["encoder"] = encoder_share
                 language, probability = languages[position], probabilities[position]
                 if language is None:  # chosen by the engine at the sot step of this very decode
                     found = output.hypothesis.language_probs or {"en": 1.0}
@@ -275,6 +352,7 @@ class ShortFormTranscriber:
             no_speech_prob=hypothesis.no_speech_prob,
             language_probability=probability,
             timings=output.timings,
+            engine_seconds=output.engine_seconds,
         )
 
 

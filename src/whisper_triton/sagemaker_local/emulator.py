@@ -11,6 +11,9 @@ Routes (the wire format boto3 speaks):
   `POST /invocations` with Content-Type, Accept and custom attributes; a 2xx answer comes back as
   200 with `x-Amzn-Invoked-Production-Variant`; a container 4xx/5xx comes back as 424 ModelError
   carrying OriginalStatusCode and OriginalMessage, as SageMaker does.
+  With `TargetModel` (X-Amzn-SageMaker-Target-Model) on an endpoint whose model is `Mode: MultiModel`,
+  the target is fetched from the model's S3 prefix, loaded through the container's multi-model
+  contract and invoked at `/models/{model_name}/invoke` (multi_model.py says how).
 - `POST /endpoints/{name}/invocations-response-stream` (InvokeEndpointWithResponseStream): as
   above, but the container's answer is forwarded as it arrives, each piece in an AWS event-stream
   `PayloadPart` (application/vnd.amazon.eventstream; `X-Amzn-SageMaker-Content-Type` carries the
@@ -41,12 +44,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -56,6 +61,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..deploy.aws import AwsClients, parse_s3_uri
 from .control_plane import ControlPlane
 from .eventstream import model_stream_error, payload_part
+from .multi_model import H_TARGET_MODEL, MultiModelError, MultiModelHost
 from .transform_jobs import TransformJobs
 
 logger = logging.getLogger(__name__)
@@ -78,6 +84,7 @@ class EmulatorOptions:
     realtime_timeout_s: float = 60.0
     max_body_bytes: int = REALTIME_MAX_BODY_BYTES
     drain_timeout_s: float = 30.0  # on shutdown, how long async work may finish
+    models_dir: str = ""  # multi-model endpoints: where targets are unpacked (empty: a temp dir)
     models: dict[str, str] = field(default_factory=dict)  # model name -> container URL (transform jobs)
     aws_endpoint_url: str | None = None  # where the emulator's own AWS calls go (moto); None: boto3's config
     # how often moto's transform jobs are listed for jobs created there directly (the command line: every
@@ -123,6 +130,8 @@ class RuntimeEmulator:
         self.http: httpx.AsyncClient | None = None
         self.jobs: set[asyncio.Task] = set()
         self.semaphores: dict[str, asyncio.Semaphore] = {}
+        models_dir = Path(options.models_dir) if options.models_dir else Path(tempfile.gettempdir()) / "whisper-triton-mme"
+        self.multi_model = MultiModelHost(self.aws, models_dir)
 
     # ------------------------------------------------------------------ control plane
 
@@ -140,10 +149,25 @@ class RuntimeEmulator:
 
     # ------------------------------------------------------------------ container
 
-    async def call_container(self, endpoint: str, body: bytes, headers: dict[str, str], timeout_s: float) -> httpx.Response:
+    async def call_container(self, endpoint: str, body: bytes, headers: dict[str, str], timeout_s: float,
+                             path: str = "/invocations") -> httpx.Response:
         assert self.http is not None
-        url = f"{self.options.container_for(endpoint)}/invocations"
+        url = f"{self.options.container_for(endpoint)}{path}"
         return await self.http.post(url, content=body, headers=headers, timeout=timeout_s)
+
+    async def target_path(self, name: str, variant: str, target: str | None, headers: dict[str, str]) -> str:
+        """The container path of a real-time call: /invocations, or for a TargetModel on a multi-model
+        endpoint /models/{model_name}/invoke once that model is loaded (multi_model.py)."""
+        if not target:
+            return "/invocations"
+        assert self.http is not None
+        try:
+            model_name = await self.multi_model.prepare(self.http, self.options.container_for(name),
+                                                        await self.endpoint(name), variant, target)
+        except MultiModelError as exc:
+            raise RuntimeApiError(exc.status, exc.code, exc.message) from None
+        headers[H_TARGET_MODEL] = target
+        return f"/models/{model_name}/invoke"
 
     @staticmethod
     def container_headers(content_type: str | None, accept: str | None, custom: str | None) -> dict[str, str]:
@@ -231,8 +255,9 @@ class RuntimeEmulator:
         headers = self.container_headers(
             request.headers.get("content-type"), request.headers.get("accept"), request.headers.get(H_CUSTOM)
         )
+        path = await self.target_path(name, variant, request.headers.get(H_TARGET_MODEL), headers)
         try:
-            reply = await self.call_container(name, body, headers, self.options.realtime_timeout_s)
+            reply = await self.call_container(name, body, headers, self.options.realtime_timeout_s, path)
         except httpx.TimeoutException as exc:
             raise RuntimeApiError(
                 424, "ModelError",
@@ -478,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--account-id", default="123456789012")
     parser.add_argument("--realtime-timeout", type=float, default=60.0)
+    parser.add_argument("--models-dir", default="", help="multi-model endpoints: where targets are unpacked (the "
+                        "container must load from there: WHISPER_TRITON_MODEL_LOAD_ROOTS)")
     parser.add_argument("--aws-endpoint-url", default=None,
                         help="where the emulator's own AWS calls go (the moto server); default: boto3's configuration")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=URL",
@@ -497,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     options = EmulatorOptions(container_url=args.container_url, endpoints=routes["--endpoint"],
                               account_id=args.account_id, realtime_timeout_s=args.realtime_timeout,
                               models=routes["--model"], aws_endpoint_url=args.aws_endpoint_url,
-                              transform_poll_s=args.transform_poll or None)
+                              transform_poll_s=args.transform_poll or None,
+                              models_dir=args.models_dir)
     import uvicorn
 
     uvicorn.run(create_app(options), host=args.host, port=args.port, log_level="info")

@@ -48,13 +48,19 @@ def diarization_unavailable(reason: str) -> WhisperTritonError:
 
 
 class SpeakerTranscriber:
-    def __init__(self, pipeline: LongFormTranscriber, encoder: VoiceEncoder, threads: int = 2):
+    def __init__(self, pipeline: LongFormTranscriber, encoder: VoiceEncoder, pool: ThreadPoolExecutor | None = None):
         self.pipeline = pipeline
         self.encoder = encoder
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="diarize")
+        self._owned = pool is None
+        self._pool = pool or ThreadPoolExecutor(max_workers=2, thread_name_prefix="diarize")
 
     # ---- known speakers ---------------------------------------------------------------------
     def known_speakers(self, options: TranscribeOptions, references: list[bytes]) -> list[KnownSpeaker]:
+        return self.known_speakers_of(self.encoder, options, references)
+
+    @staticmethod
+    def known_speakers_of(encoder: VoiceEncoder, options: TranscribeOptions,
+                          references: list[bytes]) -> list[KnownSpeaker]:
         """The reference clips, decoded, checked (audio, 2-10 s) and embedded; 400s name the parameter."""
         names = options.known_speaker_names
         if references and not options.diarize:
@@ -78,7 +84,7 @@ class SpeakerTranscriber:
             if not low <= seconds <= high:
                 raise invalid_parameter(REFERENCE_PARAM, f"known_speaker_references[{index}] ({name}) is "
                                         f"{seconds:.1f} s long; each reference must be {low:g}-{high:g} s of audio.")
-            known.append(KnownSpeaker(name, self.encoder.embed_utterance(audio * level_gain(audio))))
+            known.append(KnownSpeaker(name, encoder.embed_utterance(audio * level_gain(audio))))
         return known
 
     # ---- diarization ------------------------------------------------------------------------
@@ -140,7 +146,8 @@ class SpeakerTranscriber:
             yield replace(chunk, segments=segments), summaries(diarization, labels)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._owned:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _note_words(not_applied: dict[str, str], capabilities: EngineCapabilities) -> None:

@@ -11,8 +11,10 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ..contract.realtime import MAX_EVENT_BYTES
 from ..contract.tensors import MODELS, WHISPER_WINDOW
-from .model_source import model_parameters, model_repository, render_repository
+from ..registry.registry import RegistryConfig
+from .model_source import cache_dir, model_parameters, model_repository, render_repository
 from ..settings import Settings, load_settings, resolve_settings
 from .triton_server import TritonPorts, TritonServer, TritonStartError
 
@@ -70,6 +72,7 @@ class Supervisor:
         self.stopping = threading.Event()
         self.triton: TritonServer | None = None
         self.http = None
+        self.registry_config: RegistryConfig | None = None
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -110,8 +113,15 @@ class Supervisor:
         engine_config = repository / WHISPER_WINDOW / "config.pbtxt"
         parameters = model_parameters(engine_config) if engine_config.is_file() else {}
         resolved = resolve_settings(cli=self.cli, model_parameters=parameters)
+        self.registry_config = registry_config(settings, resolved, repository)  # the manifest checked here
+        resolved.served_model_name = self.registry_config.default_id  # transcribe knows the default by it
         rendered = render_repository(repository.resolve(), workdir / "repository", resolved)
-        self.triton = TritonServer(rendered, workdir, ports, settings.triton_home, settings.triton_log_verbose)
+        self.registry_config.repository = rendered
+        # explicit model control: the default's models load now, every other model's engine model when
+        # a request first names it (the registry, through Triton's repository API on loopback)
+        control = ["--model-control-mode=explicit", *(f"--load-model={name}" for name in MODELS)]
+        self.triton = TritonServer(rendered, workdir, ports, settings.triton_home, settings.triton_log_verbose,
+                                   extra_args=control)
         self.triton.start()
         try:
             self.triton.wait_ready(list(MODELS), settings.triton_startup_timeout_s)
@@ -123,10 +133,16 @@ class Supervisor:
 
         from ..http.app import create_app
 
-        app = create_app(self.settings)
+        from ..registry import ModelRegistry
+
+        registry = ModelRegistry(self.registry_config) if self.registry_config is not None else None
+        app = create_app(self.settings, registry=registry)
         # log_config=None: uvicorn's lines go through serve's handlers, with the request id
         config = uvicorn.Config(app, host=self.settings.bind_host, port=self.settings.port, log_config=None,
-                                log_level="info", access_log=False, timeout_graceful_shutdown=10)
+                                log_level="info", access_log=False, timeout_graceful_shutdown=10,
+                                # a little over the live events' own limit, so an event just over it gets
+                                # an `error` event saying why before the close (1009); larger ones uvicorn cuts
+                                ws_max_size=MAX_EVENT_BYTES + 64 * 1024)
         self.http = uvicorn.Server(config)
         watcher = threading.Thread(target=self._watch_triton, name="triton-watch", daemon=True)
         watcher.start()
@@ -170,6 +186,35 @@ class Supervisor:
         if self.triton is not None:
             code = self.triton.stop()
             logger.info("tritonserver stopped (code %s)", code)
+
+
+def registry_config(settings: Settings, resolved: Settings, repository: Path) -> RegistryConfig:
+    """The registry's part of the settings, with the default's id decided and the manifest checked
+    (a broken manifest stops serve here, with its cause, before Triton starts)."""
+    from ..registry.catalog import manifest_path, manifest_records, model_id_from_dir
+
+    aliases = tuple(a.strip() for a in settings.model_aliases.split(",") if a.strip())
+    manifest = manifest_path(settings.model_manifest, repository)
+    chosen_id = resolved.served_model_name or settings.served_model_name
+    if manifest is not None:
+        try:
+            records, manifest_default = manifest_records(manifest)
+        except ValueError as exc:
+            raise TritonStartError(f"The model manifest cannot be served: {exc}") from None
+        default = next(record for record in records if record.id == manifest_default)
+        if not resolved.model_dir and default.model_dir is not None:
+            # no model given otherwise: the manifest's default is serve's default (whisper_window runs it)
+            resolved.model_dir = str(default.model_dir)
+            chosen_id = chosen_id or default.id
+            aliases = tuple(dict.fromkeys((*aliases, *default.aliases)))
+    model_dir = str(resolved.resolved_model_dir())
+    default_id = chosen_id or model_id_from_dir(resolved.model_dir)
+    roots = tuple(Path(root.strip()).resolve() for root in settings.model_load_roots.split(",") if root.strip())
+    return RegistryConfig(default_id=default_id, default_model_dir=model_dir, default_engine=resolved.engine,
+                          default_aliases=aliases, manifest=manifest, memory_budget_mb=settings.model_memory_budget_mb,
+                          load_wait_s=settings.model_load_wait_s, load_timeout_s=settings.model_load_timeout_s,
+                          load_roots=roots, cache_dir=cache_dir(settings), retry_after_s=settings.retry_after_s,
+                          triton_url=f"127.0.0.1:{settings.triton_grpc_port}")
 
 
 def _alive(pid: int) -> bool:

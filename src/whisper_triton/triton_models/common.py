@@ -77,6 +77,23 @@ def repository_root(args: dict) -> Path:
     return Path(args["model_repository"]).parent
 
 
+def engine_model_dir(config_path: Path) -> str | None:
+    """The absolute model_dir another engine model of this repository was rendered with (the
+    registry renders whisper_window-<id>/config.pbtxt before loading it), None when it has none."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    except (OSError, text_format.ParseError):
+        return None
+    value = config.parameters["model_dir"].string_value if "model_dir" in config.parameters else ""
+    if not value:
+        return None
+    path = Path(value) if Path(value).is_absolute() else config_path.parent.parent / value
+    return str(path.resolve())
+
+
 def rows_of(wav: np.ndarray | None, lens: np.ndarray | None) -> list[np.ndarray]:
     """WAV [B, N] (or [N]) and optional WAV_LENS [B, 1] -> B float32 rows of their true lengths."""
     if wav is None or wav.size == 0:

@@ -56,7 +56,7 @@ class TranscribeStreamModel(TranscribeModel):
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         arrival = time.monotonic()
         try:
-            options = self.pipeline.check(self.options(request))  # before any audio work
+            chosen, options = self.prepare(request)  # the request's model; checked before any audio work
             known = self.known_speakers(request, options)
             audio = decode_audio(bytes(first_value(self.pb, request, "AUDIO") or b""),
                                  max_seconds=self.settings.max_audio_seconds)
@@ -68,7 +68,7 @@ class TranscribeStreamModel(TranscribeModel):
             sender.send(error_response(self.pb, internal_error(exc, "Transcription")), flags=final)
             return
         chunks: queue.Queue = queue.Queue(maxsize=CHUNKS_AHEAD)
-        producer = threading.Thread(target=self._produce, args=(audio, options, known, sender, arrival, chunks),
+        producer = threading.Thread(target=self._produce, args=(chosen, audio, options, known, sender, arrival, chunks),
                                     name="stream-decode", daemon=True)
         producer.start()
         while True:
@@ -84,15 +84,15 @@ class TranscribeStreamModel(TranscribeModel):
                 sender.send(flags=final)
                 return
 
-    def _produce(self, audio, options, known, sender, arrival: float, chunks: queue.Queue) -> None:
+    def _produce(self, chosen, audio, options, known, sender, arrival: float, chunks: queue.Queue) -> None:
         """Decodes; with diarize (`known` not None: the known speakers, maybe none) each chunk has speakers."""
         try:
-            with self.decoder.serving(sender.is_cancelled, arrival, audio.size / 16_000):
+            with chosen.decoder.serving(sender.is_cancelled, arrival, audio.size / 16_000):
                 if known is not None:
-                    decoded = self.speakers.transcribe_iter(audio, options, known, cancelled=sender.is_cancelled)
+                    decoded = self.speakers(chosen).transcribe_iter(audio, options, known, cancelled=sender.is_cancelled)
                 else:
-                    decoded = ((c, None) for c in self.pipeline.transcribe_iter(audio, options,
-                                                                                 cancelled=sender.is_cancelled))
+                    decoded = ((c, None) for c in chosen.pipeline.transcribe_iter(audio, options,
+                                                                                   cancelled=sender.is_cancelled))
                 for chunk, speakers in decoded:
                     chunks.put(("chunk", stream_chunk(
                         chunk.segments, chunk.language, chunk.language_probability, chunk.duration, chunk.info,

@@ -36,6 +36,7 @@ from .common import (error_response, first_value, input_array, internal_error, m
 logger = logging.getLogger(__name__)
 
 LANGUAGE_OUTPUTS = {"LANGUAGE", "LANGUAGE_PROB", "LANGUAGE_PROBS"}
+_ANY_PASS = {"CAPABILITIES", "ENGINE_SECONDS"}  # outputs that ask for no pass of their own
 MAX_WAITING = 256  # requests waiting for an in-flight worker, beyond those decoding
 
 
@@ -55,7 +56,7 @@ class ParsedRequest:
 
     @property
     def detect_only(self) -> bool:
-        return self.outputs <= LANGUAGE_OUTPUTS | {"CAPABILITIES"}
+        return self.outputs <= LANGUAGE_OUTPUTS | _ANY_PASS
 
 
 class WindowModel:
@@ -127,18 +128,19 @@ class WindowModel:
         prefixes = text_prefixes(input_array(self.pb, request, "TEXT_PREFIX"), len(rows))
         options = self._options(request)
         prompt_ids = self._prompt_ids(request, len(rows))
+        scopes = text_prefixes(input_array(self.pb, request, "CACHE_SCOPE"), len(rows))
         words = bool(first_value(self.pb, request, "WORD_TIMESTAMPS"))
         if words and not self.capabilities.word_timestamps:
             raise unsupported_word_timestamps(self.capabilities)
         parsed = ParsedRequest([], outputs)
-        for audio, prefix, prompt in zip(rows, prefixes, prompt_ids):
+        for audio, prefix, prompt, scope in zip(rows, prefixes, prompt_ids, scopes):
             if audio.size > N_SAMPLES:
                 raise PayloadTooLargeError(f"A WAV row is {audio.size / 16000:.1f} s long; whisper_window decodes "
                                            "windows of at most 30 s. Send long audio to `whisper` or `transcribe`.",
                                            param="WAV")
             spec = self.tokenizer.parse_text_prefix(prefix) if prefix.strip() else PromptSpec()
             parsed.rows.append(ShortRequest(audio=audio, spec=spec, options=options, prompt_ids=prompt,
-                                            word_timestamps=words))
+                                            word_timestamps=words, scope=scope or None))
         return parsed
 
     # ---- execution ----------------------------------------------------------------------
@@ -211,6 +213,7 @@ class WindowModel:
                                     if r.timings else [] for r in results],
             "TOKEN_PROBS": lambda: [r.timings.probabilities if r.timings else [] for r in results],
             "CAPABILITIES": lambda: [self.capabilities.to_json()] * max(1, len(results)),
+            "ENGINE_SECONDS": lambda: [json.dumps(r.engine_seconds) for r in results],
         }
         tensors = [tensor(self.pb, SPEC.output(name), values[name]()) for name in SPEC.output_names if name in outputs]
         return self.pb.InferenceResponse(output_tensors=tensors)

@@ -72,11 +72,15 @@ class WindowScheduler:
     reply per payload; `batch_rows()` says how many rows a batch may hold (asked per batch)."""
 
     def __init__(self, run: Callable[[Hashable, list[Any]], list[Any]], batch_rows: Callable[[], int],
-                 in_flight: int | Callable[[], int] = 1, urgent_slots: int = 0):
+                 in_flight: int | Callable[[], int] = 1, urgent_slots: int = 0,
+                 group_rows: Callable[[Hashable], int] | None = None):
+        """`group_rows`, when given, says the rows of a batch per group instead of `batch_rows` (several
+        engine models behind one scheduler, each with its own declared batch)."""
         fixed = in_flight if isinstance(in_flight, int) else None
         if (fixed is not None and fixed < 1) or urgent_slots < 0:
             raise ValueError(f"in_flight must be at least 1 and urgent_slots at least 0, got {in_flight}, {urgent_slots}")
-        self._run, self._batch_rows, self._urgent = run, batch_rows, urgent_slots
+        self._run, self._urgent = run, urgent_slots
+        self._batch_rows: Callable[[Hashable], int] = group_rows or (lambda group: batch_rows())
         self._slots = (lambda: fixed) if fixed is not None else in_flight
         workers = fixed if fixed is not None else MAX_IN_FLIGHT
         self._pending: list[_Row] = []
@@ -118,7 +122,7 @@ class WindowScheduler:
         """The most urgent row, and the next most urgent rows of its group due within its slack, up to a batch."""
         head = heapq.heappop(self._pending)
         batch, others = [head], []
-        limit = max(1, self._batch_rows())
+        limit = max(1, self._batch_rows(head.group))
         while self._pending and len(batch) < limit and self._pending[0].deadline <= head.deadline + head.slack:
             row = heapq.heappop(self._pending)
             (batch if row.group == head.group else others).append(row)
