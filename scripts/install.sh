@@ -43,9 +43,9 @@ if [[ ! -x .venv/bin/python ]]; then
   "${python}" -m venv .venv
 fi
 
-extras="model,triton,vad"
+extras="model,triton,vad,speakers"
 if [[ "${mode}" == "test" ]]; then
-  extras="model,triton,vad,test,export,aws"
+  extras="model,triton,vad,speakers,test,export,aws"
 fi
 stamp=".venv/.installed-${mode}"
 wanted="$(sha256sum pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
@@ -69,10 +69,17 @@ fi
 "${pip[@]}" -e ".[${extras}]"
 # silero-vad's wheel ships the ONNX model we run with onnxruntime; its torch requirement is not needed
 "${pip[@]}" --no-deps "silero-vad==6.2.3"
+# resemblyzer's wheel ships the speaker encoder's weights, converted once here into the numpy file that
+# speaker diarization loads (no torch at run time; the conversion checks the file's sha256)
+"${pip[@]}" --no-deps "resemblyzer==0.1.4"
+.venv/bin/python -m whisper_triton.speakers.weights >/dev/null
 if [[ "${mode}" == "test" ]]; then
   # the reference oracle of the tests (decoding rules, hallucination benchmark); its own requirements
   # pull a GPU compiler (triton) we do not need, so they are listed in the test extra instead
   "${pip[@]}" --no-deps "openai-whisper==20250625"
+  # recorded voices for the speaker diarization tests and benchmark (Debian packages and pocketsphinx's
+  # sources; pinned, sha256-checked, cached under .work/real_voices)
+  .venv/bin/python -m testkit.real_voices >/dev/null
 fi
 if [[ "${mode}" == "test" ]] && command -v apt-get >/dev/null 2>&1; then
   # recorded speech with its text (Debian's asterisk-core-sounds-en-g722, pinned and sha256-checked)

@@ -14,7 +14,7 @@ ALLOWED: dict[str, set[str]] = {
     "contract": set(),
     "pipeline": {"contract"},
     "engines": {"pipeline", "contract"},
-    "triton_models": {"engines", "pipeline", "contract"},
+    "triton_models": {"engines", "speakers", "pipeline", "contract"},
     "http": {"registry", "live", "pipeline", "contract"},  # routes call their capability (live sessions, the model registry)
     "live": {"pipeline", "contract"},
     "speakers": {"pipeline", "contract"},

@@ -57,3 +57,18 @@ def test_previous_text_prompt_is_used(transcriber, speech_clips):
 def test_more_than_one_window_is_refused(transcriber):
     with pytest.raises(PayloadTooLargeError):
         transcriber.transcribe([ShortRequest(np.ones(16000 * 31, dtype=np.float32) * 0.1)])
+
+
+def test_a_decode_that_ran_to_the_token_limit_is_aligned_as_far_as_it_fits(ct2_engine, tokenizer, speech_clips):
+    """448 text tokens (a loop at a high temperature) plus the start sequence are more positions than the
+    decoder has: the words that fit get times instead of the request failing (diarize asks for words)."""
+    from whisper_triton.contract.engine import Hypothesis
+    from whisper_triton.pipeline.windows import EngineWindowDecoder, WindowOutput
+
+    decoder = EngineWindowDecoder(ct2_engine, tokenizer)
+    audio = speech_clips[0].samples
+    prompt = tokenizer.prompt_ids(PromptSpec(language="en", task="transcribe", timestamps=True))
+    output = WindowOutput(Hypothesis(tokens=tokenizer.encode(" the") * 448))
+    decoder._align(decoder.inputs([audio]), [audio], [prompt], [output])
+    start = len(decoder.start_sequence(prompt))
+    assert len(output.timings.starts) == 448 - start - 2

@@ -38,6 +38,15 @@ def default_model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+def default_speaker_encoder() -> Path:
+    """Where the speaker encoder's converted weights live unless WHISPER_TRITON_SPEAKER_ENCODER says
+    otherwise: beside the Python environment that serves (a virtualenv, or the image's Python), written
+    at install time by `python -m whisper_triton.speakers.weights`."""
+    import sys
+
+    return Path(sys.prefix) / "share" / "whisper-triton" / "voice_encoder.npz"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WHISPER_TRITON_", extra="ignore", populate_by_name=True)
 
@@ -61,6 +70,9 @@ class Settings(BaseSettings):
     # more batches that may start only for windows due before every batch running (a short file beside
     # a long file's batch); useful with a second whisper_window instance
     urgent_window_batches: int = Field(default=0, ge=0, le=16)
+    # speaker diarization: the voice encoder's weights converted at install time (speakers/weights.py);
+    # empty: <python prefix>/share/whisper-triton/voice_encoder.npz
+    speaker_encoder: str = ""
 
     # Triton
     triton_home: str = ""  # empty: /opt/tritonserver, else the nvidia-pytriton wheel
@@ -137,9 +149,15 @@ class Settings(BaseSettings):
     def cpu_thread_count(self) -> int:
         return self.cpu_threads or (os.cpu_count() or 1)
 
+    def resolved_speaker_encoder(self) -> Path:
+        return Path(self.speaker_encoder) if self.speaker_encoder else default_speaker_encoder()
+
     def model_parameters(self) -> dict[str, str]:
-        """The values `serve` renders into each model's config.pbtxt parameters."""
-        return {name: str(getattr(self, name)) for name in MODEL_PARAMETERS}
+        """The values `serve` renders into each model's config.pbtxt parameters (the speaker encoder's
+        path resolved here: Triton's Python stub may not share serve's `sys.prefix`)."""
+        values = {name: str(getattr(self, name)) for name in MODEL_PARAMETERS}
+        values["speaker_encoder"] = str(self.resolved_speaker_encoder())
+        return values
 
     def engine_options(self) -> dict:
         """Keyword arguments of `engines.load_engine` for the configured engine."""
@@ -153,7 +171,8 @@ class Settings(BaseSettings):
 
 # the settings a Triton model's config.pbtxt may carry as parameters (same names as the fields)
 MODEL_PARAMETERS = ("engine", "model_dir", "device", "compute_type", "cpu_threads", "encoder_cache_mb",
-                    "max_concurrent_files", "window_batches_in_flight", "urgent_window_batches", "served_model_name")
+                    "max_concurrent_files", "window_batches_in_flight", "urgent_window_batches", "served_model_name",
+                    "speaker_encoder")
 
 
 def _given(values: dict | None) -> dict:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import WhisperTritonError, invalid_parameter
 from .json_limits import shown_name
@@ -34,6 +34,11 @@ MAX_LANGUAGE_CHARS = 32
 MAX_MODEL_ID_CHARS = 64
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 CHUNK_SECONDS = 30.0
+MAX_SPEAKERS = 16  # speakers one file may be diarized into
+DEFAULT_MAX_SPEAKERS = 8
+MAX_KNOWN_SPEAKERS = 4  # OpenAI's limit on known_speaker_names[] / known_speaker_references[]
+MAX_SPEAKER_NAME_CHARS = 64
+REFERENCE_SECONDS = (2.0, 10.0)  # OpenAI: each known speaker reference is 2-10 s of audio
 
 # ---- constrained types shared by the groups and the flat request fields ------------------------
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
@@ -49,6 +54,8 @@ Ratio = Annotated[float, Field(ge=0.0, le=1e6)]
 LogProb = Annotated[float, Field(ge=-1e6, le=0.0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+SpeakerCount = Annotated[int, Field(ge=1, le=MAX_SPEAKERS)]
+SpeakerName = Annotated[str, Field(min_length=1, max_length=MAX_SPEAKER_NAME_CHARS)]
 
 
 class _Group(BaseModel):
@@ -135,6 +142,41 @@ class TranscribeOptions(BaseModel):
     vad_min_silence_ms: Milliseconds = _VAD["min_silence_ms"].default
     vad_speech_pad_ms: PadMilliseconds = _VAD["speech_pad_ms"].default
     vad_end_pad_ms: PadMilliseconds = _VAD["end_pad_ms"].default
+    # speaker diarization (speakers/): off unless asked for; the count given, or estimated within min..max
+    diarize: bool = False
+    num_speakers: SpeakerCount | None = None
+    min_speakers: SpeakerCount = 1
+    max_speakers: SpeakerCount = DEFAULT_MAX_SPEAKERS
+    # names of the known speakers, one per reference clip (the clips travel beside the audio)
+    known_speaker_names: Annotated[list[SpeakerName], Field(max_length=MAX_KNOWN_SPEAKERS)] = \
+        Field(default_factory=list)
+
+    @field_validator("known_speaker_names", mode="before")
+    @classmethod
+    def _names_list(cls, value: Any) -> Any:
+        """A list, or "agent,customer" (query strings and custom attributes)."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _speaker_options(self) -> "TranscribeOptions":
+        """Speaker options only with diarize=true, and a count range that holds together."""
+        given = [name for name in ("num_speakers", "min_speakers", "max_speakers", "known_speaker_names")
+                 if name in self.model_fields_set]
+        if given and not self.diarize:
+            raise _OptionError(given[0], f"{given[0]} is an option of speaker diarization: add diarize=true.")
+        if self.min_speakers > self.max_speakers:
+            raise _OptionError("min_speakers", f"min_speakers ({self.min_speakers}) is above max_speakers "
+                               f"({self.max_speakers}).")
+        bounded = {"min_speakers", "max_speakers"} & self.model_fields_set
+        if self.num_speakers is not None and bounded and not self.min_speakers <= self.num_speakers <= self.max_speakers:
+            name = "num_speakers"
+            raise _OptionError(name, f"num_speakers ({self.num_speakers}) is outside min_speakers..max_speakers "
+                               f"({self.min_speakers}..{self.max_speakers}); give one or the other.")
+        if len(set(self.known_speaker_names)) < len(self.known_speaker_names):
+            raise _OptionError("known_speaker_names", "known_speaker_names has a name twice: name each speaker once.")
+        return self
 
     @field_validator("temperature", mode="before")
     @classmethod
@@ -211,8 +253,19 @@ def validated(model: type[BaseModel], raw: dict) -> Any:
         raise _first_error(exc, model) from None
 
 
+class _OptionError(ValueError):
+    """A rule between options (a model validator): names the option it is about."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param, self.message = param, message
+
+
 def _first_error(exc: ValidationError, model: type[BaseModel]) -> WhisperTritonError:
     error = exc.errors(include_url=False)[0]
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, _OptionError):
+        return invalid_parameter(cause.param, cause.message)
     location = error.get("loc") or ("options",)
     param = shown_name(str(location[0])) or "options"  # the caller chose the name: never echo it at any length
     if error.get("type") == "extra_forbidden":

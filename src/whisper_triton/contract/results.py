@@ -15,6 +15,7 @@ class Word:
     end: float
     word: str
     probability: float
+    speaker: str | None = None  # with diarize: the speaker who holds most of the word's time
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Segment:
     temperature: float = 0.0
     language: str | None = None
     words: list[Word] | None = None
+    speaker: str | None = None  # with diarize: "A", "B", ... in order of first appearance, or a known name
 
 
 @dataclass
@@ -71,6 +73,23 @@ class TranscriptionInfo:
 
 
 @dataclass
+class SpeakerSummary:
+    """One speaker of a diarized file: its label and how long it spoke (seconds of its turns)."""
+
+    speaker: str
+    speaking_time: float
+
+
+@dataclass
+class Turn:
+    """A stretch of speech by one speaker (diarize): who spoke when, independent of the text."""
+
+    start: float
+    end: float
+    speaker: str
+
+
+@dataclass
 class TranscriptionResult:
     text: str
     language: str
@@ -78,10 +97,15 @@ class TranscriptionResult:
     duration: float
     segments: list[Segment]
     info: TranscriptionInfo = field(default_factory=TranscriptionInfo)
+    speakers: list[SpeakerSummary] | None = None  # with diarize, in label order
+    turns: list[Turn] | None = None  # with diarize, in time order
 
     def to_dict(self, words: bool = False, tokens: bool = False) -> dict:
         result = asdict(self)
         result["segments"] = [segment_dict(s, words, tokens) for s in result["segments"]]
+        for name in ("speakers", "turns"):
+            if result[name] is None:
+                result.pop(name)
         return result
 
 
@@ -94,12 +118,21 @@ def segment_dict(segment: Segment | dict, words: bool = False, tokens: bool = Fa
         values.pop("words", None)
     if values.get("language") is None:
         values.pop("language", None)
+    if values.get("speaker") is None:
+        values.pop("speaker", None)
+    for word in values.get("words") or []:
+        if isinstance(word, dict) and word.get("speaker") is None:
+            word.pop("speaker", None)
     return values
 
 
 def stream_chunk(segments: list[Segment], language: str, language_probability: float, duration: float,
-                 info: TranscriptionInfo, done: bool, words: bool = False, tokens: bool = False) -> dict:
+                 info: TranscriptionInfo, done: bool, words: bool = False, tokens: bool = False,
+                 speakers: list[SpeakerSummary] | None = None) -> dict:
     """One response of the streaming model: the next segments (timeline order) and what is known of the
     file; `done` on the last one. Joined, the chunks' segments are the `TranscriptionResult`'s."""
-    return {"segments": [segment_dict(s, words, tokens) for s in segments], "language": language,
-            "language_probability": language_probability, "duration": duration, "info": asdict(info), "done": done}
+    chunk = {"segments": [segment_dict(s, words, tokens) for s in segments], "language": language,
+             "language_probability": language_probability, "duration": duration, "info": asdict(info), "done": done}
+    if speakers is not None:
+        chunk["speakers"] = [asdict(s) for s in speakers]
+    return chunk

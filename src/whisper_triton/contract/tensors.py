@@ -136,6 +136,8 @@ WHISPER_SPEC = ModelSpec(
 _TRANSCRIBE_INPUTS = (
     TensorSpec("AUDIO", "TYPE_STRING", (1,), doc="the audio file's bytes, any format"),
     TensorSpec("OPTIONS", "TYPE_STRING", (1,), optional=True, doc="JSON of contract.options.TranscribeOptions"),
+    TensorSpec("SPEAKER_REFERENCES", "TYPE_STRING", (-1,), optional=True,
+               doc="with diarize: one 2-10 s audio clip (file bytes) per OPTIONS known_speaker_names entry"),
 )
 
 TRANSCRIBE_SPEC = ModelSpec(

@@ -128,18 +128,22 @@ def create_app(settings: Settings, triton_url: str | None = None, registry=None)
         streamed_type = stream_type(request.headers.get("accept"))
         output_type = None if streamed_type else choose_output_type(request.headers.get("accept"))
         invocation = await parse_invocation(request, settings)
+        if output_type is not None and FORMATS[output_type] == "rttm" and not invocation.options.diarize:
+            raise WhisperTritonError("RTTM lists who spoke when: add diarize=true to ask for speakers.", "Accept", 406,
+                                     "not_acceptable")
         state = request.app.state
         model = model_name or multi_model.requested_model(request, invocation.options)
         if streamed_type or invocation.stream:
             chunks = await first_chunk(multi_model.transcribe_stream(request, model, invocation.audio,
-                                                                     invocation.options))
+                                                                     invocation.options, invocation.references))
             lines = json_lines(
                 until_disconnected(request, chunks),
                 on_first_segment=lambda: state.metrics.first_segment.labels("/invocations").observe(
                     time.perf_counter() - started),
                 on_done=lambda chunk: state.metrics.record("/invocations", chunk))
             return StreamingResponse(lines, media_type=streamed_type or STREAM_TYPES[0])
-        result = await multi_model.transcribe(request, model, invocation.audio, invocation.options)
+        result = await multi_model.transcribe(request, model, invocation.audio, invocation.options,
+                                              invocation.references)
         state.metrics.record("/invocations", result)
         if output_type == "application/json":
             return JSONResponse(result)

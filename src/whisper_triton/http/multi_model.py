@@ -75,22 +75,23 @@ def requested_model(request: Request, options: TranscribeOptions) -> str | None:
 
 
 # ---- holding a model while Triton answers ---------------------------------------------------------
-async def transcribe(request: Request, name: str | None, audio: bytes, options: TranscribeOptions) -> dict:
+async def transcribe(request: Request, name: str | None, audio: bytes, options: TranscribeOptions,
+                     references: list[bytes] | None = None) -> dict:
     registry = await registry_of(request)
     async with registry.lease(name) as lease:
         options.model = lease.option
-        return await request.app.state.triton.transcribe(audio, options)
+        return await request.app.state.triton.transcribe(audio, options, references)
 
 
-async def transcribe_stream(request: Request, name: str | None, audio: bytes,
-                            options: TranscribeOptions) -> AsyncIterator[dict]:
+async def transcribe_stream(request: Request, name: str | None, audio: bytes, options: TranscribeOptions,
+                            references: list[bytes] | None = None) -> AsyncIterator[dict]:
     """The stream's chunks with the model held until the last one (or until the client leaves:
     closing the generator releases it). The lease is taken at the first chunk, so a model that is
     unknown or still loading is refused before the answer starts."""
     registry = await registry_of(request)
     async with registry.lease(name) as lease:
         options.model = lease.option
-        chunks = request.app.state.triton.transcribe_stream(audio, options)
+        chunks = request.app.state.triton.transcribe_stream(audio, options, references)
         try:
             async for chunk in chunks:
                 yield chunk

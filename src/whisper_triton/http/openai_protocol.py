@@ -16,21 +16,34 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..contract.options import PromptText, Temperature
 from ..errors import WhisperTritonError
 
-ResponseFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
-RESPONSE_FORMATS: tuple[str, ...] = ("json", "text", "srt", "verbose_json", "vtt")
-STREAMING_FORMATS: tuple[str, ...] = ("json", "text")  # the events carry text only
+ResponseFormat = Literal["json", "text", "srt", "verbose_json", "vtt", "diarized_json"]
+RESPONSE_FORMATS: tuple[str, ...] = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
+# json/text stream `transcript.text.delta` events; diarized_json `transcript.text.segment` events
+STREAMING_FORMATS: tuple[str, ...] = ("json", "text", "diarized_json")
 Granularity = Literal["segment", "word"]
 GRANULARITIES: tuple[str, ...] = ("segment", "word")
 
 # the OpenAI form fields (multipart), as the SDKs send them; every other field is one of ours
 OPENAI_FIELDS = ("file", "model", "language", "prompt", "response_format", "temperature",
-                 "timestamp_granularities[]", "timestamp_granularities", "stream", "chunking_strategy", "include[]")
-MEDIA_TYPES = {"json": "application/json", "verbose_json": "application/json", "text": "text/plain; charset=utf-8",
-               "srt": "application/x-subrip; charset=utf-8", "vtt": "text/vtt; charset=utf-8"}
+                 "timestamp_granularities[]", "timestamp_granularities", "stream", "chunking_strategy", "include[]",
+                 "known_speaker_names[]", "known_speaker_names", "known_speaker_references[]", "known_speaker_references")
+MEDIA_TYPES = {"json": "application/json", "verbose_json": "application/json", "diarized_json": "application/json",
+               "text": "text/plain; charset=utf-8", "srt": "application/x-subrip; charset=utf-8",
+               "vtt": "text/vtt; charset=utf-8"}
+MAX_KNOWN_SPEAKERS = 4
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ServerVad(_Strict):
+    """chunking_strategy={"type": "server_vad", ...}: OpenAI's VAD settings, applied to our VAD."""
+
+    type: Literal["server_vad"]
+    prefix_padding_ms: int | None = Field(default=None, ge=0, le=2_000)  # -> vad_speech_pad_ms
+    silence_duration_ms: int | None = Field(default=None, ge=0, le=10_000)  # -> vad_min_silence_ms
+    threshold: float | None = Field(default=None, gt=0.0, lt=1.0)  # -> vad_threshold
 
 
 class AudioRequest(_Strict):
@@ -44,7 +57,9 @@ class AudioRequest(_Strict):
     temperature: Temperature | None = None
     timestamp_granularities: list[Granularity] = Field(default_factory=list, max_length=2)
     stream: bool = False
-    chunking_strategy: Literal["auto"] | None = None  # windows are always cut by VAD here
+    # windows are always cut by VAD here; server_vad's settings tune it
+    chunking_strategy: Literal["auto"] | ServerVad | None = None
+    known_speaker_names: list[str] = Field(default_factory=list, max_length=MAX_KNOWN_SPEAKERS)
 
 
 # ---- answers ----------------------------------------------------------------------------------
@@ -93,6 +108,27 @@ class TextDeltaEvent(BaseModel):
     # extras: where on the file's timeline the delta's segment lies
     start: float | None = None
     end: float | None = None
+
+
+class TranscriptionDiarizedSegment(BaseModel):
+    type: Literal["transcript.text.segment"] = "transcript.text.segment"
+    id: str  # "seg_0", "seg_1", ... (as OpenAI's service numbers them)
+    start: float
+    end: float
+    text: str
+    speaker: str  # "A", "B", ... in order of first appearance, or a known speaker's name
+
+
+class TranscriptionDiarized(BaseModel):
+    task: Literal["transcribe"] = "transcribe"
+    duration: float
+    text: str
+    segments: list[TranscriptionDiarizedSegment]
+    usage: Usage | None = None
+
+
+class TextSegmentEvent(TranscriptionDiarizedSegment):
+    """The stream event of a diarized segment (OpenAI's `transcript.text.segment`: the segment's fields)."""
 
 
 class TextDoneEvent(BaseModel):

@@ -60,18 +60,20 @@ async def _audio(request: Request, task: str) -> Response:
     route = request.url.path
     form = await serving.read_form(request, state.settings.body_limit())
     theirs, ours = serving.openai_fields(form.fields)
-    audio_request = serving.audio_request(theirs, task)
+    audio_request, references = serving.audio_request(theirs, task)
     options = serving.transcribe_options(audio_request, ours, task)
     try:
         if audio_request.stream:
-            chunks = await first_chunk(multi_model.transcribe_stream(request, audio_request.model, form.audio, options))
+            chunks = await first_chunk(multi_model.transcribe_stream(request, audio_request.model, form.audio, options,
+                                                                     references))
             events = serving.text_events(
                 until_disconnected(request, chunks),
                 on_first_segment=lambda: state.metrics.first_segment.labels(route).observe(time.perf_counter() - started),
-                on_done=lambda chunk: state.metrics.record(route, chunk))
+                on_done=lambda chunk: state.metrics.record(route, chunk),
+                diarized_segments=audio_request.response_format == "diarized_json")
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        result = await multi_model.transcribe(request, audio_request.model, form.audio, options)
+        result = await multi_model.transcribe(request, audio_request.model, form.audio, options, references)
     except WhisperTritonError as exc:
         if task == "translate" and exc.param == "task":  # the endpoint chose the task: name the model
             exc.param = "model"

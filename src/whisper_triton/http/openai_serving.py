@@ -21,10 +21,17 @@ from ..errors import InvalidAudioError, PayloadTooLargeError, WhisperTritonError
 from ..pipeline.formats import render
 from ..settings import Settings
 from .openai_protocol import (
-    OPENAI_FIELDS, STREAMING_FORMATS, AudioRequest, ModelCard, ModelList, TextDeltaEvent, TextDoneEvent,
-    TranscriptionJson, TranscriptionSegment, TranscriptionVerbose, TranscriptionWord, Usage, error_body, sse,
+    OPENAI_FIELDS, STREAMING_FORMATS, AudioRequest, ModelCard, ModelList, ServerVad, TextDeltaEvent, TextDoneEvent,
+    TextSegmentEvent, TranscriptionDiarized, TranscriptionDiarizedSegment, TranscriptionJson, TranscriptionSegment,
+    TranscriptionVerbose, TranscriptionWord, Usage, error_body, sse,
 )
-from .parsing import media_type
+from .parsing import media_type, speaker_references
+
+_LIST_FIELDS = {"timestamp_granularities[]": "timestamp_granularities",
+                "timestamp_granularities": "timestamp_granularities",
+                "known_speaker_names[]": "known_speaker_names", "known_speaker_names": "known_speaker_names",
+                "known_speaker_references[]": "known_speaker_references",
+                "known_speaker_references": "known_speaker_references"}
 
 _CODES_BY_NAME = {name: code for code, name in LANGUAGE_NAMES.items()}
 
@@ -99,6 +106,17 @@ def openai_fields(fields: dict[str, list[str]]) -> tuple[dict, dict]:
         if key in ("timestamp_granularities[]", "timestamp_granularities"):
             theirs.setdefault("timestamp_granularities", []).extend(v for value in values for v in value.split(",") if v)
             continue
+        if key in _LIST_FIELDS:  # repeated fields, as the SDKs send lists
+            theirs.setdefault(_LIST_FIELDS[key], []).extend(values)
+            continue
+        if key.startswith("chunking_strategy[") and key.endswith("]"):  # the SDK's form of an object
+            if len(values) > 1:
+                raise invalid_parameter("chunking_strategy", f"{key!r} is given {len(values)} times; give it once.")
+            strategy = theirs.setdefault("chunking_strategy", {})
+            if not isinstance(strategy, dict):
+                raise invalid_parameter("chunking_strategy", "chunking_strategy is given both as a word and an object.")
+            strategy[key[len("chunking_strategy[") : -1]] = values[0]
+            continue
         if len(values) > 1:
             raise invalid_parameter(key, f"{key!r} is given {len(values)} times; give it once.")
         if key == "include[]":
@@ -106,8 +124,23 @@ def openai_fields(fields: dict[str, list[str]]) -> tuple[dict, dict]:
         if key in ("task", "word_timestamps", "initial_prompt", "include_tokens"):
             raise invalid_parameter(key, f"{key!r} is set by the endpoint and its OpenAI fields (translations, "
                                     "prompt, timestamp_granularities[], response_format); leave it out.")
-        (theirs if key in OPENAI_FIELDS else ours)[key] = values[0]
+        if key == "chunking_strategy" and isinstance(theirs.get(key), dict):
+            raise invalid_parameter("chunking_strategy", "chunking_strategy is given both as a word and an object.")
+        (theirs if key in OPENAI_FIELDS else ours)[key] = _chunking(values[0]) if key == "chunking_strategy" else values[0]
     return theirs, ours
+
+
+def _chunking(value: str):
+    """"auto", or a JSON object (a client that sends the object as one field)."""
+    import json
+
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise invalid_parameter("chunking_strategy", "chunking_strategy is not valid JSON.") from None
+    return text
 
 
 def language_code(value: str | None) -> str | None:
@@ -118,8 +151,21 @@ def language_code(value: str | None) -> str | None:
     return _CODES_BY_NAME.get(value, value)
 
 
-def audio_request(fields: dict, task: str) -> AudioRequest:
+def audio_request(fields: dict, task: str) -> tuple[AudioRequest, list[bytes] | None]:
+    """The OpenAI fields checked, and the known speakers' reference clips (data URLs -> bytes)."""
+    fields = dict(fields)
+    references = speaker_references(fields.pop("known_speaker_references", None))
     request: AudioRequest = validated(AudioRequest, fields)
+    if request.response_format == "diarized_json" and task == "translate":
+        raise invalid_parameter("response_format", "diarized_json is a format of /v1/audio/transcriptions; "
+                                "translations answer json, text, srt, verbose_json or vtt.")
+    if request.response_format == "diarized_json" and request.timestamp_granularities:
+        raise invalid_parameter("timestamp_granularities", "timestamp_granularities[] is not available with "
+                                "diarized_json (as in OpenAI's API); use verbose_json, or diarize=true with it.")
+    if (request.known_speaker_names or references) and len(request.known_speaker_names) != len(references or []):
+        raise invalid_parameter("known_speaker_names" if request.known_speaker_names else "known_speaker_references",
+                                f"known_speaker_names[] has {len(request.known_speaker_names)} names and "
+                                f"known_speaker_references[] {len(references or [])} clips: give one clip per name.")
     if request.timestamp_granularities and request.response_format != "verbose_json":
         raise invalid_parameter("timestamp_granularities", "timestamp_granularities[] needs response_format "
                                 f"verbose_json (got {request.response_format!r}), as in OpenAI's API.")
@@ -129,7 +175,7 @@ def audio_request(fields: dict, task: str) -> AudioRequest:
     if task == "translate" and request.language is not None:
         raise invalid_parameter("language", "Translations are always into English: leave `language` out, or use "
                                 "/v1/audio/transcriptions to transcribe in a given language.")
-    return request
+    return request, references
 
 
 def transcribe_options(request: AudioRequest, extra: dict, task: str) -> TranscribeOptions:
@@ -145,6 +191,16 @@ def transcribe_options(request: AudioRequest, extra: dict, task: str) -> Transcr
         raw["word_timestamps"] = True
     if request.response_format == "verbose_json":
         raw["include_tokens"] = True
+    if request.response_format == "diarized_json" or request.known_speaker_names:
+        raw["diarize"] = True
+    if request.known_speaker_names:
+        raw["known_speaker_names"] = request.known_speaker_names
+    if isinstance(request.chunking_strategy, ServerVad):
+        vad = request.chunking_strategy
+        for ours, value in (("vad_speech_pad_ms", vad.prefix_padding_ms), ("vad_min_silence_ms", vad.silence_duration_ms),
+                            ("vad_threshold", vad.threshold)):
+            if value is not None:
+                raw[ours] = value
     return parse_options(raw)
 
 
@@ -184,9 +240,21 @@ def verbose(result: dict, request: AudioRequest, task: str) -> TranscriptionVerb
                                 segments=segments, words=words, usage=usage(result))
 
 
+def diarized_segment(segment: dict) -> TranscriptionDiarizedSegment:
+    return TranscriptionDiarizedSegment(id=f"seg_{segment['id']}", start=segment["start"], end=segment["end"],
+                                        text=segment["text"], speaker=segment.get("speaker") or "A")
+
+
+def diarized(result: dict) -> TranscriptionDiarized:
+    return TranscriptionDiarized(duration=result.get("duration", 0.0), text=result.get("text", ""),
+                                 segments=[diarized_segment(s) for s in result["segments"]], usage=usage(result))
+
+
 def body(result: dict, request: AudioRequest, task: str) -> tuple[str | dict, str]:
     """(body, response format) for one finished result."""
     fmt = request.response_format
+    if fmt == "diarized_json":
+        return diarized(result).model_dump(exclude_none=True), fmt
     if fmt == "json":
         return TranscriptionJson(text=result.get("text", ""), usage=usage(result)).model_dump(exclude_none=True), fmt
     if fmt == "verbose_json":
@@ -196,8 +264,9 @@ def body(result: dict, request: AudioRequest, task: str) -> tuple[str | dict, st
 
 
 async def text_events(chunks: AsyncIterator[dict], on_first_segment=None,
-                      on_done=None) -> AsyncIterator[bytes]:
-    """The stream's chunks as OpenAI's SSE: one `transcript.text.delta` per segment, in order, then
+                      on_done=None, diarized_segments: bool = False) -> AsyncIterator[bytes]:
+    """The stream's chunks as OpenAI's SSE: one `transcript.text.delta` per segment (with
+    `diarized_segments`: one `transcript.text.segment`, with its speaker), in order, then
     `transcript.text.done` with the whole text. An error after the first byte goes as an event with
     OpenAI's error body (its SDK raises it)."""
     texts: list[str] = []
@@ -210,7 +279,10 @@ async def text_events(chunks: AsyncIterator[dict], on_first_segment=None,
                 if not texts and on_first_segment is not None:
                     on_first_segment()
                 texts.append(delta)
-                yield sse(TextDeltaEvent(delta=delta, start=segment["start"], end=segment["end"]))
+                if diarized_segments:
+                    yield sse(TextSegmentEvent(**diarized_segment(segment).model_dump(exclude={"type"})))
+                else:
+                    yield sse(TextDeltaEvent(delta=delta, start=segment["start"], end=segment["end"]))
             if chunk.get("done"):
                 if on_done is not None:
                     on_done(chunk)

@@ -31,6 +31,38 @@ class Invocation:
     audio: bytes
     options: TranscribeOptions
     stream: bool = False  # answer JSON lines as segments are decoded (SageMaker response streaming)
+    references: list[bytes] | None = None  # known speakers' clips (diarize), one per known_speaker_names entry
+
+
+REFERENCES_PARAM = "known_speaker_references"
+MAX_REFERENCES = 4
+
+
+def data_url_bytes(value, param: str = REFERENCES_PARAM) -> bytes:
+    """The bytes of a base64 data URL (`data:audio/wav;base64,...`), as OpenAI takes reference clips."""
+    if not isinstance(value, str) or not value.startswith("data:"):
+        raise invalid_parameter(param, f"Each of {param} must be a data URL (data:audio/wav;base64,...), "
+                                "not a link or a file name.")
+    header, comma, payload = value.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise invalid_parameter(param, f"{param}: the data URL must be base64 (data:<type>;base64,<data>).")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid_parameter(param, f"{param}: the data URL's base64 cannot be decoded.") from None
+
+
+def speaker_references(values) -> list[bytes] | None:
+    """Known speakers' reference clips from a list of data URLs (at most MAX_REFERENCES)."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, list):
+        raise invalid_parameter(REFERENCES_PARAM, f"{REFERENCES_PARAM} must be a list of data URLs.")
+    if len(values) > MAX_REFERENCES:
+        raise invalid_parameter(REFERENCES_PARAM, f"At most {MAX_REFERENCES} known speakers, got {len(values)}.")
+    return [data_url_bytes(value) for value in values]
 
 
 def stream_type(accept: str | None) -> str | None:
@@ -112,8 +144,10 @@ async def parse_invocation(request: Request, settings: Settings) -> Invocation:
                                 "Send long options (prompts) in a JSON body.")
     raw_options: dict = {**custom_attributes(request.headers.get(CUSTOM_ATTRIBUTES_HEADER)),
                          **dict(request.query_params)}
+    references = None
     if content_type == "application/json":
         audio_bytes, json_options = parse_json_body(body)
+        references = speaker_references(json_options.pop(REFERENCES_PARAM, None))
         raw_options.update(json_options)
     elif content_type in _AUDIO_TYPES or content_type.startswith(("audio/", "video/")) or not content_type:
         # boto3 sends no Content-Type when the caller gives none: treat the body as audio
@@ -126,8 +160,11 @@ async def parse_invocation(request: Request, settings: Settings) -> Invocation:
         )
     if not audio_bytes:
         raise InvalidAudioError("The request body is empty: send the audio file's bytes.")
+    if REFERENCES_PARAM in raw_options:
+        raise invalid_parameter(REFERENCES_PARAM, f"Send {REFERENCES_PARAM} in a JSON body "
+                                '({"audio": "<base64>", "known_speaker_references": ["data:audio/wav;base64,..."]}).')
     stream = wants_stream(raw_options.pop("stream", False))
-    return Invocation(audio=audio_bytes, options=parse_options(raw_options), stream=stream)
+    return Invocation(audio=audio_bytes, options=parse_options(raw_options), stream=stream, references=references)
 
 
 def parse_json_body(body: bytes) -> tuple[bytes, dict]:

@@ -54,7 +54,17 @@ class TritonClient:
         tensor.set_data_from_numpy(np.array([value], dtype=object))
         return tensor
 
-    async def transcribe(self, audio: bytes, options: TranscribeOptions) -> dict:
+    def _inputs(self, audio: bytes, options: TranscribeOptions, references: list[bytes] | None) -> list:
+        """AUDIO, OPTIONS (what the caller set) and, with known speakers, their SPEAKER_REFERENCES clips."""
+        inputs = [self._string_input("AUDIO", audio), self._string_input("OPTIONS", json.dumps(options.wire()).encode())]
+        if references:
+            tensor = self._grpc.InferInput("SPEAKER_REFERENCES", [len(references)],
+                                           TRANSCRIBE_SPEC.input("SPEAKER_REFERENCES").client_dtype)
+            tensor.set_data_from_numpy(np.array(references, dtype=object))
+            inputs.append(tensor)
+        return inputs
+
+    async def transcribe(self, audio: bytes, options: TranscribeOptions, references: list[bytes] | None = None) -> dict:
         """The `transcribe` model's RESULT for one file; only the options the caller set are sent.
 
         Cancelling the calling task (a client that disconnected) cancels the gRPC call, and Triton
@@ -62,8 +72,7 @@ class TritonClient:
         from tritonclient.utils import InferenceServerException
 
         seconds = await asyncio.to_thread(estimate_seconds, audio)
-        inputs = [self._string_input("AUDIO", audio),
-                  self._string_input("OPTIONS", json.dumps(options.wire()).encode())]
+        inputs = self._inputs(audio, options, references)
         async with self.admission.audio(seconds):
             try:
                 result = await self.client.infer(TRANSCRIBE_SPEC.name, inputs,
@@ -73,15 +82,15 @@ class TritonClient:
                 raise from_triton(exc) from None
         return json.loads(result.as_numpy("RESULT").reshape(-1)[0])
 
-    async def transcribe_stream(self, audio: bytes, options: TranscribeOptions) -> AsyncIterator[dict]:
+    async def transcribe_stream(self, audio: bytes, options: TranscribeOptions,
+                                references: list[bytes] | None = None) -> AsyncIterator[dict]:
         """The `transcribe_stream` model's CHUNKs for one file, as they are decoded (the last has done=True).
 
         Closing the generator early (the HTTP client left) cancels the gRPC stream, which Triton
         passes to the model as the request's cancellation: its decoding stops before the next chunk."""
         finished = asyncio.Event()
         request = {"model_name": TRANSCRIBE_STREAM_SPEC.name, "request_id": REQUEST_ID.get() if REQUEST_ID.get() != "-" else uuid.uuid4().hex,
-                   "inputs": [self._string_input("AUDIO", audio),
-                              self._string_input("OPTIONS", json.dumps(options.wire()).encode())],
+                   "inputs": self._inputs(audio, options, references),
                    "outputs": [self._grpc.InferRequestedOutput("CHUNK")]}
 
         async def requests():

@@ -1,4 +1,9 @@
-"""Transcription results as JSON, plain text, WebVTT and SubRip (SRT)."""
+"""Transcription results as JSON, plain text, WebVTT and SubRip (SRT), and RTTM for diarized ones.
+
+With speakers (diarize=true) each cue says who speaks: WebVTT as a voice span (`<v A>text`, the
+WebVTT way), SRT as a prefix (`A: text`, what subtitle editors show), plain text one line per
+change of speaker; RTTM (NIST's Rich Transcription Time Marked, what diarization scorers read) lists
+each speaker turn as a SPEAKER line."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ FORMATS = {
     "text/vtt": "vtt",
     "application/x-subrip": "srt",
     "text/srt": "srt",
+    "text/x-rttm": "rttm",
 }
 
 
@@ -19,28 +25,59 @@ def _clock(seconds: float, separator: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
 
 
-def _cues(result: dict) -> list[tuple[float, float, str]]:
+def _cues(result: dict) -> list[tuple[float, float, str, str | None]]:
     cues = []
     for segment in result.get("segments", []):
         text = " ".join(segment["text"].split())
         if text:
-            cues.append((segment["start"], max(segment["end"], segment["start"] + 0.001), text))
+            cues.append((segment["start"], max(segment["end"], segment["start"] + 0.001), text, segment.get("speaker")))
     return cues
 
 
+def _vtt_voice(speaker: str) -> str:
+    """A speaker name as a WebVTT voice annotation may hold it (no '>', no line break; '&' escaped)."""
+    return " ".join(speaker.replace("&", "&amp;").replace(">", "&gt;").replace("<", "&lt;").split())
+
+
+def _vtt_text(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def to_text(result: dict) -> str:
-    return result.get("text", "").strip()
+    if not any(segment.get("speaker") for segment in result.get("segments", [])):
+        return result.get("text", "").strip()
+    lines: list[list] = []  # one line per change of speaker
+    for _, _, text, speaker in _cues(result):
+        if lines and lines[-1][0] == speaker:
+            lines[-1][1].append(text)
+        else:
+            lines.append([speaker, [text]])
+    return "\n".join(f"{speaker}: {' '.join(texts)}" if speaker else " ".join(texts) for speaker, texts in lines)
 
 
 def to_srt(result: dict) -> str:
-    blocks = [f"{i}\n{_clock(start, ',')} --> {_clock(end, ',')}\n{text}\n"
-              for i, (start, end, text) in enumerate(_cues(result), start=1)]
+    blocks = [f"{i}\n{_clock(start, ',')} --> {_clock(end, ',')}\n{f'{speaker}: ' if speaker else ''}{text}\n"
+              for i, (start, end, text, speaker) in enumerate(_cues(result), start=1)]
     return "\n".join(blocks)
 
 
 def to_vtt(result: dict) -> str:
-    blocks = [f"{_clock(start, '.')} --> {_clock(end, '.')}\n{text}\n" for start, end, text in _cues(result)]
+    blocks = []
+    for start, end, text, speaker in _cues(result):
+        line = f"<v {_vtt_voice(speaker)}>{_vtt_text(text)}" if speaker else text
+        blocks.append(f"{_clock(start, '.')} --> {_clock(end, '.')}\n{line}\n")
     return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+def to_rttm(result: dict, file_id: str = "audio") -> str:
+    """One SPEAKER line per speaker turn (the diarization's `turns`; the segments where a result has none):
+    file, channel 1, onset, duration, speaker (spaces in names become '_')."""
+    lines = []
+    for turn in result.get("turns") or result.get("segments", []):
+        speaker = "_".join(str(turn.get("speaker") or "unknown").split())
+        duration = max(0.0, turn["end"] - turn["start"])
+        lines.append(f"SPEAKER {file_id} 1 {turn['start']:.3f} {duration:.3f} <NA> <NA> {speaker} <NA> <NA>\n")
+    return "".join(lines)
 
 
 def render(result: dict, output_format: str) -> str:
@@ -50,4 +87,6 @@ def render(result: dict, output_format: str) -> str:
         return to_srt(result)
     if output_format == "vtt":
         return to_vtt(result)
+    if output_format == "rttm":
+        return to_rttm(result)
     raise ValueError(f"unknown format {output_format}")

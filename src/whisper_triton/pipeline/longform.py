@@ -29,7 +29,7 @@ from ..errors import invalid_parameter
 from .segmenter import Window, fixed_windows, windows_from_speech
 from .tokenizer import PromptSpec, WhisperTokenizer
 from .windows import WindowOutput, unsupported_word_timestamps
-from .vad import speech_spans
+from .vad import spans_from_probabilities, speech_spans
 
 __all__ = ["LongFormTranscriber", "StreamChunk", "TranscribeOptions", "TranscriptionResult", "WindowDecoder", "not_applied"]
 
@@ -149,24 +149,33 @@ class LongFormTranscriber:
                                     f"engine, got {options.beam_size}" + (f": {why}." if why else "."))
         return options
 
-    def windows(self, audio: np.ndarray, options: TranscribeOptions) -> list[Window]:
+    def windows(self, audio: np.ndarray, options: TranscribeOptions,
+                speech: np.ndarray | None = None) -> list[Window]:
+        """The windows to decode; `speech`: VAD frame probabilities already computed for `audio` (the
+        speaker diarization uses the same ones), else VAD runs here."""
         if not options.vad:
             return fixed_windows(audio.size, options.chunk_length)
-        return windows_from_speech(speech_spans(audio, options.vad_options), options.chunk_length)
+        if speech is not None:
+            spans = spans_from_probabilities(speech, audio.size, options.vad_options) if audio.size else []
+        else:
+            spans = speech_spans(audio, options.vad_options)
+        return windows_from_speech(spans, options.chunk_length)
 
-    def _start(self, audio: np.ndarray, options: TranscribeOptions) -> tuple[_Run, TranscriptionInfo, list[Window]]:
+    def _start(self, audio: np.ndarray, options: TranscribeOptions,
+               speech: np.ndarray | None = None) -> tuple[_Run, TranscriptionInfo, list[Window]]:
         run = _Run(options, audio)
         info = TranscriptionInfo(engine=self.decoder.capabilities.engine,
                                  not_applied=not_applied(self.decoder.capabilities, options), work=run.work)
         with run.timed("vad"):
-            windows = self.windows(audio, options)
+            windows = self.windows(audio, options, speech)
         run.work.windows = len(windows)
         return run, info, windows
 
-    def transcribe(self, audio: np.ndarray, options: TranscribeOptions | None = None) -> TranscriptionResult:
+    def transcribe(self, audio: np.ndarray, options: TranscribeOptions | None = None,
+                   speech: np.ndarray | None = None) -> TranscriptionResult:
         options = self.check(options or TranscribeOptions())
         duration = round(audio.size / SAMPLE_RATE, 3)
-        run, info, windows = self._start(audio, options)
+        run, info, windows = self._start(audio, options, speech)
         if not windows:  # no speech at all: nothing to decode, nothing to invent
             return TranscriptionResult("", options.language or "en", 1.0 if options.language else 0.0, duration, [],
                                        info)
@@ -180,7 +189,8 @@ class LongFormTranscriber:
         return TranscriptionResult(text, language, probability, duration, segments, info)
 
     def transcribe_iter(self, audio: np.ndarray, options: TranscribeOptions | None = None,
-                        cancelled: Callable[[], bool] | None = None) -> Iterator[StreamChunk]:
+                        cancelled: Callable[[], bool] | None = None,
+                        speech: np.ndarray | None = None) -> Iterator[StreamChunk]:
         """`transcribe`, a chunk of windows at a time: each chunk's segments as soon as they are decoded,
         in timeline order, ids continuing across chunks. The windows of a chunk are decoded as one batch
         (with fallback and follow-ups, as `transcribe` does); the first chunk is one window, so the first
@@ -190,7 +200,7 @@ class LongFormTranscriber:
         stops the decoding (the client left)."""
         options = self.check(options or TranscribeOptions())
         duration = round(audio.size / SAMPLE_RATE, 3)
-        run, info, windows = self._start(audio, options)
+        run, info, windows = self._start(audio, options, speech)
         jobs = [_WindowJob(w, w.extract(audio), options.language or "") for w in windows]
         if jobs:
             language, probability = self._assign_languages(jobs, run)

@@ -20,7 +20,7 @@ import numpy as np
 from .audio import SAMPLE_RATE
 from ..contract.capabilities import EngineCapabilities
 from ..contract.engine import Engine, Hypothesis, TokenTimings
-from ..contract.options import DecodeOptions
+from ..contract.options import MAX_NEW_TOKENS, DecodeOptions
 from ..errors import PayloadTooLargeError, WhisperTritonError
 from .features import CHUNK_SECONDS, N_SAMPLES, HOP_LENGTH, batch_log_mel
 from .tokenizer import PromptSpec, WhisperTokenizer
@@ -161,6 +161,11 @@ class EngineWindowDecoder:
                 output.timings = TokenTimings([], [], [])
                 continue
             start_sequence = self.start_sequence(prompts[index])
+            # the decoder has MAX_NEW_TOKENS (448) positions for the start sequence, <|notimestamps|>, the
+            # text and <|endoftext|> (openai-whisper's find_alignment; CTranslate2 adds the two): a decode
+            # that ran to the limit (a loop at a high temperature) is aligned as far as it fits, and its
+            # words past that take their segment's times
+            text = text[: max(0, MAX_NEW_TOKENS - len(start_sequence) - 2)]
             frames = max(1, min(audios[index].size, N_SAMPLES) // HOP_LENGTH)
             output.timings = self.engine.align(inputs[index : index + 1], start_sequence, [text], [frames])[0]
 

@@ -1,2 +1,2 @@
 """Logic of the Triton Python-backend models; the files in model_repo_whisper_trtllm/ only import these.
-May import `engines/`, `pipeline/`, `contract/`, `errors`, `settings`."""
+May import `engines/`, `speakers/`, `pipeline/`, `contract/`, `errors`, `settings`."""

@@ -39,7 +39,9 @@ from ..pipeline.longform import LongFormTranscriber
 from ..pipeline.tokenizer import WhisperTokenizer
 from ..pipeline.windows import WindowOutput, unsupported_word_timestamps
 from ..contract.models import engine_model_name, model_not_found
-from .common import engine_model_dir, error_response, first_value, internal_error, model_settings, repository_root, text
+from ..speakers.service import KnownSpeaker, SpeakerTranscriber, diarization_unavailable
+from .common import (engine_model_dir, error_response, first_value, input_array, internal_error, model_settings,
+                     repository_root, text)
 from .window_scheduler import WindowScheduler, file_allowance
 
 logger = logging.getLogger(__name__)
@@ -300,6 +302,8 @@ class TranscribeModel:
         self.repository = repository_root(args)
         self._models: dict[str, ModelPipeline] = {}  # model id -> its pipeline (engine model whisper_window-<id>)
         self._models_lock = threading.Lock()
+        self.encoder, self.speakers_missing = _speaker_encoder(self.settings.resolved_speaker_encoder())
+        self._diarizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="diarize")
         self._files = ThreadPoolExecutor(max_workers=self.settings.max_concurrent_files, thread_name_prefix="file")
         self._waiting = 0  # files handed over and not yet started
         self._count_lock = threading.Lock()
@@ -311,6 +315,20 @@ class TranscribeModel:
         if not raw.strip():
             return TranscribeOptions()
         return parse_options(load_object(raw, "OPTIONS", MAX_OPTIONS_BYTES))
+
+    def known_speakers(self, request, options: TranscribeOptions) -> list[KnownSpeaker] | None:
+        """With diarize: the reference clips checked and embedded (400s name the parameter); None without."""
+        array = input_array(self.pb, request, "SPEAKER_REFERENCES")
+        references = [] if array is None else [bytes(v) for v in array.reshape(-1)]
+        if not options.diarize and not references:
+            return None
+        if self.encoder is None:
+            raise diarization_unavailable(self.speakers_missing)
+        return SpeakerTranscriber.known_speakers_of(self.encoder, options, references)
+
+    def speakers(self, chosen) -> SpeakerTranscriber:
+        """The diarizing transcriber around the request's model's pipeline (the encoder and its threads shared)."""
+        return SpeakerTranscriber(chosen.pipeline, self.encoder, self._diarizing)
 
     def model(self, model_id: str | None) -> ModelPipeline:
         """The pipeline of `model_id` (None or the default's id: whisper_window). Another model's engine
@@ -341,13 +359,17 @@ class TranscribeModel:
 
     def transcribe(self, request, arrival: float | None = None) -> dict:
         chosen, options = self.prepare(request)
+        known = self.known_speakers(request, options)
         data = first_value(self.pb, request, "AUDIO")
         started = time.perf_counter()
         audio = decode_audio(bytes(data or b""), max_seconds=self.settings.max_audio_seconds)
         decode_seconds = time.perf_counter() - started
         arrival = time.monotonic() if arrival is None else arrival
         with chosen.decoder.serving(_cancellation_flag(request), arrival, audio.size / 16_000):
-            result = chosen.pipeline.transcribe(audio, options)
+            if known is not None:
+                result = self.speakers(chosen).transcribe(audio, options, known)
+            else:
+                result = chosen.pipeline.transcribe(audio, options)
         result.info.work.add_seconds("audio_decode", decode_seconds)
         return result.to_dict(words=options.word_timestamps, tokens=options.include_tokens)
 
@@ -387,7 +409,22 @@ class TranscribeModel:
 
     def close(self) -> None:
         self._files.shutdown(wait=False, cancel_futures=True)
+        self._diarizing.shutdown(wait=False, cancel_futures=True)
         self.router.close()
+
+
+def _speaker_encoder(encoder_path):
+    """The speaker encoder, or None and why not (diarize=true requests then get a 422 saying so).
+    A capability of this model, declared by what is installed: the encoder's converted weights and scikit-learn."""
+    from ..speakers.encoder import load_encoder
+
+    try:
+        import sklearn  # noqa: F401  (the clustering)
+
+        return load_encoder(str(encoder_path)), ""
+    except (ImportError, FileNotFoundError, OSError, ValueError) as exc:
+        logger.warning("speaker diarization is off: %s", exc)
+        return None, str(exc)
 
 
 def _cancellation_flag(request) -> Callable[[], bool]:

@@ -57,6 +57,7 @@ class TranscribeStreamModel(TranscribeModel):
         arrival = time.monotonic()
         try:
             chosen, options = self.prepare(request)  # the request's model; checked before any audio work
+            known = self.known_speakers(request, options)
             audio = decode_audio(bytes(first_value(self.pb, request, "AUDIO") or b""),
                                  max_seconds=self.settings.max_audio_seconds)
         except WhisperTritonError as exc:
@@ -67,7 +68,7 @@ class TranscribeStreamModel(TranscribeModel):
             sender.send(error_response(self.pb, internal_error(exc, "Transcription")), flags=final)
             return
         chunks: queue.Queue = queue.Queue(maxsize=CHUNKS_AHEAD)
-        producer = threading.Thread(target=self._produce, args=(chosen, audio, options, sender, arrival, chunks),
+        producer = threading.Thread(target=self._produce, args=(chosen, audio, options, known, sender, arrival, chunks),
                                     name="stream-decode", daemon=True)
         producer.start()
         while True:
@@ -83,13 +84,19 @@ class TranscribeStreamModel(TranscribeModel):
                 sender.send(flags=final)
                 return
 
-    def _produce(self, chosen, audio, options, sender, arrival: float, chunks: queue.Queue) -> None:
+    def _produce(self, chosen, audio, options, known, sender, arrival: float, chunks: queue.Queue) -> None:
+        """Decodes; with diarize (`known` not None: the known speakers, maybe none) each chunk has speakers."""
         try:
             with chosen.decoder.serving(sender.is_cancelled, arrival, audio.size / 16_000):
-                for chunk in chosen.pipeline.transcribe_iter(audio, options, cancelled=sender.is_cancelled):
+                if known is not None:
+                    decoded = self.speakers(chosen).transcribe_iter(audio, options, known, cancelled=sender.is_cancelled)
+                else:
+                    decoded = ((c, None) for c in chosen.pipeline.transcribe_iter(audio, options,
+                                                                                   cancelled=sender.is_cancelled))
+                for chunk, speakers in decoded:
                     chunks.put(("chunk", stream_chunk(
                         chunk.segments, chunk.language, chunk.language_probability, chunk.duration, chunk.info,
-                        chunk.done, words=options.word_timestamps, tokens=options.include_tokens)))
+                        chunk.done, words=options.word_timestamps, tokens=options.include_tokens, speakers=speakers)))
                     if chunk.done:
                         return
             chunks.put(("cancelled", None))
