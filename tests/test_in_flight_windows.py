@@ -55,15 +55,17 @@ class GatedEngine:
     """The CPU engine declaring in-flight decoding; its first generate waits at a gate."""
 
     def __init__(self, engine):
-        self.engine, self.gate, self.first = engine, threading.Event(), True
+        self.engine, self.gate, self.entered, self.lock = engine, threading.Event(), threading.Event(), threading.Lock()
         self.capabilities = dataclasses.replace(engine.capabilities, in_flight_windows=2)
         for name in ("n_mels", "is_multilingual", "max_batch_size", "name"):
             setattr(self, name, getattr(engine, name))
 
     def generate(self, *args, **kwargs):
-        if self.first:
-            self.first = False
-            assert self.gate.wait(30)
+        with self.lock:
+            gated = not self.entered.is_set()
+            self.entered.set()
+        if gated:
+            assert self.gate.wait(60)
         return self.engine.generate(*args, **kwargs)
 
     def __getattr__(self, name):
@@ -78,6 +80,8 @@ def test_whisper_window_answers_each_request_as_it_finishes(monkeypatch):
         audio = (0.1 * np.sin(np.arange(16000) / 5)).astype(np.float32).reshape(1, -1)
         first, second = (pb.InferenceRequest([pb.Tensor("WAV", audio)], ["TRANSCRIPTS"]) for _ in range(2))
         assert model.execute([first]) is None  # answered through its sender
+        # The second is sent only once the first holds the engine: the workers may start in either order.
+        assert model.short.decoder.engine.entered.wait(60)
         assert model.execute([second]) is None
         assert second.sender.done.wait(60) and not first.sender.done.is_set()  # the later one did not wait
         model.short.decoder.engine.gate.set()
