@@ -103,6 +103,14 @@ class Settings(BaseSettings):
     # one file longer than the bound alone is still admitted when nothing else is in flight
     max_queued_audio_seconds: float = Field(default=28_800.0, gt=0)
     retry_after_s: int = Field(default=2, ge=1, le=3_600)
+    # Slow clients (http/client_limits.py): a body must arrive whole within client_body_timeout_s, with
+    # no gap longer than client_idle_timeout_s between its pieces (else 408 and the connection closed);
+    # a streamed answer (SSE, JSON lines) the client stops reading for stream_send_timeout_s is ended
+    # and its slot released; connections + requests uvicorn serves at once (beyond: 503 from uvicorn)
+    client_body_timeout_s: float = Field(default=120.0, gt=0)
+    client_idle_timeout_s: float = Field(default=30.0, gt=0)
+    stream_send_timeout_s: float = Field(default=60.0, gt=0)
+    max_connections: int = Field(default=1_024, ge=16)
     # Access for self-hosting: when set, every route but /ping needs `Authorization: Bearer <key>`
     # (what OpenAI clients send) or `x-api-key: <key>`; empty (the default): open, as on SageMaker,
     # where the platform authenticates callers

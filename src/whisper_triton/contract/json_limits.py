@@ -17,6 +17,9 @@ from ..errors import invalid_parameter
 MAX_JSON_DEPTH = 8
 MAX_OPTIONS_BYTES = 64 * 1024  # far above every option at its longest (two prompts of 8,192 characters)
 MAX_KEY_CHARS = 64  # an option name longer than this is not one; messages echo at most this much
+# names in one JSON document, all objects together: options are ~40 names, so 256 is far above any
+# real body; 400,000 unknown keys would cost the options model about a second each to refuse
+MAX_JSON_KEYS = 256
 
 
 def load_object(data: bytes | str, param: str, max_bytes: int | None = None) -> dict[str, Any]:
@@ -24,7 +27,10 @@ def load_object(data: bytes | str, param: str, max_bytes: int | None = None) -> 
     if max_bytes is not None and len(data) > max_bytes:
         raise invalid_parameter(param, f"{param} is {len(data)} bytes; the limit is {max_bytes} bytes.")
     try:
-        payload = json.loads(data)
+        payload = json.loads(data, object_pairs_hook=_key_counter(param))
+    except _TooManyKeys:
+        raise invalid_parameter(param, f"{param} has more than {MAX_JSON_KEYS} names; options are a flat object "
+                                "of a few dozen (see the README's option list).") from None
     except RecursionError:
         raise invalid_parameter(param, f"{param} is nested too deeply; the limit is {MAX_JSON_DEPTH} levels.") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -34,6 +40,23 @@ def load_object(data: bytes | str, param: str, max_bytes: int | None = None) -> 
     if depth(payload) > MAX_JSON_DEPTH:
         raise invalid_parameter(param, f"{param} is nested too deeply; the limit is {MAX_JSON_DEPTH} levels.")
     return payload
+
+
+class _TooManyKeys(Exception):
+    pass
+
+
+def _key_counter(param: str):
+    """json's object hook, counting names over the whole document (stops the decode past the bound)."""
+    seen = [0]
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen[0] += len(pairs)
+        if seen[0] > MAX_JSON_KEYS:
+            raise _TooManyKeys()
+        return dict(pairs)
+
+    return hook
 
 
 def depth(value: Any) -> int:

@@ -16,13 +16,15 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import WhisperTritonError
 from ..pipeline.formats import FORMATS, render
 from ..settings import Settings
-from .guards import Admission, Guards
+from .client_limits import ClientLimits, ClosingStreamingResponse
+from .guards import CLIENT_GONE, Admission, Guards, clipped_error
 from . import multi_model
 from .metrics import MetricsMiddleware, ProxyMetrics
 from .openai_router import OPENAI_PREFIX, openai_error_response
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 def error_response(exc: WhisperTritonError, path: str = "") -> JSONResponse:
     """The error in the shape the route's clients parse: OpenAI's under /v1, ours elsewhere."""
+    exc = clipped_error(exc)  # whatever client text a message quotes, the answer stays short
     if path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/"):
         response = openai_error_response(exc)
         response.headers.update(exc.headers())
@@ -81,6 +84,9 @@ def create_app(settings: Settings, triton_url: str | None = None, registry=None)
     app.state.live = None  # the live transcription service, set up by the first session (http/realtime.py)
     app.state.live_models = {}  # one per other model a session names (?model=), set up by its first session
     app.state.session_admission = SessionAdmission(admission, settings.live_max_sessions)
+    # inside Guards: a body that stops arriving is a 408, a reader that stops reading ends its stream
+    app.add_middleware(ClientLimits, body_timeout_s=settings.client_body_timeout_s,
+                       idle_timeout_s=settings.client_idle_timeout_s, send_timeout_s=settings.stream_send_timeout_s)
     app.add_middleware(Guards, settings=settings, admission=admission)  # request id, API key, load, disconnects
 
     @app.exception_handler(WhisperTritonError)
@@ -93,6 +99,13 @@ def create_app(settings: Settings, triton_url: str | None = None, registry=None)
         error = WhisperTritonError(str(exc.detail), None, exc.status_code, "http_error")
         _record_error(request, error)
         return error_response(error, request.url.path)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _handle_gone(request: Request, exc: ClientDisconnect):
+        # the client left while its body was being read: not a server fault, one line, no traceback
+        request.scope.setdefault("state", {})[CLIENT_GONE] = True
+        logger.info("client disconnected while sending its body: %s %s dropped", request.method, request.url.path)
+        return Response(status_code=400)  # never sent: nobody is left to read it
 
     @app.exception_handler(Exception)
     async def _handle_unexpected(request: Request, exc: Exception):
@@ -141,7 +154,7 @@ def create_app(settings: Settings, triton_url: str | None = None, registry=None)
                 on_first_segment=lambda: state.metrics.first_segment.labels("/invocations").observe(
                     time.perf_counter() - started),
                 on_done=lambda chunk: state.metrics.record("/invocations", chunk))
-            return StreamingResponse(lines, media_type=streamed_type or STREAM_TYPES[0])
+            return ClosingStreamingResponse(lines, media_type=streamed_type or STREAM_TYPES[0])
         result = await multi_model.transcribe(request, model, invocation.audio, invocation.options,
                                               invocation.references)
         state.metrics.record("/invocations", result)

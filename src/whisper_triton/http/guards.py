@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import hmac
 import json
 import logging
@@ -42,6 +43,11 @@ CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request": the label a cance
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 OPEN_PATHS = frozenset({"/ping"})  # no key, never refused for load
 UNMETERED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # cheap reads are not admitted work
+MAX_MESSAGE_CHARS = 600  # an error message longer than this quotes client text: cut, whatever it quotes
+ECHO_CHARS = 64  # client text (a header, a value) an error message quotes at most
+# control characters (line breaks above all) in client text a log line quotes: escaped, so a path with
+# %0A cannot start a line of its own in the log
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def request_id_from(value: str | None) -> str:
@@ -51,11 +57,43 @@ def request_id_from(value: str | None) -> str:
     return uuid.uuid4().hex
 
 
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """Client text as an error message may quote it: at most `limit` characters, and no control ones."""
+    text = escaped(text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def clipped_error(exc: WhisperTritonError) -> WhisperTritonError:
+    """`exc` with its message cut to MAX_MESSAGE_CHARS (the safety net behind each message's own cut)."""
+    if len(exc.message) <= MAX_MESSAGE_CHARS:
+        return exc
+    short = copy.copy(exc)
+    short.message = exc.message[:MAX_MESSAGE_CHARS] + "..."
+    return short
+
+
+def escaped(text: str) -> str:
+    return _CONTROL.sub(lambda match: ascii(match.group())[1:-1], text)
+
+
+def _escaped_arg(value):
+    if isinstance(value, str):
+        return escaped(value)
+    if isinstance(value, BaseException):  # an exception's text may quote the client
+        return escaped(str(value))
+    return value
+
+
 class RequestIdFilter(logging.Filter):
-    """Adds `record.request_id` (the current request's, "-" outside one) for the log format."""
+    """Adds `record.request_id` (the current request's, "-" outside one) for the log format, and escapes
+    control characters in the record's arguments (paths, ids, names: client text) so none forges a line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = REQUEST_ID.get()
+        if isinstance(record.args, tuple):
+            record.args = tuple(_escaped_arg(arg) for arg in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {key: _escaped_arg(arg) for key, arg in record.args.items()}
         return True
 
 
@@ -130,7 +168,7 @@ def key_matches(presented: str | None, expected: str) -> bool:
 
 
 def _error_body(exc: WhisperTritonError) -> bytes:
-    return json.dumps(exc.to_dict()).encode()
+    return json.dumps(clipped_error(exc).to_dict()).encode()
 
 
 class Guards:

@@ -2,7 +2,9 @@
 metrics stay on Triton's metrics port, 8002). One registry per app, so several apps in one process
 (tests) never share counters.
 
-- whisper_http_requests_total{route,method,status}: status 499 where the client left before its answer
+- whisper_http_requests_total{route,method,status}: status 499 where the client left before its answer;
+  route is the route's template or `unmatched`, method one of GET POST HEAD OPTIONS PUT DELETE PATCH or
+  `other` (neither a path nor a method a client invents adds a series)
 - whisper_http_request_duration_seconds{route} (histogram; a stream counts until its last byte)
 - whisper_http_requests_in_flight{route}
 - whisper_audio_seconds_total{route}: seconds of audio transcribed
@@ -33,6 +35,13 @@ from .guards import CLIENT_CLOSED_STATUS, CLIENT_GONE
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 LIVE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
 UNMATCHED = "unmatched"  # any path that is not a route: one label, whatever was asked
+# the method label's values: a fixed set, so invented methods never add series
+METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
+OTHER_METHOD = "other"
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else OTHER_METHOD
 
 
 class ProxyMetrics:
@@ -128,4 +137,4 @@ class MetricsMiddleware:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
             if scope["state"].get(CLIENT_GONE):  # cancelled because the client left: no status was sent
                 status["code"] = CLIENT_CLOSED_STATUS
-            self.metrics.requests.labels(route, scope.get("method", ""), str(status["code"])).inc()
+            self.metrics.requests.labels(route, method_label(scope.get("method", "")), str(status["code"])).inc()

@@ -8,11 +8,12 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..errors import WhisperTritonError
 from . import multi_model
 from . import openai_serving as serving
+from .client_limits import ClosingStreamingResponse
 from .openai_protocol import MEDIA_TYPES, error_body
 from .streaming import first_chunk, until_disconnected
 
@@ -71,7 +72,7 @@ async def _audio(request: Request, task: str) -> Response:
                 on_first_segment=lambda: state.metrics.first_segment.labels(route).observe(time.perf_counter() - started),
                 on_done=lambda chunk: state.metrics.record(route, chunk),
                 diarized_segments=audio_request.response_format == "diarized_json")
-            return StreamingResponse(events, media_type="text/event-stream",
+            return ClosingStreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         result = await multi_model.transcribe(request, audio_request.model, form.audio, options, references)
     except WhisperTritonError as exc:

@@ -9,6 +9,7 @@ import binascii
 import re
 from dataclasses import dataclass
 
+import anyio
 from fastapi import Request
 
 from ..contract.json_limits import load_object
@@ -16,6 +17,7 @@ from ..contract.options import TranscribeOptions, parse_options
 from ..errors import InvalidAudioError, PayloadTooLargeError, WhisperTritonError, invalid_parameter
 from ..pipeline.formats import FORMATS
 from ..settings import Settings
+from .guards import clip
 
 _AUDIO_TYPES = ("application/octet-stream",)
 CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
@@ -83,7 +85,7 @@ def wants_stream(value) -> bool:
         return True
     if text in ("", "0", "false", "no", "off"):
         return False
-    raise invalid_parameter("stream", f"stream must be true or false, got {value!r}.")
+    raise invalid_parameter("stream", f"stream must be true or false, got {clip(str(value))!r}.")
 
 
 def media_type(header: str | None) -> str:
@@ -116,7 +118,7 @@ def choose_output_type(accept: str | None) -> str:
         if media == "text/*":
             return "text/plain"
     raise WhisperTritonError(
-        message=f"Cannot answer with {accept!r}: use Accept {', '.join(FORMATS)}.",
+        message=f"Cannot answer with {clip(accept)!r}: use Accept {', '.join(FORMATS)}.",
         param="Accept", status=406, type="not_acceptable",
     )
 
@@ -144,20 +146,29 @@ async def parse_invocation(request: Request, settings: Settings) -> Invocation:
                                 "Send long options (prompts) in a JSON body.")
     raw_options: dict = {**custom_attributes(request.headers.get(CUSTOM_ATTRIBUTES_HEADER)),
                          **dict(request.query_params)}
-    references = None
     if content_type == "application/json":
-        audio_bytes, json_options = parse_json_body(body)
-        references = speaker_references(json_options.pop(REFERENCES_PARAM, None))
-        raw_options.update(json_options)
-    elif content_type in _AUDIO_TYPES or content_type.startswith(("audio/", "video/")) or not content_type:
+        # decoding and validating megabytes of JSON takes the CPU for a while: off the event loop, so
+        # /ping and every other request go on answering meanwhile
+        return await anyio.to_thread.run_sync(_json_invocation, body, raw_options)
+    if content_type in _AUDIO_TYPES or content_type.startswith(("audio/", "video/")) or not content_type:
         # boto3 sends no Content-Type when the caller gives none: treat the body as audio
         audio_bytes = body
     else:
         raise WhisperTritonError(
-            message=f"Unsupported Content-Type {content_type!r}: send audio/* or application/octet-stream "
+            message=f"Unsupported Content-Type {clip(content_type)!r}: send audio/* or application/octet-stream "
             'with the file\'s bytes, or application/json {"audio": "<base64>"}.',
             param="Content-Type", status=415, type="unsupported_media_type",
         )
+    return _invocation(audio_bytes, raw_options)
+
+
+def _json_invocation(body: bytes, raw_options: dict) -> Invocation:
+    audio_bytes, json_options = parse_json_body(body)
+    references = speaker_references(json_options.pop(REFERENCES_PARAM, None))
+    return _invocation(audio_bytes, {**raw_options, **json_options}, references)
+
+
+def _invocation(audio_bytes: bytes, raw_options: dict, references: list[bytes] | None = None) -> Invocation:
     if not audio_bytes:
         raise InvalidAudioError("The request body is empty: send the audio file's bytes.")
     if REFERENCES_PARAM in raw_options:

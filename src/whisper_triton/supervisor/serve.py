@@ -19,6 +19,8 @@ from ..settings import Settings, load_settings, resolve_settings
 from .triton_server import TritonPorts, TritonServer, TritonStartError
 
 logger = logging.getLogger("whisper_triton.supervisor.serve")
+H11_MAX_INCOMPLETE_EVENT_BYTES = 16 * 1024  # headers + request line (the 16 KiB query limit's room)
+KEEP_ALIVE_S = 5
 
 
 def default_model_repository() -> Path:
@@ -142,7 +144,14 @@ class Supervisor:
                                 log_level="info", access_log=False, timeout_graceful_shutdown=10,
                                 # a little over the live events' own limit, so an event just over it gets
                                 # an `error` event saying why before the close (1009); larger ones uvicorn cuts
-                                ws_max_size=MAX_EVENT_BYTES + 64 * 1024)
+                                ws_max_size=MAX_EVENT_BYTES + 64 * 1024,
+                                # uvicorn's own limits, explicit: h11 refuses headers (and a request
+                                # line) past 16 KiB; an idle keep-alive connection closes after 5 s;
+                                # beyond max_connections connections and requests uvicorn answers 503
+                                # itself (far above admission's bound, so it only stops a connection flood)
+                                h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT_BYTES,
+                                timeout_keep_alive=KEEP_ALIVE_S,
+                                limit_concurrency=self.settings.max_connections)
         self.http = uvicorn.Server(config)
         watcher = threading.Thread(target=self._watch_triton, name="triton-watch", daemon=True)
         watcher.start()
