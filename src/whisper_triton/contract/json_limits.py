@@ -20,17 +20,22 @@ MAX_KEY_CHARS = 64  # an option name longer than this is not one; messages echo 
 # names in one JSON document, all objects together: options are ~40 names, so 256 is far above any
 # real body; 400,000 unknown keys would cost the options model about a second each to refuse
 MAX_JSON_KEYS = 256
+# every name is followed by a colon, so more colons than this (strings hold a few: two prompts of
+# 8,192 characters at most) means more names than MAX_JSON_KEYS without decoding anything
+MAX_JSON_COLONS = 32 * 1024
 
 
 def load_object(data: bytes | str, param: str, max_bytes: int | None = None) -> dict[str, Any]:
     """A JSON object from `data`, or a 400 naming `param` (size, syntax, depth, not an object)."""
     if max_bytes is not None and len(data) > max_bytes:
         raise invalid_parameter(param, f"{param} is {len(data)} bytes; the limit is {max_bytes} bytes.")
+    if data.count(":" if isinstance(data, str) else b":") > MAX_JSON_COLONS:  # a C-speed count, before decoding
+        raise invalid_parameter(param, f"{param} holds more than {MAX_JSON_COLONS} ':', so more names than an options "
+                                f"object has ({MAX_JSON_KEYS} at most; options are a flat object of a few dozen).")
     try:
-        payload = json.loads(data, object_pairs_hook=_key_counter(param))
+        payload = json.loads(data, object_pairs_hook=_key_counter())
     except _TooManyKeys:
-        raise invalid_parameter(param, f"{param} has more than {MAX_JSON_KEYS} names; options are a flat object "
-                                "of a few dozen (see the README's option list).") from None
+        raise _too_many_keys(param) from None
     except RecursionError:
         raise invalid_parameter(param, f"{param} is nested too deeply; the limit is {MAX_JSON_DEPTH} levels.") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -42,11 +47,16 @@ def load_object(data: bytes | str, param: str, max_bytes: int | None = None) -> 
     return payload
 
 
+def _too_many_keys(param: str):
+    return invalid_parameter(param, f"{param} has more than {MAX_JSON_KEYS} names; options are a flat object "
+                             "of a few dozen (see the README's option list).")
+
+
 class _TooManyKeys(Exception):
     pass
 
 
-def _key_counter(param: str):
+def _key_counter():
     """json's object hook, counting names over the whole document (stops the decode past the bound)."""
     seen = [0]
 
