@@ -94,10 +94,15 @@ def json_error(reply: bytes) -> dict:
 
 
 def assert_slot_free(instance) -> None:
-    """/ping answers and the one request slot is free: a junk body is judged (400), not refused (503)."""
+    """/ping answers and the one request slot is free again: a junk body is judged (400), not refused
+    (503). A few tries: the server may see the previous client go a moment after this request arrives."""
     assert httpx.get(instance.url + "/ping", timeout=5).status_code == 200
-    reply = httpx.post(instance.url + "/invocations", content=b"not audio at all", timeout=30,
-                       headers={"Content-Type": "audio/wav"})
+    for _ in range(20):
+        reply = httpx.post(instance.url + "/invocations", content=b"not audio at all", timeout=30,
+                           headers={"Content-Type": "audio/wav"})
+        if reply.status_code != 503:
+            break
+        time.sleep(0.25)
     assert reply.status_code == 400, reply.text
 
 
@@ -194,22 +199,28 @@ def test_ping_answers_while_megabytes_of_json_keys_are_refused(serve):
         assert "names" in reply.json()["error"]["message"]
 
 
-def metrics_lines(serve) -> int:
-    return len(httpx.get(serve.url + "/metrics", timeout=10).text.splitlines())
+def metric_series(serve) -> set[str]:
+    text = httpx.get(serve.url + "/metrics", timeout=10).text
+    return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
 def test_invented_methods_and_paths_add_no_metric_series(serve):
     with httpx.Client(base_url=serve.url, timeout=10) as client:
         client.request("BREW", "/ping")  # the `other` method's series exist from here on
         client.request("BREW", "/no-such-route-0")
-        metrics_lines(serve)
-        before = metrics_lines(serve)
+        metric_series(serve)
+        before = metric_series(serve)
         for i in range(300):
             path = "/ping" if i % 2 else f"/no-such-route-{i}"
             assert client.request(f"M{i}X", path).status_code in (404, 405)
-    after = metrics_lines(serve)
-    print(f"/metrics lines: {before} before, {after} after 300 invented methods and paths")
-    assert after == before
+    after = metric_series(serve)
+    print(f"/metrics series: {len(before)} before, {len(after)} after 300 invented methods and paths")
+    # only series these requests could add are looked at: an earlier test's request that ends meanwhile
+    # may add its own (its route, its status)
+    added = [series for series in after - before
+             if 'route="/ping"' in series or 'route="unmatched"' in series or 'method="other"' in series
+             or re.search(r"M\d+X|no-such-route", series)]
+    assert added == []
 
 
 def test_long_client_text_is_not_echoed_whole(serve):
