@@ -192,6 +192,14 @@ def test_more_audio_streams_than_the_cap_are_refused():
     assert error.status == 400 and error.param == "audio" and "audio streams" in error.message
 
 
+def test_a_codec_without_a_decoder_is_a_400():
+    """WAV format tag 0 (found by FUZZ_EXAMPLES=1500): PyAV gives the stream no codec context."""
+    data = bytearray(tone_wav())
+    data[20:22] = b"\x00\x00"
+    error = refused(bytes(data))
+    assert error.status == 400 and error.param == "audio"
+
+
 # ---- options that multiply windows or decodes ---------------------------------------------------
 
 

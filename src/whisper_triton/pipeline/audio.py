@@ -133,6 +133,9 @@ def decode_audio(data: bytes, max_seconds: float | None = None, sample_rate: int
             raise InvalidAudioError(f"The file holds {len(container.streams.audio)} audio streams, more than the "
                                     f"limit of {MAX_AUDIO_STREAMS}. Send a file with one audio track.")
         stream = container.streams.audio[0]
+        if stream.codec_context is None:  # a codec FFmpeg has no decoder for (e.g. WAV format tag 0)
+            raise InvalidAudioError("The file's audio codec cannot be decoded. Send wav (PCM), flac, mp3, "
+                                    "ogg/opus or m4a/aac audio.")
         _check_shape(stream.codec_context.sample_rate, stream.codec_context.channels)
         samples = _decode_stream(container, stream, sample_rate, max_samples)
     if samples.size == 0:
