@@ -52,7 +52,7 @@ AUDIO_DEMUXERS = (
     "asf", "xwma", "avi", "flv", "mpeg", "mpegts", "nut", "rm", "oma", "shn", "tak",
 )
 # No protocol may be opened from inside a body: the body itself is read through PyAV's in-memory
-# I/O, which is no protocol, so an empty list refuses every nested open (file, http, udp, crypto,
+# I/O, which is no protocol, so a list naming no protocol refuses every nested open (file, http, udp, crypto,
 # concat, subfile, ...) whatever demuxer asks. "none" is no protocol's name (an empty string would
 # not be read as a list by every FFmpeg version).
 _CONTAINMENT = {
@@ -267,8 +267,10 @@ def estimate_seconds(data: bytes) -> float:
 
 
 def _reason(exc: Exception) -> str:
+    """FFmpeg's text for the log only: it can hold names from the body (an ffconcat list's file names),
+    so anything unprintable is masked and the length cut (no forged log lines)."""
     text = str(exc).strip() or type(exc).__name__
-    return text.replace("\n", " ")[:200]
+    return "".join(c if c.isprintable() else "?" for c in text[:200])
 
 
 def encode_pcm16(samples: np.ndarray, rate: int = 24_000) -> bytes:
