@@ -9,7 +9,6 @@ rate over the object's size, or the audio the probe's packets hold scaled by siz
 
 from __future__ import annotations
 
-import io
 import logging
 import struct
 from collections.abc import Iterable
@@ -20,7 +19,7 @@ from typing import Any
 import av
 
 from ..deploy.aws import parse_s3_uri
-from ..pipeline.audio import SAMPLE_RATE, decode_audio
+from ..pipeline.audio import SAMPLE_RATE, decode_audio, open_audio
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ def probe_seconds(head: bytes, size: int) -> tuple[float, bool]:
         return wav, True
     whole = len(head) >= size
     try:
-        with av.open(io.BytesIO(head)) as container:
+        with open_audio(head) as container:  # the decoder's whitelist: a probe reaches nothing outside the bytes
             stream = container.streams.audio[0] if container.streams.audio else None
             duration = container.duration / av.time_base if container.duration else 0.0
             name = container.format.name

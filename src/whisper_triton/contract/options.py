@@ -34,6 +34,12 @@ MAX_LANGUAGE_CHARS = 32
 MAX_MODEL_ID_CHARS = 64
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 CHUNK_SECONDS = 30.0
+# Ceilings on the options that multiply work (docs/hardening.md, "Option ranges that bound work"):
+# windows per file = audio seconds / chunk_length, so chunk_length is at least MIN_CHUNK_SECONDS
+# (0.0001 s turned 30 s into 300,000 windows); each window is decoded up to once per temperature,
+# each decode with beam_size hypotheses, so their product is capped as well.
+MIN_CHUNK_SECONDS = 1.0
+MAX_WINDOW_DECODES = 96  # len(temperature) x beam_size: the 6 default temperatures at the largest beam
 MAX_SPEAKERS = 16  # speakers one file may be diarized into
 DEFAULT_MAX_SPEAKERS = 8
 MAX_KNOWN_SPEAKERS = 4  # OpenAI's limit on known_speaker_names[] / known_speaker_references[]
@@ -120,7 +126,7 @@ class TranscribeOptions(BaseModel):
     model: Annotated[str, Field(max_length=MAX_MODEL_ID_CHARS)] | None = None
     task: Literal["transcribe", "translate"] = "transcribe"
     vad: bool = True
-    chunk_length: Annotated[float, Field(gt=0.0, le=CHUNK_SECONDS)] = CHUNK_SECONDS
+    chunk_length: Annotated[float, Field(ge=MIN_CHUNK_SECONDS, le=CHUNK_SECONDS)] = CHUNK_SECONDS
     batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] = 8
     beam_size: BeamSize = _DECODE["beam_size"].default
     temperature: Annotated[list[Temperature], Field(min_length=1, max_length=MAX_TEMPERATURES)] = \
@@ -176,6 +182,17 @@ class TranscribeOptions(BaseModel):
                                f"({self.min_speakers}..{self.max_speakers}); give one or the other.")
         if len(set(self.known_speaker_names)) < len(self.known_speaker_names):
             raise _OptionError("known_speaker_names", "known_speaker_names has a name twice: name each speaker once.")
+        return self
+
+    @model_validator(mode="after")
+    def _bounded_decodes(self) -> "TranscribeOptions":
+        """Every window may be decoded once per temperature, each with beam_size beams: cap the product."""
+        decodes = len(self.temperature) * self.beam_size
+        if decodes > MAX_WINDOW_DECODES:
+            name = "temperature" if "temperature" in self.model_fields_set else "beam_size"
+            raise _OptionError(name, f"{len(self.temperature)} temperatures x beam_size {self.beam_size} = {decodes} "
+                               f"decodes per window, above the limit of {MAX_WINDOW_DECODES}: give fewer "
+                               "temperatures or a smaller beam_size.")
         return self
 
     @field_validator("temperature", mode="before")

@@ -9,6 +9,16 @@ Hostile or broken input, decided here once for every route:
   refused with a 400 naming `audio` and the time of the first one, never passed on (they would turn
   the log-mel features into NaN and the transcript silently empty). Refused rather than sanitised:
   such a file is corrupt, and zeroing samples would alter the audio without telling anyone.
+- bodies that make FFmpeg reach outside them (an SDP text binds UDP ports and waits, an `ffconcat`
+  list or a playlist opens local files or URLs): only the audio/video container demuxers of
+  AUDIO_DEMUXERS may open a body (FFmpeg's `format_whitelist`, checked again after opening), and
+  no protocol may be opened from inside one (`protocol_whitelist`). Every body that cannot be opened
+  gets the same fixed message (NOT_AUDIO): FFmpeg's text is logged, never echoed, and never tells a
+  file that exists from one that does not.
+- work out of proportion to the body: a sample rate outside MIN/MAX_SAMPLE_RATE, more than
+  MAX_CHANNELS channels, more than MAX_AUDIO_STREAMS audio streams are refused (400) before any
+  decoding; the duration cap is checked in output samples BEFORE each resampler call (a 16 KB WAV at
+  a tiny rate would otherwise grow to gigabytes inside one call).
 """
 
 from __future__ import annotations
@@ -29,6 +39,34 @@ MAX_SAMPLE_MAGNITUDE = 1e6
 logger = logging.getLogger(__name__)
 av.logging.set_level(av.logging.PANIC)  # FFmpeg's own chatter about odd input is noise in our logs
 
+# Demuxers a body may be opened with (FFmpeg names; a demuxer named "mov,mp4,m4a,..." matches on
+# any of its names): the audio containers users send, telephony formats, and the video containers
+# whose audio track is transcribed. Left out on purpose: playlists and references to other inputs
+# (hls, dash, concat, sdp, rtp, rtsp, sap, image2, lavfi, tee, data), devices (alsa, oss, v4l2,
+# x11grab, fbdev, kmsgrab), raw PCM (a header-less body is noise) and the long tail of game and
+# image formats nobody transcribes (more parsers reachable by untrusted bytes, no user gained).
+AUDIO_DEMUXERS = (
+    "wav", "w64", "mp3", "flac", "ogg", "matroska", "webm", "mov", "mp4", "m4a", "3gp", "3g2", "aac", "loas",
+    "ac3", "eac3", "amr", "amrnb", "amrwb", "aiff", "caf", "au", "g722", "g723_1", "g729", "gsm", "ilbc",
+    "qcp", "nistsphere", "voc", "ircam", "sox", "wv", "ape", "tta", "mpc", "mpc8", "dts", "truehd", "mlp",
+    "asf", "xwma", "avi", "flv", "mpeg", "mpegts", "nut", "rm", "oma", "shn", "tak",
+)
+# No protocol may be opened from inside a body: the body itself is read through PyAV's in-memory
+# I/O, which is no protocol, so a list naming no protocol refuses every nested open (file, http, udp, crypto,
+# concat, subfile, ...) whatever demuxer asks. "none" is no protocol's name (an empty string would
+# not be read as a list by every FFmpeg version).
+_CONTAINMENT = {
+    "format_whitelist": ",".join(AUDIO_DEMUXERS),
+    "protocol_whitelist": "none",
+    "max_streams": "32",  # FFmpeg's default is 1000 streams, each probed
+}
+MIN_SAMPLE_RATE = 1_000  # 8 kHz telephony and 4-6 kHz archives pass; below it a file is not speech
+MAX_SAMPLE_RATE = 768_000  # 4x the highest studio rate (192 kHz)
+MAX_CHANNELS = 8  # 7.1 surround; every channel is decoded before the downmix
+MAX_AUDIO_STREAMS = 8  # only the first is transcribed; each one is probed
+NOT_AUDIO = ("The body is not an audio file of a supported format. Send wav, flac, mp3, ogg/opus, m4a/aac, "
+             "webm/mkv or another common audio or video file.")
+
 # FFmpeg probes up to 5 MB of a file before it reports its streams: 5 ms for a 4 s WAV, most of the
 # time spent on a short request outside the engine. WAV and FLAC state everything in their first
 # bytes, so those are opened with a small probe (same samples, checked in tests/test_audio.py);
@@ -41,10 +79,11 @@ def _described_by_header(data: bytes) -> bool:
 
 
 def _open(data: bytes):
-    """PyAV's container for `data`, probing only the header where the format allows it."""
+    """PyAV's container for `data`, probing only the header where the format allows it; opened only
+    by an allowed demuxer, with no protocol reachable (module docstring)."""
     if _described_by_header(data):
         try:
-            container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore", options=_HEADER_PROBE)
+            container = _contained_open(data, _HEADER_PROBE)
         except (av.FFmpegError, ValueError, OSError):
             container = None
         if container is not None:
@@ -55,7 +94,27 @@ def _open(data: bytes):
             except Exception:  # noqa: BLE001 - a stream the small probe left half-described: probe fully
                 pass
             container.close()
-    return av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
+    return _contained_open(data, {})
+
+
+def _contained_open(data: bytes, options: dict[str, str]):
+    container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore", options={**options, **_CONTAINMENT})
+    names = set((container.format.name or "").split(","))
+    if not names & set(AUDIO_DEMUXERS):  # FFmpeg checked the whitelist; a build that did not is caught here
+        container.close()
+        raise ValueError(f"demuxer {container.format.name!r} is not allowed")
+    return container
+
+
+def open_audio(data: bytes):
+    """The container of `data` opened as decode_audio opens it (whitelisted, nothing reached outside
+    the bytes), or InvalidAudioError with the fixed NOT_AUDIO message."""
+    try:
+        return _open(data)
+    except (av.FFmpegError, ValueError, OSError) as exc:
+        # FFmpeg's text names files and formats (it told an existing file from a missing one): logged only
+        logger.info("body refused as not audio: %s", _reason(exc))
+        raise InvalidAudioError(NOT_AUDIO) from None
 
 
 def decode_audio(data: bytes, max_seconds: float | None = None, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -67,17 +126,18 @@ def decode_audio(data: bytes, max_seconds: float | None = None, sample_rate: int
     if not data:
         raise InvalidAudioError("The request body is empty: send the audio file's bytes.")
     max_samples = None if max_seconds is None else int(max_seconds * sample_rate)
-    try:
-        container = _open(data)
-    except (av.FFmpegError, ValueError, OSError) as exc:
-        raise InvalidAudioError(
-            f"The body is not a readable audio file ({_reason(exc)}). Send wav, flac, mp3, ogg, "
-            "opus, m4a/aac or webm audio."
-        ) from exc
-    with container:
+    with open_audio(data) as container:
         if not container.streams.audio:
             raise InvalidAudioError("The file holds no audio stream. Send a file with an audio track.")
-        samples = _decode_stream(container, container.streams.audio[0], sample_rate, max_samples)
+        if len(container.streams.audio) > MAX_AUDIO_STREAMS:
+            raise InvalidAudioError(f"The file holds {len(container.streams.audio)} audio streams, more than the "
+                                    f"limit of {MAX_AUDIO_STREAMS}. Send a file with one audio track.")
+        stream = container.streams.audio[0]
+        if stream.codec_context is None:  # a codec FFmpeg has no decoder for (e.g. WAV format tag 0)
+            raise InvalidAudioError("The file's audio codec cannot be decoded. Send wav (PCM), flac, mp3, "
+                                    "ogg/opus or m4a/aac audio.")
+        _check_shape(stream.codec_context.sample_rate, stream.codec_context.channels)
+        samples = _decode_stream(container, stream, sample_rate, max_samples)
     if samples.size == 0:
         raise InvalidAudioError(
             "The file decodes to zero audio samples (empty or truncated). Send a complete audio file."
@@ -128,20 +188,24 @@ def _decode_stream(container, stream, sample_rate: int, max_samples: int | None)
     resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
     chunks: list[np.ndarray] = []
     total = 0
+    seconds = 0.0  # of input decoded so far: what the output will hold, known before resampling
     try:
         for frame in _blocks(container.decode(stream)):
+            _check_shape(frame.sample_rate, len(frame.layout.channels))  # a stream may change mid-way
+            seconds += frame.samples / frame.sample_rate
+            # checked before the resampler call: it would otherwise allocate the whole block's output
+            if max_samples is not None and int(seconds * sample_rate) > max_samples:
+                raise _too_long(max_samples, sample_rate)
             for out in resampler.resample(frame):
                 total += _append(chunks, out, total, sample_rate)
             if max_samples is not None and total > max_samples:
-                raise PayloadTooLargeError(
-                    f"The audio is longer than the limit of {max_samples / sample_rate:g} s. "
-                    "Send shorter audio or split it."
-                )
+                raise _too_long(max_samples, sample_rate)
     except (av.FFmpegError, ValueError, EOFError) as exc:
         if total == 0:
+            logger.info("audio undecodable from its start: %s", _reason(exc))
             raise InvalidAudioError(
-                f"The audio could not be decoded ({_reason(exc)}). Send a complete, uncorrupted file."
-            ) from exc
+                "The audio could not be decoded: the file is corrupt or truncated. Send a complete, uncorrupted file."
+            ) from None
         # trailing junk or a cut: keep the valid part (module docstring)
         logger.warning("audio undecodable after %.2f s (%s): keeping the %.2f s decoded before it",
                        total / sample_rate, _reason(exc), total / sample_rate)
@@ -150,6 +214,22 @@ def _decode_stream(container, stream, sample_rate: int, max_samples: int | None)
     if not chunks:
         return np.zeros(0, dtype=np.float32)
     return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def _too_long(max_samples: int, sample_rate: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"The audio is longer than the limit of {max_samples / sample_rate:g} s. "
+                                "Send shorter audio or split it.")
+
+
+def _check_shape(rate: int | None, channels: int | None) -> None:
+    """Refuse a sample rate or channel count that no speech recording has (module docstring): they
+    multiply the work per byte of body."""
+    if not rate or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise InvalidAudioError(f"The audio's sample rate of {rate or 0} Hz is outside {MIN_SAMPLE_RATE}-"
+                                f"{MAX_SAMPLE_RATE} Hz. Resample it (16 kHz is what the model hears).")
+    if channels is not None and channels > MAX_CHANNELS:
+        raise InvalidAudioError(f"The audio has {channels} channels, more than the limit of {MAX_CHANNELS}. "
+                                "Downmix it to mono or stereo.")
 
 
 def _append(chunks: list[np.ndarray], frame, before: int, sample_rate: int) -> int:
@@ -187,8 +267,10 @@ def estimate_seconds(data: bytes) -> float:
 
 
 def _reason(exc: Exception) -> str:
+    """FFmpeg's text for the log only: it can hold names from the body (an ffconcat list's file names),
+    so anything unprintable is masked and the length cut (no forged log lines)."""
     text = str(exc).strip() or type(exc).__name__
-    return text.replace("\n", " ")[:200]
+    return "".join(c if c.isprintable() else "?" for c in text[:200])
 
 
 def encode_pcm16(samples: np.ndarray, rate: int = 24_000) -> bytes:
