@@ -235,7 +235,7 @@ class MemorySampler(threading.Thread):
 # ---- Triton statistics ------------------------------------------------------------------------
 def stats_snapshot(raw: dict) -> dict[str, dict]:
     """Per model: executions, inferences, queue/compute ns and executions per batch size, from
-    Triton's statistics extension (`GET /v2/models/stats`)."""
+    Triton's statistics extension (tritonclient.grpc's `as_json`: the same fields, 64-bit counts as strings)."""
     snapshot = {}
     for model in raw.get("model_stats", []):
         stats = model.get("inference_stats", {})
