@@ -112,8 +112,8 @@ CHILD_ENV_NAMES = frozenset({
 })
 CHILD_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "TRITON_", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "CT2_",
                       "TRTLLM_", "TLLM_", "TRT_", "TENSORRT_", "NCCL_", "UCX_", "OMPI_", "OPAL_", "PMIX_", "HWLOC_",
-                      "TORCH_", "PYTORCH_", "MALLOC_", "ORT_", "XDG_")
-# never passed, whatever the lists above say (HF_TOKEN, CUDA_..._SECRET, a key under an allowed family)
+                      "TORCH_", "PYTORCH_", "MALLOC_", "ORT_", "XDG_", "HF_", "TRANSFORMERS_")
+# never passed, whatever the lists above say (HF_TOKEN, a key or credential under an allowed family)
 CHILD_ENV_DENIED = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|^AWS_", re.I)
 
 
