@@ -104,8 +104,8 @@ def _copy_if_changed(source: Path, target: Path) -> None:
 # an explicit environment, never serve's whole one (the API key, AWS credentials and whatever else the
 # platform injects stay with serve). What passes: the process basics below, the runtime tuning
 # families (CUDA, NVIDIA, OpenMP and BLAS threads, CTranslate2, TensorRT-LLM and the MPI it starts,
-# glibc malloc), and the
-# WHISPER_TRITON_* variables of non-secret settings (the models apply `resolve_settings` themselves).
+# glibc malloc, Hugging Face offline flags), and the WHISPER_TRITON_* variables of non-secret settings
+# (the models apply `resolve_settings` themselves).
 CHILD_ENV_NAMES = frozenset({
     "PATH", "LD_LIBRARY_PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH",
     "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONHASHSEED", "TOKENIZERS_PARALLELISM",
