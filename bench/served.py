@@ -235,7 +235,7 @@ class MemorySampler(threading.Thread):
 # ---- Triton statistics ------------------------------------------------------------------------
 def stats_snapshot(raw: dict) -> dict[str, dict]:
     """Per model: executions, inferences, queue/compute ns and executions per batch size, from
-    Triton's statistics extension (`GET /v2/models/stats`)."""
+    Triton's statistics extension (tritonclient.grpc's `as_json`: the same fields, 64-bit counts as strings)."""
     snapshot = {}
     for model in raw.get("model_stats", []):
         stats = model.get("inference_stats", {})
@@ -281,16 +281,18 @@ def add_stats(total: dict[str, dict], part: dict[str, dict]) -> dict[str, dict]:
 
 
 class TritonStats:
-    def __init__(self, http_port: int):
-        import tritonclient.http as httpclient
+    """Triton's statistics over gRPC (serve starts Triton with its HTTP endpoint off)."""
 
-        self.client = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
+    def __init__(self, grpc_port: int):
+        import tritonclient.grpc as grpcclient
+
+        self.client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
 
     def snapshot(self) -> dict[str, dict]:
-        return stats_snapshot(self.client.get_inference_statistics())
+        return stats_snapshot(self.client.get_inference_statistics(as_json=True))
 
     def max_batch_size(self, model: str = ENGINE_MODEL) -> int:
-        return int(self.client.get_model_config(model).get("max_batch_size", 0))
+        return int(self.client.get_model_config(model, as_json=True)["config"].get("max_batch_size", 0))
 
 
 # ---- the served stack -------------------------------------------------------------------------
@@ -304,7 +306,7 @@ def free_port() -> int:
 class Served:
     process: subprocess.Popen
     url: str
-    triton_http_port: int
+    triton_grpc_port: int
     log_path: Path
 
     def stop(self) -> None:
@@ -326,7 +328,7 @@ def start_serve(log_path: Path, extra_env: dict[str, str], timeout_s: float = 30
                WHISPER_TRITON_TRITON_METRICS_PORT=str(ports[3]), **extra_env)
     process = subprocess.Popen([str(ROOT / "serve")], env=env, cwd=ROOT, stdout=log_path.open("wb"),
                                stderr=subprocess.STDOUT, start_new_session=True)
-    served = Served(process, f"http://127.0.0.1:{ports[0]}", ports[1], log_path)
+    served = Served(process, f"http://127.0.0.1:{ports[0]}", ports[2], log_path)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -477,7 +479,7 @@ class Bench:
 
         self.args, self.served, self.peer, self.long, self.shorts = args, served, peer, long, shorts
         self.tree = ProcessSet(served.process.pid)
-        self.stats = TritonStats(served.triton_http_port)
+        self.stats = TritonStats(served.triton_grpc_port)
         self.client = httpx.Client(timeout=3600)
         self.options = {"beam_size": str(args.beam_size), "batch_size": str(args.batch_size)}
 

@@ -194,8 +194,11 @@ def test_async_invocation_writes_the_output_object(runtime):
                                           CustomAttributes="language=en", InferenceId="req-1")
     assert reply["ResponseMetadata"]["HTTPStatusCode"] == 202
     assert reply["InferenceId"] == "req-1"
-    assert reply["OutputLocation"] == f"s3://{BUCKET}/async/out/req-1.out"
-    assert reply["FailureLocation"] == f"s3://{BUCKET}/async/failed/req-1-error.out"
+    # as on SageMaker, the objects are named by a generated id, not by the caller's InferenceId
+    object_id = reply["OutputLocation"].rsplit("/", 1)[1].removesuffix(".out")
+    assert len(object_id) == 36 and "req-1" not in object_id
+    assert reply["OutputLocation"] == f"s3://{BUCKET}/async/out/{object_id}.out"
+    assert reply["FailureLocation"] == f"s3://{BUCKET}/async/failed/{object_id}-error.out"
     result = wait_for_object(s3, reply["OutputLocation"])
     assert result["content_type"] == "application/json"
     assert json.loads(result["body"]) == {"text": "received 5000 bytes", "language": "en", "duration": 1.5,
@@ -223,6 +226,57 @@ def test_async_input_that_does_not_exist(runtime):
     assert info.value.response["Error"]["Code"] == "ValidationError"
     assert f"s3://{BUCKET}/in/missing.wav" in info.value.response["Error"]["Message"]
     assert boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="async/").get("KeyCount") == 0
+
+
+def _async_raw(emulator_url: str, headers: dict[str, str]):
+    """InvokeEndpointAsync as raw HTTP: boto3 checks types itself, a hand-written client does not."""
+    import httpx
+
+    base = {"X-Amzn-SageMaker-InputLocation": f"s3://{BUCKET}/in/clip.wav"}
+    return httpx.post(f"{emulator_url}/endpoints/as/async-invocations", headers={**base, **headers}, timeout=30)
+
+
+@pytest.mark.parametrize("header,value", [
+    ("X-Amzn-SageMaker-InvocationTimeoutSeconds", "abc"),
+    ("X-Amzn-SageMaker-InvocationTimeoutSeconds", "nan"),
+    ("X-Amzn-SageMaker-InvocationTimeoutSeconds", "1e9"),
+    ("X-Amzn-SageMaker-InvocationTimeoutSeconds", "0"),
+    ("X-Amzn-SageMaker-InvocationTimeoutSeconds", "3601"),
+    ("X-Amzn-SageMaker-InvocationTimeoutSeconds", "-5"),
+    ("X-Amzn-SageMaker-RequestTTLSeconds", "soon"),
+    ("X-Amzn-SageMaker-RequestTTLSeconds", "59"),
+    ("X-Amzn-SageMaker-RequestTTLSeconds", "21601"),
+    ("X-Amzn-SageMaker-Inference-Id", "x" * 65),
+])
+def test_bad_async_headers_are_a_validation_error_naming_the_header(emulator_url, header, value):
+    create_endpoint("as", async_output=f"s3://{BUCKET}/async/out")
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="in/clip.wav", Body=b"y" * 100)
+    reply = _async_raw(emulator_url, {header: value})
+    assert reply.status_code == 400, reply.text
+    assert reply.headers["x-amzn-ErrorType"] == "ValidationError"
+    message = reply.json()["message"]
+    assert header in message and len(message) < 400
+    assert boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="async/").get("KeyCount") == 0
+
+
+@pytest.mark.parametrize("inference_id", ["../../escape", "a/b/c", "%2e%2e/x", "in/clip.wav"])
+def test_inference_id_cannot_choose_the_output_key(emulator_url, inference_id):
+    """The InferenceId is metadata only: the objects land under the configured prefixes, by a generated
+    name, and the input is never overwritten."""
+    create_endpoint("as", async_output=f"s3://{BUCKET}/async/out", async_failure=f"s3://{BUCKET}/async/failed")
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=BUCKET, Key="in/clip.wav", Body=b"y" * 100)
+    reply = _async_raw(emulator_url, {"X-Amzn-SageMaker-Inference-Id": inference_id})
+    assert reply.status_code == 202, reply.text
+    assert reply.json()["InferenceId"] == inference_id
+    output = reply.headers["X-Amzn-SageMaker-OutputLocation"]
+    failure = reply.headers["X-Amzn-SageMaker-FailureLocation"]
+    assert output.startswith(f"s3://{BUCKET}/async/out/") and failure.startswith(f"s3://{BUCKET}/async/failed/")
+    for location in (output, failure):
+        name = location.rsplit("/", 1)[1]
+        assert location.count("/") == 5 and inference_id not in location and len(name.split(".")[0].split("-error")[0]) == 36
+    wait_for_object(s3, output)
+    assert s3.get_object(Bucket=BUCKET, Key="in/clip.wav")["Body"].read() == b"y" * 100
 
 
 def test_async_call_on_a_real_time_endpoint_is_refused(runtime):

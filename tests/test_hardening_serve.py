@@ -67,9 +67,10 @@ def assert_refused(reply, status: int, param: str | None):
 
 
 def stats(instance, model: str) -> int:
-    url = f"http://127.0.0.1:{instance.triton_http_port}/v2/models/{model}/stats"
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        return int(json.load(reply)["model_stats"][0]["inference_count"])
+    import tritonclient.grpc as grpcclient  # Triton's HTTP endpoint is off: statistics over gRPC
+
+    with grpcclient.InferenceServerClient(instance.grpc_url) as client:
+        return int(client.get_inference_statistics(model).model_stats[0].inference_count)
 
 
 # ---- hostile input through the proxy ------------------------------------------------------------------

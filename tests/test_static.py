@@ -206,6 +206,27 @@ def test_ssh_helper_is_optional_behind_a_build_arg(dockerfile):
                      r'[^;]*sagemaker-ssh-helper==\$\{SSH_HELPER_VERSION\}', runs)
 
 
+def test_serve_runs_as_a_non_root_user_that_owns_nothing_it_runs(dockerfile):
+    """Least privilege: the last USER, before the entrypoint and after every RUN, is a numeric non-root uid
+    (a platform can check it) created in the image; nothing under /opt/whisper-triton is handed to it."""
+    args = {}
+    for arguments in _all(dockerfile, "ARG"):
+        args.update(_key_values(arguments))
+    names = [name for name, _ in dockerfile]
+    users = [i for i, name in enumerate(names) if name == "USER"]
+    assert users, "the image must not run serve as root: add USER"
+    last_user = users[-1]
+    assert last_user > max(i for i, name in enumerate(names) if name == "RUN")  # nothing runs as it at build
+    assert last_user < names.index("ENTRYPOINT")
+    user = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], dockerfile[last_user][1])
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) >= 1000 and (not gid or int(gid) != 0), user
+    runs = " ".join(_all(dockerfile, "RUN"))
+    assert re.search(r'useradd [^;]*--uid "\$\{SERVE_UID\}"', runs)  # the uid exists in /etc/passwd (a home)
+    assert "chown" not in runs and "chmod" not in runs  # it owns its home only: the code stays root's
+    assert not any("--chown" in arguments for arguments in _all(dockerfile, "COPY"))
+
+
 _SECRET_NAMES = re.compile(r"(ACCESS_KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_KEY|NGC_)", re.I)
 _SECRET_VALUES = re.compile(r"(AKIA|ASIA)[0-9A-Z]{16}|aws_secret_access_key|BEGIN [A-Z ]*PRIVATE KEY")
 

@@ -47,6 +47,8 @@ class RegistryConfig:
 
     repository: Path | None = None  # the rendered repository Triton runs from (None: no load / unload)
     triton_url: str = ""  # Triton's gRPC address on loopback (empty: no load / unload)
+    # gRPC metadata that opens Triton's repository API (serve restricts it to a per-start secret)
+    triton_headers: dict[str, str] = field(default_factory=dict)
     default_id: str = ""  # empty: from the default's model_dir, asked of Triton
     default_model_dir: str = ""
     default_engine: str = "ctranslate2"
@@ -133,7 +135,8 @@ class ModelRegistry:
         if self.control is None and self.config.triton_url and self.config.repository is not None:
             from .triton_control import TritonControl
 
-            self.control = TritonControl(self.config.triton_url, self.config.load_timeout_s)
+            self.control = TritonControl(self.config.triton_url, self.config.load_timeout_s,
+                                         self.config.triton_headers)
         model_dir = self.config.default_model_dir or (triton_model_dir or "")
         manifest_records_, manifest_default = ([], "")
         if self.config.manifest is not None:

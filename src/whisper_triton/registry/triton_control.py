@@ -78,18 +78,20 @@ def is_out_of_memory(message: str) -> bool:
 class TritonControl:
     """Load, unload and ask one engine model, over Triton's gRPC API on loopback."""
 
-    def __init__(self, url: str, load_timeout_s: float):
+    def __init__(self, url: str, load_timeout_s: float, headers: dict[str, str] | None = None):
         import tritonclient.grpc.aio as grpcclient
 
         self._grpc = grpcclient
         self.client = grpcclient.InferenceServerClient(url=url)
         self.load_timeout_s = load_timeout_s
+        # the key of Triton's restricted repository protocol (triton_server.RESTRICTED_PROTOCOLS)
+        self.headers = dict(headers or {})
 
     async def load(self, name: str) -> None:
         from tritonclient.utils import InferenceServerException
 
         try:
-            await self.client.load_model(name, client_timeout=self.load_timeout_s)
+            await self.client.load_model(name, headers=self.headers, client_timeout=self.load_timeout_s)
         except InferenceServerException as exc:
             message = exc.message() or str(exc)
             logger.error("loading %s failed: %s", name, message)
@@ -102,7 +104,7 @@ class TritonControl:
 
     async def unload(self, name: str, timeout_s: float = 60.0) -> None:
         """Unload and wait until Triton reports it gone (its stub ended, its memory freed)."""
-        await self.client.unload_model(name, client_timeout=timeout_s)
+        await self.client.unload_model(name, headers=self.headers, client_timeout=timeout_s)
         deadline = asyncio.get_running_loop().time() + timeout_s
         while asyncio.get_running_loop().time() < deadline:
             if not await self._present(name):
@@ -111,7 +113,7 @@ class TritonControl:
         logger.warning("%s was still unloading after %.0f s", name, timeout_s)
 
     async def _present(self, name: str) -> bool:
-        index = await self.client.get_model_repository_index(as_json=True)
+        index = await self.client.get_model_repository_index(headers=self.headers, as_json=True)
         for model in index.get("models", []):
             if model.get("name") == name and model.get("state") in ("READY", "LOADING", "UNLOADING"):
                 return True

@@ -25,7 +25,11 @@ Routes (the wire format boto3 speaks):
   S3 output and failure paths; the reply is 202 `{"InferenceId"}` with X-Amzn-SageMaker-OutputLocation
   and -FailureLocation; in the background the S3 input is read, the container called (at most
   MaxConcurrentInvocationsPerInstance x instances at once), and `<id>.out` or `<id>-error.out`
-  written; SNS success/error topics, when configured, get a notification.
+  written; SNS success/error topics, when configured, get a notification. As on SageMaker, the output
+  and failure objects are named by a generated id: `InferenceId` is the caller's label (1-64 printable
+  characters), echoed back and in notifications, never part of an S3 key.
+  InvocationTimeoutSeconds (1-3600) and RequestTTLSeconds (60-21600) are whole seconds; anything else
+  is a 400 ValidationError naming the header, never a 500.
 Errors are JSON `{"message"}` with the `x-amzn-ErrorType` header.
 
 Batch transform jobs (`transform_jobs.py`, rules in `transform_runner.py`): every transform job in
@@ -44,6 +48,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import tempfile
 import threading
 import time
@@ -69,6 +74,9 @@ logger = logging.getLogger(__name__)
 REALTIME_MAX_BODY_BYTES = 6_291_456
 ASYNC_DEFAULT_TIMEOUT_S = 900.0
 ASYNC_MAX_TIMEOUT_S = 3600.0
+ASYNC_TTL_RANGE_S = (60, 21_600)  # RequestTTLSeconds, SageMaker's own bounds
+INFERENCE_ID_MAX_CHARS = 64
+ECHO_MAX_CHARS = 64  # a caller's value quoted back in an error is cut to this
 H_CUSTOM = "X-Amzn-SageMaker-Custom-Attributes"
 H_VARIANT = "X-Amzn-SageMaker-Target-Variant"
 H_INFERENCE_ID = "X-Amzn-SageMaker-Inference-Id"
@@ -115,6 +123,37 @@ class RuntimeApiError(Exception):
 
 def _validation(message: str) -> RuntimeApiError:
     return RuntimeApiError(400, "ValidationError", message)
+
+
+def _quoted(value: str) -> str:
+    """A caller's value fit to quote in an error: cut short, control characters escaped."""
+    cut = value[:ECHO_MAX_CHARS] + ("..." if len(value) > ECHO_MAX_CHARS else "")
+    return json.dumps(cut)
+
+
+def _whole_seconds(request: Request, header: str, member: str, low: int, high: int) -> int | None:
+    """An integer header of SageMaker's async API (None when absent); 400 ValidationError when it is
+    not a whole number within [low, high], as SageMaker answers, instead of a 500."""
+    raw = request.headers.get(header)
+    if raw is None or not raw.strip():
+        return None
+    if re.fullmatch(r"\s*\d{1,9}\s*", raw) is None or not low <= int(raw) <= high:
+        raise _validation(f"1 validation error detected: Value {_quoted(raw)} at '{member}' failed to satisfy "
+                          f"constraint: Member must be a whole number of seconds from {low} to {high} "
+                          f"(header {header}).")
+    return int(raw)
+
+
+def _inference_id(request: Request) -> str | None:
+    """The caller's InferenceId, checked as SageMaker does (1-64 printable characters, the first not blank)."""
+    value = request.headers.get(H_INFERENCE_ID)
+    if value is None:
+        return None
+    if not 1 <= len(value) <= INFERENCE_ID_MAX_CHARS or not value.isprintable() or value[0].isspace():
+        raise _validation(f"1 validation error detected: Value {_quoted(value)} at 'inferenceId' failed to satisfy "
+                          f"constraint: Member must be 1-{INFERENCE_ID_MAX_CHARS} printable characters, the first "
+                          f"not a space (header {H_INFERENCE_ID}).")
+    return value
 
 
 def _error_body(message: str, type_: str) -> bytes:
@@ -290,6 +329,14 @@ class RuntimeEmulator:
             in_bucket, in_key = parse_s3_uri(input_location)
         except ValueError as exc:
             raise _validation(f"InputLocation {input_location!r} is not an s3:// URI.") from exc
+        # the S3 keys come from a generated id only: a caller's InferenceId is a label, it cannot
+        # choose (or overwrite) another request's objects, nor reach outside the configured prefixes
+        object_id = str(uuid.uuid4())
+        inference_id = _inference_id(request) or object_id
+        timeout_s = float(_whole_seconds(request, "X-Amzn-SageMaker-InvocationTimeoutSeconds",
+                                         "invocationTimeoutSeconds", 1, int(ASYNC_MAX_TIMEOUT_S))
+                          or ASYNC_DEFAULT_TIMEOUT_S)
+        ttl = _whole_seconds(request, "X-Amzn-SageMaker-RequestTTLSeconds", "requestTTLSeconds", *ASYNC_TTL_RANGE_S)
         description = await self.endpoint(name)
         config = await self.endpoint_config(description["EndpointConfigName"])
         async_config = config.get("AsyncInferenceConfig")
@@ -302,24 +349,19 @@ class RuntimeEmulator:
         output_config = async_config.get("OutputConfig", {})
         output_path = output_config["S3OutputPath"].rstrip("/")
         failure_path = (output_config.get("S3FailurePath") or output_config["S3OutputPath"]).rstrip("/")
-        inference_id = request.headers.get(H_INFERENCE_ID) or str(uuid.uuid4())
-        timeout_s = float(request.headers.get("X-Amzn-SageMaker-InvocationTimeoutSeconds") or ASYNC_DEFAULT_TIMEOUT_S)
-        if not 1 <= timeout_s <= ASYNC_MAX_TIMEOUT_S:
-            raise _validation(f"InvocationTimeoutSeconds must be 1-{ASYNC_MAX_TIMEOUT_S:.0f}.")
-        ttl = request.headers.get("X-Amzn-SageMaker-RequestTTLSeconds")
         job = {
             "endpoint": name,
             "inference_id": inference_id,
             "input": input_location,
-            "output": f"{output_path}/{inference_id}.out",
-            "failure": f"{failure_path}/{inference_id}-error.out",
+            "output": f"{output_path}/{object_id}.out",
+            "failure": f"{failure_path}/{object_id}-error.out",
             "headers": self.container_headers(
                 request.headers.get("X-Amzn-SageMaker-Content-Type"),
                 request.headers.get("X-Amzn-SageMaker-Accept"),
                 request.headers.get(H_CUSTOM),
             ),
             "timeout_s": timeout_s,
-            "expires": time.monotonic() + float(ttl) if ttl else None,
+            "expires": time.monotonic() + ttl if ttl else None,
             "received": datetime.now(timezone.utc),
             "topics": output_config.get("NotificationConfig", {}),
         }

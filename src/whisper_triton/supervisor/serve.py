@@ -124,6 +124,8 @@ class Supervisor:
         control = ["--model-control-mode=explicit", *(f"--load-model={name}" for name in MODELS)]
         self.triton = TritonServer(rendered, workdir, ports, settings.triton_home, settings.triton_log_verbose,
                                    extra_args=control)
+        # the registry alone may use Triton's repository API: it gets this start's key
+        self.registry_config.triton_headers = self.triton.control_headers()
         self.triton.start()
         try:
             self.triton.wait_ready(list(MODELS), settings.triton_startup_timeout_s)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,11 +100,50 @@ def _copy_if_changed(source: Path, target: Path) -> None:
     shutil.copy2(source, target)
 
 
+# Least privilege for the Python-backend stubs, which parse untrusted media: Triton and its stubs get
+# an explicit environment, never serve's whole one (the API key, AWS credentials and whatever else the
+# platform injects stay with serve). What passes: the process basics below, the runtime tuning
+# families (CUDA, NVIDIA, OpenMP and BLAS threads, CTranslate2, TensorRT-LLM and the MPI it starts,
+# glibc malloc, Hugging Face offline flags), and the WHISPER_TRITON_* variables of non-secret settings
+# (the models apply `resolve_settings` themselves).
+CHILD_ENV_NAMES = frozenset({
+    "PATH", "LD_LIBRARY_PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH",
+    "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONHASHSEED", "TOKENIZERS_PARALLELISM",
+})
+CHILD_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "TRITON_", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "CT2_",
+                      "TRTLLM_", "TLLM_", "TRT_", "TENSORRT_", "NCCL_", "UCX_", "OMPI_", "OPAL_", "PMIX_", "HWLOC_",
+                      "TORCH_", "PYTORCH_", "MALLOC_", "ORT_", "XDG_", "HF_", "TRANSFORMERS_")
+# never passed, whatever the lists above say (HF_TOKEN, a key or credential under an allowed family)
+CHILD_ENV_DENIED = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|^AWS_", re.I)
+
+
+def child_setting_names() -> frozenset[str]:
+    """WHISPER_TRITON_<FIELD> of every setting but the secret ones (SecretStr: the API key)."""
+    from pydantic import SecretStr
+
+    from ..settings import Settings
+
+    return frozenset(f"WHISPER_TRITON_{name}".upper() for name, info in Settings.model_fields.items()
+                     if info.annotation is not SecretStr)
+
+
+def child_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The part of `environ` Triton and its stubs may see (the allowlist above)."""
+    settings = child_setting_names()
+    kept = {}
+    for name, value in environ.items():
+        upper = name.upper()
+        allowed = name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES) or upper in settings
+        if allowed and not CHILD_ENV_DENIED.search(name):
+            kept[name] = value
+    return kept
+
+
 def server_environment(install: TritonInstall) -> dict[str, str]:
     """The stub runs Python isolated and finds site-packages via `python3` on PATH."""
-    env = dict(os.environ)
+    env = child_environment(dict(os.environ))
     python_bin = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([python_bin, env.get("PATH", "")])
+    env["PATH"] = os.pathsep.join([python_bin, env.get("PATH", "") or os.defpath])
     # the stub must load this interpreter's libpython, and the wheel's own libraries
     libdirs = [sysconfig.get_config_var("LIBDIR") or "", *map(str, install.library_dirs)]
     existing = env.get("LD_LIBRARY_PATH", "")
@@ -114,9 +153,18 @@ def server_environment(install: TritonInstall) -> dict[str, str]:
     return env
 
 
+# Triton's gRPC protocols that only serve itself may call, with CONTROL_HEADER: the model repository
+# (the registry loads and unloads engine models; a load may carry model files, so it is code execution),
+# shared memory (maps regions into the server), logging and trace settings. Inference, health, metadata,
+# model config and statistics stay open on loopback (the proxy and the tests read them; none writes).
+RESTRICTED_PROTOCOLS = ("model-repository", "shared-memory", "logging", "trace")
+CONTROL_HEADER = "whisper-triton-control"
+GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"  # Triton expects the key's metadata under this prefix
+
+
 @dataclass
 class TritonPorts:
-    http: int = 8000
+    http: int = 8000  # unused: Triton's HTTP endpoint is off (everything goes through gRPC)
     grpc: int = 8001
     metrics: int = 8002
 
@@ -141,17 +189,24 @@ class TritonServer:
         self.extra_args = extra_args or []
         self.process: subprocess.Popen | None = None
         self._shm_before: set[str] = set()
+        # a new secret per start: only this process (and the registry it hands it to) can pass the header
+        self.control_key = secrets.token_urlsafe(32)
+
+    def control_headers(self) -> dict[str, str]:
+        """The gRPC metadata that opens Triton's restricted protocols (RESTRICTED_PROTOCOLS)."""
+        return {GRPC_RESTRICTED_PREFIX + CONTROL_HEADER: self.control_key}
 
     def command(self, backend_dir: Path) -> list[str]:
         args = [
             str(self.install.binary),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backend_dir}",
-            "--http-address=127.0.0.1",
+            # HTTP off: the proxy, the registry and the readiness wait speak gRPC only
+            "--allow-http=false",
             "--grpc-address=127.0.0.1",
             "--metrics-address=127.0.0.1",
-            f"--http-port={self.ports.http}",
             f"--grpc-port={self.ports.grpc}",
+            f"--grpc-restricted-protocol={','.join(RESTRICTED_PROTOCOLS)}:{CONTROL_HEADER}={self.control_key}",
             f"--metrics-port={self.ports.metrics}",
             "--allow-gpu-metrics=false",
             "--exit-timeout-secs=5",
@@ -171,7 +226,7 @@ class TritonServer:
         backend_dir = prepare_backend_dir(self.install, self.workdir)
         self._shm_before = set(glob.glob(_SHM_GLOB))
         cmd = self.command(backend_dir)
-        logger.info("starting tritonserver: %s", " ".join(cmd))
+        logger.info("starting tritonserver: %s", " ".join(cmd).replace(self.control_key, "<secret>"))
         self.process = subprocess.Popen(cmd, env=server_environment(self.install), start_new_session=True)
         return self
 
@@ -197,31 +252,26 @@ class TritonServer:
 
     def wait_ready(self, models: list[str], timeout_s: float) -> None:
         """Block until the server and `models` are ready; raise with the reason after `timeout_s`."""
+        import tritonclient.grpc as grpcclient
+
         deadline = time.monotonic() + timeout_s
-        urls = ["/v2/health/ready"] + [f"/v2/models/{name}/ready" for name in models]
-        while time.monotonic() < deadline:
-            if not self.is_running():
-                code = self.process.returncode if self.process else None
-                raise TritonStartError(
-                    f"tritonserver exited with code {code} before it was ready; its log above says why "
-                    "(a model that failed to load, a port in use, a missing backend)."
-                )
-            if all(self._get_ok(url) for url in urls):
-                logger.info("tritonserver ready on 127.0.0.1:%d (grpc %d)", self.ports.http, self.ports.grpc)
-                return
-            time.sleep(0.25)
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{self.ports.grpc}") as client:
+            while time.monotonic() < deadline:
+                if not self.is_running():
+                    code = self.process.returncode if self.process else None
+                    raise TritonStartError(
+                        f"tritonserver exited with code {code} before it was ready; its log above says why "
+                        "(a model that failed to load, a port in use, a missing backend)."
+                    )
+                if _ready(client, models):
+                    logger.info("tritonserver ready on 127.0.0.1 (grpc %d)", self.ports.grpc)
+                    return
+                time.sleep(0.25)
         self.stop()
         raise TritonStartError(
             f"tritonserver was not ready within {timeout_s:.0f} s (models: {', '.join(models)}). Raise "
             "WHISPER_TRITON_TRITON_STARTUP_TIMEOUT_S if the model is large, or read the log above."
         )
-
-    def _get_ok(self, path: str) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.http}{path}", timeout=2) as reply:
-                return reply.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL after `timeout_s`; returns the exit code."""
@@ -245,3 +295,12 @@ class TritonServer:
                 os.unlink(path)
             except OSError:
                 pass
+
+
+def _ready(client, models: list[str]) -> bool:
+    """Triton and each of `models` ready (gRPC health; any failure to answer is "not yet")."""
+    try:
+        return bool(client.is_server_ready(client_timeout=2)) and all(
+            client.is_model_ready(name, client_timeout=2) for name in models)
+    except Exception:  # noqa: BLE001 - not listening yet, or starting: keep waiting
+        return False
