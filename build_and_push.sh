@@ -111,8 +111,12 @@ if [[ "${dry_run}" == false ]]; then
 fi
 
 # 3. build, tag, push
+# sagemaker-ssh-helper's agent needs root: an SSH image runs serve as root (SERVE_UID=0), any other as
+# the image's unprivileged user
+serve_uid=10001
+if [[ "${ssh_helper}" == true ]]; then serve_uid=0; fi
 run docker build --platform linux/amd64 --file "${here}/Dockerfile.server" \
-  --build-arg "INSTALL_SSH_HELPER=${ssh_helper}" --tag "${local_image}" "${here}"
+  --build-arg "INSTALL_SSH_HELPER=${ssh_helper}" --build-arg "SERVE_UID=${serve_uid}" --tag "${local_image}" "${here}"
 run docker tag "${local_image}" "${remote_image}"
 run docker push "${remote_image}"
 

@@ -285,7 +285,7 @@ def test_dry_run_prints_every_command_and_runs_none(fake_tools):
         "--image-scanning-configuration scanOnPush=true",
         f"+ aws ecr get-login-password --region eu-west-1 | docker login --username AWS --password-stdin {registry}",
         f"+ docker build --platform linux/amd64 --file {ROOT}/Dockerfile.server --build-arg INSTALL_SSH_HELPER=false "
-        f"--tag team/whisper-triton:2025.01-v1 {ROOT}",
+        f"--build-arg SERVE_UID=10001 --tag team/whisper-triton:2025.01-v1 {ROOT}",
         f"+ docker tag team/whisper-triton:2025.01-v1 {registry}/team/whisper-triton:2025.01-v1",
         f"+ docker push {registry}/team/whisper-triton:2025.01-v1",
         f"# image: {registry}/team/whisper-triton:2025.01-v1",
@@ -300,7 +300,8 @@ def test_dry_run_reads_the_environment_and_looks_up_the_account(fake_tools):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "+ aws sts get-caller-identity --query Account --output text"
-    assert "--build-arg INSTALL_SSH_HELPER=true --tag asr:gpu" in lines[5]
+    # sagemaker-ssh-helper's agent needs root: the SSH image runs serve as root
+    assert "--build-arg INSTALL_SSH_HELPER=true --build-arg SERVE_UID=0 --tag asr:gpu" in lines[5]
     assert lines[-1] == "# image: ACCOUNT_ID.dkr.ecr.cn-north-1.amazonaws.com.cn/asr:gpu"
     assert not calls.exists()
 
