@@ -161,13 +161,15 @@ class TritonWindowDecoder:
         self._check_cancelled()
         deadline, slack = getattr(self._current, "deadline", None), getattr(self._current, "slack", None)
         payloads = list(zip(audios, prompts if prompts is not None else [None] * len(audios), [scope] * len(audios)))
+        unwanted = _Unwanted(getattr(self._current, "is_cancelled", None))
         try:
             return self.scheduler.run((self.model_name, tuple(outputs), options, words), payloads,
                                       time.monotonic() if deadline is None else deadline,
-                                      float("inf") if slack is None else slack,
-                                      getattr(self._current, "is_cancelled", None))
+                                      float("inf") if slack is None else slack, unwanted)
         except WindowCancelled:
             raise cancelled_error() from None
+        finally:
+            unwanted.stop()
 
     def _run_batch(self, group: tuple, payloads: list[tuple[np.ndarray, list[int] | None, str | None]]) -> list[dict]:
         """One request to whisper_window for one batch of rows; its reply split back into rows."""
@@ -241,6 +243,25 @@ class TritonWindowDecoder:
         seconds = dict(self._detection_seconds())
         self._detection_seconds().clear()
         return seconds
+
+
+class _Unwanted:
+    """A file's rows are unwanted once its request is cancelled, or once the file stopped waiting for
+    them (one of its rows failed, or it was cancelled): the scheduler then drops them unsent. After
+    `stop` Triton's flag is never asked again: the request may be answered and released by then."""
+
+    def __init__(self, is_cancelled: Callable[[], bool] | None):
+        self._is_cancelled = is_cancelled
+        self._stopped = False
+        self._lock = threading.Lock()
+
+    def __call__(self) -> bool:
+        with self._lock:
+            return self._stopped or (self._is_cancelled is not None and bool(self._is_cancelled()))
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
 
 
 class EngineRouter:
