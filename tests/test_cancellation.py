@@ -174,3 +174,42 @@ def test_a_stream_dropped_while_waiting_is_never_decoded_and_the_stream_queue_is
     finally:
         gate.set()
         model.close()
+
+
+# ---- served: a dropped stream on the session's serve ------------------------------------------------------
+@pytest.mark.triton
+def test_a_dropped_stream_leaves_no_work_behind(serve, long_speech, speech_clips):
+    """A streamed request (fixed 5 s windows, chunks of 64) whose client leaves once its first window is
+    decoded: the engine's window count stops growing well before the 64 windows of the chunk under
+    way (on main all of them were decoded: cancellation was asked only between chunks), and the
+    server then answers a normal request."""
+    import socket
+    import time
+
+    import httpx
+    from test_hardening_serve import settled_count, stats
+    from whisper_triton.pipeline.evaluation import word_error_rate
+
+    samples = np.concatenate([long_speech.samples] * 2)  # about 7 minutes: 1 + 64 + ... windows of 5 s
+    body = encode(samples, 16000, "ogg", "libopus", 1, 48000)
+    query = "stream=true&vad=false&chunk_length=5&batch_size=64&without_timestamps=true&temperature=0"
+    assert httpx.post(serve.url + "/invocations", content=speech_clips[0].wav_bytes,
+                      headers={"Content-Type": "audio/wav"}, timeout=300).status_code == 200  # engine known
+    before = settled_count(serve, "whisper_window")
+    sock = socket.create_connection(("127.0.0.1", serve.http_port), timeout=10)
+    sock.sendall((f"POST /invocations?{query} HTTP/1.1\r\nHost: x\r\nContent-Type: audio/ogg\r\n"
+                  f"X-Request-Id: dropped-stream\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+    try:
+        for _ in range(1200):  # its first window decoded (bounded: 300 s)
+            if stats(serve, "whisper_window") > before:
+                break
+            time.sleep(0.25)
+        else:
+            raise AssertionError(f"no window decoded within 300 s:\n{serve.log(3000)}")
+    finally:
+        sock.close()  # the client goes away mid-stream
+    decoded = settled_count(serve, "whisper_window") - before
+    assert decoded < 1 + 64 // 2, f"{decoded} windows decoded for a stream whose client left after the first"
+    reply = httpx.post(serve.url + "/invocations", content=speech_clips[0].wav_bytes,
+                       headers={"Content-Type": "audio/wav"}, timeout=300)
+    assert reply.status_code == 200 and word_error_rate(speech_clips[0].text, reply.json()["text"]) <= 0.15
