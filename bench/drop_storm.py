@@ -24,6 +24,7 @@ import numpy as np
 
 from _path import ROOT  # the repository root, made importable
 
+from served import ProcessSet
 from soak import encode, start_serve, stop_serve, tree_rss_mb
 from testkit.synthetic_speech import SENTENCES, long_recording, spoken_sentences
 
@@ -32,6 +33,7 @@ logger = logging.getLogger("whisper_triton.bench.drop_storm")
 
 def long_opus(folder: Path, minutes: float) -> bytes:
     """About `minutes` of synthetic speech with pauses, as Ogg Opus (under the default 6 MB body bound)."""
+    folder.mkdir(parents=True, exist_ok=True)
     clips = spoken_sentences(folder)
     samples, _, _ = long_recording(clips, SENTENCES[: len(clips)])
     repeats = int(np.ceil(minutes * 60 * 16000 / samples.size))
@@ -103,6 +105,8 @@ def storm(process, url: str, triton_http_port: int, body: bytes, requests: int, 
                                                   headers={"Content-Type": "audio/ogg"}), timeout=300).read()
     wait_idle(process.pid)
     baseline = tree_rss_mb(process.pid)
+    roles = ProcessSet(process.pid)
+    baseline_by_role = roles.rss_bytes()
     windows_before = window_inferences(triton_http_port)
     sampler = PeakSampler(process.pid)
     sampler.start()
@@ -117,13 +121,17 @@ def storm(process, url: str, triton_http_port: int, body: bytes, requests: int, 
     sampler.stop.set()
     sampler.join(5)
     after = tree_rss_mb(process.pid)
+    after_by_role = roles.rss_bytes()
+    by_role = {role: [round(baseline_by_role.get(role, 0) / 2**20), round(after_by_role.get(role, 0) / 2**20)]
+               for role in sorted(set(baseline_by_role) | set(after_by_role))}
     windows = window_inferences(triton_http_port) - windows_before
     with urllib.request.urlopen(urllib.request.Request(url + "/invocations", data=short,
                                                        headers={"Content-Type": "audio/ogg"}), timeout=300) as reply:
         served_after = reply.status
     return {"requests": requests, "body_bytes": len(body), "baseline_mb": round(baseline), "peak_mb": round(sampler.peak),
             "after_mb": round(after), "growth_mb": round(after - baseline), "windows_decoded": windows,
-            "sent_s": round(sent_s, 1), "idle_after_s": idle_after_s, "served_after": served_after}
+            "sent_s": round(sent_s, 1), "idle_after_s": idle_after_s, "served_after": served_after,
+            "mb_by_role_before_after": by_role}
 
 
 def main(argv: list[str] | None = None) -> int:
