@@ -30,7 +30,7 @@ from ..contract.results import stream_chunk
 from ..contract.tensors import TRANSCRIBE_STREAM_SPEC as SPEC
 from ..errors import WhisperTritonError
 from ..pipeline.windows import RequestCancelled, stop_if_cancelled
-from .common import error_response, first_value, internal_error
+from .common import error_response, first_value, internal_error, release_free_heap
 from .transcribe_model import TranscribeModel, busy_error
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class TranscribeStreamModel(TranscribeModel):
         super().__init__(pb_utils, args)
         self._streams = ThreadPoolExecutor(max_workers=MAX_STREAMS, thread_name_prefix="stream")
         self._waiting_streams = 0  # handed over, not yet started (guarded by _count_lock)
+        self._active_streams = 0  # started, not yet finished (guarded by _count_lock)
 
     def execute(self, requests: list) -> None:
         for request in requests:
@@ -56,7 +57,7 @@ class TranscribeStreamModel(TranscribeModel):
             if waiting >= MAX_WAITING_STREAMS:  # refused at once: a bounded queue, never unbounded growth
                 sender.send(error_response(self.pb, busy_error(waiting)), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            self._streams.submit(self._stream, request, sender)
+            self._streams.submit(self._serve_stream, request, sender)
         return None  # decoupled: answers go through each request's response sender
 
     def _chunk_response(self, chunk: dict):
@@ -64,13 +65,25 @@ class TranscribeStreamModel(TranscribeModel):
         return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(SPEC.output("CHUNK").name,
                                                                         np.array([payload], dtype=object))])
 
+    def _serve_stream(self, request, sender) -> None:
+        """One stream on a pool thread; the last one to finish gives the freed heap back to the OS."""
+        with self._count_lock:
+            self._waiting_streams -= 1
+            self._active_streams += 1
+        try:
+            self._stream(request, sender)
+        finally:
+            with self._count_lock:
+                self._active_streams -= 1
+                idle = self._active_streams == 0 and self._waiting_streams == 0
+            if idle:
+                release_free_heap()
+
     def _stream(self, request, sender) -> None:
         """Decode on a thread of its own (`_produce`) while this one sends: the next chunk is decoded
         while the current one is sent, so a streamed file takes its unstreamed time, not more."""
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         arrival = time.monotonic()
-        with self._count_lock:
-            self._waiting_streams -= 1
         try:
             stop_if_cancelled(sender.is_cancelled)  # dropped while it waited: no audio work at all
             chosen, options = self.prepare(request)  # the request's model; checked before any audio work
