@@ -203,26 +203,6 @@ def _drop_after_first_window(serve, body: bytes, query: str, request_id: str) ->
 
 
 @pytest.mark.triton
-def test_a_dropped_request_stops_within_the_batches_running(serve, long_speech, speech_clips):
-    """/invocations with 64 windows of 5 s in one batch (the CPU engine takes them 8 at a time): the
-    client leaves once the first windows are decoded; the engine's count stops well short of 64 (on
-    main the whole batch of 64 was decoded: the flag was asked only before it), and the next request
-    is served."""
-    import httpx
-    from whisper_triton.pipeline.evaluation import word_error_rate
-
-    body = encode(np.concatenate([long_speech.samples] * 2), 16000, "ogg", "libopus", 1, 48000)  # ~7 min
-    assert httpx.post(serve.url + "/invocations", content=speech_clips[0].wav_bytes,
-                      headers={"Content-Type": "audio/wav"}, timeout=300).status_code == 200  # engine known
-    decoded = _drop_after_first_window(serve, body, "vad=false&chunk_length=5&batch_size=64&without_timestamps=true"
-                                       "&temperature=0", "dropped-batch")
-    assert decoded < 48, f"{decoded} of the batch's 64 windows decoded after the client left"
-    reply = httpx.post(serve.url + "/invocations", content=speech_clips[0].wav_bytes,
-                       headers={"Content-Type": "audio/wav"}, timeout=300)
-    assert reply.status_code == 200 and word_error_rate(speech_clips[0].text, reply.json()["text"]) <= 0.15
-
-
-@pytest.mark.triton
 def test_a_dropped_stream_leaves_no_work_behind(serve, long_speech, speech_clips):
     """A streamed request (fixed 5 s windows, chunks of 64) whose client leaves once its first window is
     decoded: the engine's window count stops well before the 64 windows of the next chunk, and the
