@@ -57,6 +57,7 @@ class ResponseSender:
 
         self.sent: list[tuple[InferenceResponse | None, int]] = []
         self.done = threading.Event()
+        self.cancelled = threading.Event()  # set by a test (`cancel`): what Triton sets when the client leaves
 
     def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
         if self.done.is_set():
@@ -66,7 +67,10 @@ class ResponseSender:
             self.done.set()
 
     def is_cancelled(self) -> bool:
-        return False
+        return self.cancelled.is_set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
 
 
 class InferenceRequest:
@@ -79,6 +83,10 @@ class InferenceRequest:
 
     def get_response_sender(self) -> ResponseSender:
         return self.sender
+
+    def is_cancelled(self) -> bool:
+        """Triton's request flag: the same as its sender's (`sender.cancel()` sets both)."""
+        return self.sender.is_cancelled()
 
 
 def get_input_tensor_by_name(request: InferenceRequest, name: str):

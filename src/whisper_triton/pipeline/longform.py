@@ -28,7 +28,7 @@ from ..contract.engine import Hypothesis, TokenTimings
 from ..errors import invalid_parameter
 from .segmenter import Window, fixed_windows, windows_from_speech
 from .tokenizer import PromptSpec, WhisperTokenizer
-from .windows import WindowOutput, unsupported_word_timestamps
+from .windows import WindowOutput, stop_if_cancelled, unsupported_word_timestamps
 from .vad import spans_from_probabilities, speech_spans
 
 __all__ = ["LongFormTranscriber", "StreamChunk", "TranscribeOptions", "TranscriptionResult", "WindowDecoder", "not_applied"]
@@ -116,6 +116,7 @@ class _Run:
     options: TranscribeOptions
     audio: np.ndarray
     work: Work = field(default_factory=Work)
+    cancelled: Callable[[], bool] | None = None  # the request's cancellation, asked between blocks of work
     scope: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @contextmanager
@@ -150,7 +151,7 @@ class LongFormTranscriber:
         return options
 
     def windows(self, audio: np.ndarray, options: TranscribeOptions,
-                speech: np.ndarray | None = None) -> list[Window]:
+                speech: np.ndarray | None = None, cancelled: Callable[[], bool] | None = None) -> list[Window]:
         """The windows to decode; `speech`: VAD frame probabilities already computed for `audio` (the
         speaker diarization uses the same ones), else VAD runs here."""
         if not options.vad:
@@ -158,24 +159,26 @@ class LongFormTranscriber:
         if speech is not None:
             spans = spans_from_probabilities(speech, audio.size, options.vad_options) if audio.size else []
         else:
-            spans = speech_spans(audio, options.vad_options)
+            spans = speech_spans(audio, options.vad_options, cancelled)  # asked per block of VAD
         return windows_from_speech(spans, options.chunk_length)
 
-    def _start(self, audio: np.ndarray, options: TranscribeOptions,
-               speech: np.ndarray | None = None) -> tuple[_Run, TranscriptionInfo, list[Window]]:
-        run = _Run(options, audio)
+    def _start(self, audio: np.ndarray, options: TranscribeOptions, speech: np.ndarray | None = None,
+               cancelled: Callable[[], bool] | None = None) -> tuple[_Run, TranscriptionInfo, list[Window]]:
+        run = _Run(options, audio, cancelled=cancelled)
         info = TranscriptionInfo(engine=self.decoder.capabilities.engine,
                                  not_applied=not_applied(self.decoder.capabilities, options), work=run.work)
         with run.timed("vad"):
-            windows = self.windows(audio, options, speech)
+            windows = self.windows(audio, options, speech, cancelled)
         run.work.windows = len(windows)
         return run, info, windows
 
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions | None = None,
-                   speech: np.ndarray | None = None) -> TranscriptionResult:
+                   speech: np.ndarray | None = None, cancelled: Callable[[], bool] | None = None) -> TranscriptionResult:
+        """The whole file's transcription; `cancelled()` True (the client left) stops it with RequestCancelled
+        at the next block of VAD or batch of windows."""
         options = self.check(options or TranscribeOptions())
         duration = round(audio.size / SAMPLE_RATE, 3)
-        run, info, windows = self._start(audio, options, speech)
+        run, info, windows = self._start(audio, options, speech, cancelled)
         if not windows:  # no speech at all: nothing to decode, nothing to invent
             return TranscriptionResult("", options.language or "en", 1.0 if options.language else 0.0, duration, [],
                                        info)
@@ -197,10 +200,11 @@ class LongFormTranscriber:
         segments come after one window, and every later chunk is `batch_size` windows, the batches
         `transcribe` sends (growing 1, 2, 4 ... cost a streamed file 1.4-2x its unstreamed time on the CPU
         engine, where small batches cost more per window). `cancelled()` is asked before each chunk: True
-        stops the decoding (the client left)."""
+        stops the decoding (the client left); during VAD and between batches of a chunk it raises
+        RequestCancelled."""
         options = self.check(options or TranscribeOptions())
         duration = round(audio.size / SAMPLE_RATE, 3)
-        run, info, windows = self._start(audio, options, speech)
+        run, info, windows = self._start(audio, options, speech, cancelled)
         jobs = [_WindowJob(w, w.extract(audio), options.language or "") for w in windows]
         if jobs:
             language, probability = self._assign_languages(jobs, run)
@@ -249,6 +253,7 @@ class LongFormTranscriber:
         batch_size = run.options.batch_size
         with run.timed("detection"):
             for first in range(0, len(audios), batch_size):
+                stop_if_cancelled(run.cancelled)
                 detected += self.decoder.detect_language(audios[first : first + batch_size], scope=run.scope)
         run.work.detections += len(audios)
         take = getattr(self.decoder, "take_detection_seconds", None)  # the engine's share, where told
@@ -443,6 +448,7 @@ class LongFormTranscriber:
         outputs: list[WindowOutput] = []
         with run.timed("decoding"):
             for first in range(0, len(jobs), options.batch_size):
+                stop_if_cancelled(run.cancelled)  # between batches and rounds (fallback, follow-ups)
                 batch = jobs[first : first + options.batch_size]
                 outputs += self.decoder.decode([job.audio for job in batch],
                                                [self._prompt(job, options) for job in batch], decode_options,

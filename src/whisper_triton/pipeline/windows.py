@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -200,6 +201,21 @@ class EngineWindowDecoder:
         seconds = dict(self._detection_seconds())
         self._detection_seconds().clear()
         return seconds
+
+
+class RequestCancelled(WhisperTritonError):
+    """The request was cancelled (its client left or its deadline passed): the work for it stops where
+    this is raised, and nobody reads the answer. 499 is nginx's "client closed request"."""
+
+    def __init__(self) -> None:
+        super().__init__("The request was cancelled (the client disconnected or its deadline passed); "
+                         "decoding stopped.", None, 499, "cancelled")
+
+
+def stop_if_cancelled(cancelled: Callable[[], bool] | None) -> None:
+    """The cancellation hook the long stages call between blocks of work (VAD blocks, decoding rounds)."""
+    if cancelled is not None and cancelled():
+        raise RequestCancelled()
 
 
 def unsupported_word_timestamps(capabilities: EngineCapabilities) -> WhisperTritonError:

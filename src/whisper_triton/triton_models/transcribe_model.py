@@ -37,12 +37,12 @@ from ..engines.base import Hypothesis, TokenTimings
 from ..errors import WhisperTritonError
 from ..pipeline.longform import LongFormTranscriber
 from ..pipeline.tokenizer import WhisperTokenizer
-from ..pipeline.windows import WindowOutput, unsupported_word_timestamps
+from ..pipeline.windows import RequestCancelled, WindowOutput, stop_if_cancelled, unsupported_word_timestamps
 from ..contract.models import engine_model_name, model_not_found
 from ..speakers.service import KnownSpeaker, SpeakerTranscriber, diarization_unavailable
 from .common import (engine_model_dir, error_response, first_value, input_array, internal_error, model_settings,
                      repository_root, text)
-from .window_scheduler import WindowScheduler, file_allowance
+from .window_scheduler import WindowCancelled, WindowScheduler, file_allowance
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,7 @@ def busy_error(waiting: int) -> WhisperTritonError:
 
 def cancelled_error() -> WhisperTritonError:
     # 499: nginx's "client closed request"; the proxy has gone (or its deadline passed), nobody reads it
-    return WhisperTritonError("The request was cancelled (the client disconnected or its deadline passed); "
-                              "decoding stopped.", None, 499, "cancelled")
+    return RequestCancelled()
 
 
 class TritonWindowDecoder:
@@ -67,8 +66,9 @@ class TritonWindowDecoder:
     (same outputs, decoding options and word timestamps), from one file or several.
 
     Each file's thread sets its cancellation flag and deadline (`serving`); before each round of
-    windows the flag is asked, so a cancelled request stops between rounds and no engine time goes
-    to it."""
+    windows the flag is asked, and again when each of its windows is about to be sent (the scheduler
+    drops the queued windows of a cancelled request), so a cancelled request stops within the batches
+    already running and no more engine time goes to it."""
 
     def __init__(self, pb_utils, tokenizer: WhisperTokenizer, model_name: str = WINDOW.name, in_flight: int = 1,
                  urgent_slots: int = 0, router: "EngineRouter | None" = None):
@@ -161,9 +161,15 @@ class TritonWindowDecoder:
         self._check_cancelled()
         deadline, slack = getattr(self._current, "deadline", None), getattr(self._current, "slack", None)
         payloads = list(zip(audios, prompts if prompts is not None else [None] * len(audios), [scope] * len(audios)))
-        return self.scheduler.run((self.model_name, tuple(outputs), options, words), payloads,
-                                  time.monotonic() if deadline is None else deadline,
-                                  float("inf") if slack is None else slack)
+        unwanted = _Unwanted(getattr(self._current, "is_cancelled", None))
+        try:
+            return self.scheduler.run((self.model_name, tuple(outputs), options, words), payloads,
+                                      time.monotonic() if deadline is None else deadline,
+                                      float("inf") if slack is None else slack, unwanted)
+        except WindowCancelled:
+            raise cancelled_error() from None
+        finally:
+            unwanted.stop()
 
     def _run_batch(self, group: tuple, payloads: list[tuple[np.ndarray, list[int] | None, str | None]]) -> list[dict]:
         """One request to whisper_window for one batch of rows; its reply split back into rows."""
@@ -237,6 +243,25 @@ class TritonWindowDecoder:
         seconds = dict(self._detection_seconds())
         self._detection_seconds().clear()
         return seconds
+
+
+class _Unwanted:
+    """A file's rows are unwanted once its request is cancelled, or once the file stopped waiting for
+    them (one of its rows failed, or it was cancelled): the scheduler then drops them unsent. After
+    `stop` Triton's flag is never asked again: the request may be answered and released by then."""
+
+    def __init__(self, is_cancelled: Callable[[], bool] | None):
+        self._is_cancelled = is_cancelled
+        self._stopped = False
+        self._lock = threading.Lock()
+
+    def __call__(self) -> bool:
+        with self._lock:
+            return self._stopped or (self._is_cancelled is not None and bool(self._is_cancelled()))
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
 
 
 class EngineRouter:
@@ -360,16 +385,19 @@ class TranscribeModel:
     def transcribe(self, request, arrival: float | None = None) -> dict:
         chosen, options = self.prepare(request)
         known = self.known_speakers(request, options)
+        cancelled = _cancellation_flag(request)
+        stop_if_cancelled(cancelled)  # dropped while it waited for a thread: not even decoded
         data = first_value(self.pb, request, "AUDIO")
         started = time.perf_counter()
         audio = decode_audio(bytes(data or b""), max_seconds=self.settings.max_audio_seconds)
         decode_seconds = time.perf_counter() - started
+        stop_if_cancelled(cancelled)
         arrival = time.monotonic() if arrival is None else arrival
-        with chosen.decoder.serving(_cancellation_flag(request), arrival, audio.size / 16_000):
+        with chosen.decoder.serving(cancelled, arrival, audio.size / 16_000):
             if known is not None:
                 result = self.speakers(chosen).transcribe(audio, options, known)
             else:
-                result = chosen.pipeline.transcribe(audio, options)
+                result = chosen.pipeline.transcribe(audio, options, cancelled=cancelled)
         result.info.work.add_seconds("audio_decode", decode_seconds)
         return result.to_dict(words=options.word_timestamps, tokens=options.include_tokens)
 

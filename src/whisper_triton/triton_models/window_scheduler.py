@@ -23,6 +23,10 @@ scheduler then sends rows one by one and keeps up to that many in flight (`in_fl
 may be callables, asked when a slot is decided): a short file's window starts at the engine's next
 step instead of after a batch. Engines that decode a batch at a time (CTranslate2) keep the above.
 
+A file's rows carry its request's cancellation (`cancelled`): it is asked when their batch is about to
+be sent, and the rows of a cancelled file are dropped there (their futures fail with WindowCancelled),
+so the windows a dropped file had queued never reach the engine.
+
 Triton's own dynamic batcher cannot do this here: BLS requests carry no priority in this Triton
 release, and once a batch is queued there its order is fixed. Holding the choice until a slot is
 free is what keeps it late; `in_flight` > 1 keeps a GPU engine busy between batches (the next batch
@@ -65,6 +69,17 @@ class _Row:
     slack: float = field(compare=False)  # a batch this row leads takes rows due at most this much later
     payload: Any = field(compare=False)
     future: Future = field(compare=False)
+    cancelled: Callable[[], bool] | None = field(compare=False, default=None)  # its request's flag
+
+    def is_cancelled(self) -> bool:
+        try:
+            return self.cancelled is not None and bool(self.cancelled())
+        except Exception:  # noqa: BLE001 - a flag that cannot be read is not a cancellation
+            return False
+
+
+class WindowCancelled(Exception):
+    """A window was dropped before it was sent: its request was cancelled."""
 
 
 class WindowScheduler:
@@ -90,23 +105,32 @@ class WindowScheduler:
         self._changed = threading.Condition()
         self._workers = ThreadPoolExecutor(max_workers=workers + urgent_slots, thread_name_prefix="window-batch")
         self.batches: list[int] = []  # rows per batch sent, for tests and logs (bounded below)
+        self.dropped = 0  # rows of cancelled requests dropped before they were sent
         self._dispatcher = threading.Thread(target=self._dispatch, name="window-scheduler", daemon=True)
         self._dispatcher.start()
 
-    def submit(self, group: Hashable, payloads: list[Any], deadline: float,
-               slack: float = float("inf")) -> list[Future]:
+    def submit(self, group: Hashable, payloads: list[Any], deadline: float, slack: float = float("inf"),
+               cancelled: Callable[[], bool] | None = None) -> list[Future]:
         futures = [Future() for _ in payloads]
         with self._changed:
             if self._closed:
                 raise RuntimeError("the window scheduler is closed")
             for payload, future in zip(payloads, futures):
-                heapq.heappush(self._pending, _Row(deadline, next(self._sequence), group, slack, payload, future))
+                heapq.heappush(self._pending, _Row(deadline, next(self._sequence), group, slack, payload, future,
+                                                   cancelled))
             self._changed.notify_all()
         return futures
 
-    def run(self, group: Hashable, payloads: list[Any], deadline: float, slack: float = float("inf")) -> list[Any]:
-        """Submit and wait: the replies in the order of `payloads` (the first failure is raised)."""
-        return [future.result() for future in self.submit(group, payloads, deadline, slack)]
+    def run(self, group: Hashable, payloads: list[Any], deadline: float, slack: float = float("inf"),
+            cancelled: Callable[[], bool] | None = None) -> list[Any]:
+        """Submit and wait: the replies in the order of `payloads` (the first failure is raised; a
+        cancelled request's rows not yet sent raise WindowCancelled and are never sent)."""
+        return [future.result() for future in self.submit(group, payloads, deadline, slack, cancelled)]
+
+    def queued(self) -> int:
+        """Rows waiting plus batches running: 0 once every row handed in has been sent or dropped."""
+        with self._changed:
+            return len(self._pending) + len(self._running)
 
     def close(self) -> None:
         with self._changed:
@@ -154,8 +178,25 @@ class WindowScheduler:
                 self.batches = (self.batches + [len(batch)])[-1000:]
             self._workers.submit(self._execute, group, batch)
 
+    def _live(self, batch: list[_Row]) -> list[_Row]:
+        """The rows of `batch` whose request still wants them; the others fail now, unsent."""
+        live = []
+        for row in batch:
+            if row.is_cancelled():
+                row.future.set_exception(WindowCancelled())
+            else:
+                live.append(row)
+        if len(live) < len(batch):
+            with self._changed:
+                self.dropped += len(batch) - len(live)
+        return live
+
     def _execute(self, group: Hashable, batch: list[_Row]) -> None:
+        rows = batch
         try:
+            batch = self._live(batch)
+            if not batch:
+                return
             replies = self._run(group, [row.payload for row in batch])
             if len(replies) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} windows got {len(replies)} replies")
@@ -167,5 +208,5 @@ class WindowScheduler:
                     row.future.set_exception(exc)
         finally:
             with self._changed:
-                self._running.remove(batch[0].deadline)
+                self._running.remove(rows[0].deadline)
                 self._changed.notify_all()
