@@ -11,7 +11,8 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from whisper_triton.http.guards import REQUEST_ID, Admission, Guards, RequestIdFilter, request_id_from
+from whisper_triton.http.admission import Admission
+from whisper_triton.http.guards import REQUEST_ID, Guards, RequestIdFilter, request_id_from
 from whisper_triton.settings import load_settings
 
 

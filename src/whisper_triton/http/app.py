@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import WhisperTritonError
 from ..pipeline.formats import FORMATS, render
 from ..settings import Settings
-from .guards import Admission, Guards
+from .admission import Admission
+from .guards import Guards
 from . import multi_model
 from .metrics import MetricsMiddleware, ProxyMetrics
 from .openai_router import OPENAI_PREFIX, openai_error_response

@@ -41,7 +41,8 @@ from ..pipeline.longform import LongFormTranscriber
 from ..pipeline.tokenizer import WhisperTokenizer
 from ..settings import Settings
 from . import multi_model
-from .guards import Admission, key_matches, presented_key
+from .admission import Admission
+from .guards import key_matches, presented_key
 from .metrics import ProxyMetrics
 from .window_client import GrpcWindowDecoder
 

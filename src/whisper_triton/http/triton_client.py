@@ -13,7 +13,8 @@ from ..pipeline.audio import estimate_seconds
 from ..contract.options import TranscribeOptions
 from ..contract.tensors import MODELS, TRANSCRIBE_SPEC, TRANSCRIBE_STREAM_SPEC, WHISPER_WINDOW, decode_error
 from ..errors import WhisperTritonError
-from .guards import REQUEST_ID, Admission
+from .admission import Admission
+from .guards import REQUEST_ID
 
 PING_TIMEOUT_S = 1.5  # SageMaker wants /ping answered within 2 s
 
