@@ -6,8 +6,8 @@
    in constant time and never logged; /ping stays open (SageMaker's health check sends no key);
 3. admission (backpressure): at most `max_requests_in_flight` requests at work; beyond it an
    immediate 429 on OpenAI routes (/v1/...) or 503 on the SageMaker contract (which SageMaker
-   retries), with Retry-After. `Admission.audio` bounds the audio seconds in flight the same way,
-   once a body has been read (its length estimated from the container header);
+   retries), with Retry-After; the route's deadline is set here for `Admission.audio`, which admits
+   the audio by deadline once the body has been read (http/admission.py);
 4. cancellation: a client that disconnects stops its request; the route's task is cancelled, which
    cancels its gRPC call, and Triton marks the request cancelled for the model to stop decoding;
 5. an unexpected exception becomes a 500 JSON error without internal details (logged with its id).
@@ -27,7 +27,7 @@ import uuid
 
 from ..errors import OverloadedError, WhisperTritonError
 from ..settings import Settings
-from .admission import _OVERLOAD_STATUS, Admission, overload_status
+from .admission import Admission, reset_route, set_route
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class Guards:
 
     def __init__(self, app, settings: Settings, admission: Admission):
         self.app = app
+        self.settings = settings
         self.api_key = settings.api_key.get_secret_value()
         self.admission = admission
 
@@ -102,11 +103,11 @@ class Guards:
             return
         request_id = request_id_from(_header(scope, REQUEST_ID_HEADER.encode()))
         id_token = REQUEST_ID.set(request_id)
-        status_token = _OVERLOAD_STATUS.set(overload_status(scope.get("path", "")))
+        route_tokens = set_route(scope.get("path", ""), self.settings.deadline_s(scope.get("path", "")))
         try:
             await self._guarded(scope, receive, send, request_id)
         finally:
-            _OVERLOAD_STATUS.reset(status_token)
+            reset_route(route_tokens)
             REQUEST_ID.reset(id_token)
 
     async def _guarded(self, scope, receive, send, request_id: str) -> None:
