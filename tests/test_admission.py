@@ -55,6 +55,22 @@ def test_a_request_alone_is_admitted_and_the_next_only_if_both_end_before_the_de
     assert a.tickets == [] and a.backlog_s() == 0.0
 
 
+def test_a_request_alone_is_refused_only_when_the_measured_speed_says_it_cannot_be_in_time():
+    a, clock = admission(prior=10.0, deadline=60.0)
+    guess = a.admit(1_000.0)  # 100 s at the prior: alone, not measured yet: admitted
+    clock.now = 200.0  # it took 200 s: the server does 5 audio seconds per second
+    guess.actual_s = 1_000.0
+    a.release(guess)
+    assert a.speed() < 10.0
+    with pytest.raises(OverloadedError) as refused:
+        a.admit(1_000.0)
+    assert refused.value.reason == "too_long" and "stream it" in refused.value.message
+    a.release(a.admit(200.0))  # what fits alone still passes
+    assert a.refusals["too_long"] == 1
+    a.refuse_too_long = False  # WHISPER_TRITON_ADMISSION_REFUSE_TOO_LONG=false: alone is always admitted
+    a.release(a.admit(1_000.0))
+
+
 def test_the_backlog_drains_at_the_speed_shared_by_the_requests_in_flight():
     a, clock = admission(prior=10.0)
     tickets = [a.admit(100.0) for _ in range(2)]  # 20 s of work
@@ -184,3 +200,131 @@ def test_pcm_is_charged_by_its_size_and_unknown_bodies_as_16_khz_pcm():
     assert clamp_seconds(1e9, 32_000, "pcm_s16le", 16_000 * 16) == 1.0
     assert clamp_seconds(None, 64_000, None) == 2.0
     assert clamp_seconds(float("nan"), 64_000, "opus") == 2.0
+
+
+# ---- through a real serve ---------------------------------------------------------------------------
+DEADLINE_S = 2  # small, so a burst of a few long files is beyond it whatever this machine's speed
+PRIOR_SPEED = 20
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory):
+    from conftest import start_serve
+
+    instance = start_serve(tmp_path_factory.mktemp("admission"), {
+        "WHISPER_TRITON_REALTIME_DEADLINE_S": str(DEADLINE_S),
+        "WHISPER_TRITON_OPENAI_DEADLINE_S": str(DEADLINE_S),
+        "WHISPER_TRITON_ADMISSION_PRIOR_SPEED": str(PRIOR_SPEED),
+        "WHISPER_TRITON_LIVE_MAX_SHARE": "0.01",  # one live session needs 1/speed of it: always more
+        # a long file alone is admitted whatever this machine's measured speed, so each burst has one
+        "WHISPER_TRITON_ADMISSION_REFUSE_TOO_LONG": "false",
+        "WHISPER_TRITON_MAX_BODY_BYTES": str(32 * 1024 * 1024),
+    })
+    try:
+        instance.wait_ready()
+        yield instance
+    finally:
+        instance.terminate()
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} is not on /metrics")
+
+
+def test_lying_opus_headers_are_charged_by_the_body_and_corrected_by_the_real_duration(tight, opus_20s):
+    for granule, least, most in ((2**62, 0, len(opus_20s) * 8 / 6_000 + 1), (1, len(opus_20s) * 8 / 510_000, 400)):
+        body = lying_opus(opus_20s, granule)
+        charged = metric(tight.url, "whisper_admission_charged_audio_seconds_total")
+        decoded = metric(tight.url, "whisper_admission_decoded_audio_seconds_total")
+        reply = httpx.post(tight.url + "/invocations", content=body, headers={"Content-Type": "audio/ogg"}, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["text"].strip()
+        charge = metric(tight.url, "whisper_admission_charged_audio_seconds_total") - charged
+        assert least - 0.01 <= charge <= most  # 2^62 samples would be 3e9 years; 1 sample 20 us
+        real = metric(tight.url, "whisper_admission_decoded_audio_seconds_total") - decoded
+        assert real == pytest.approx(20.0, abs=0.5)  # the speed sample is the real duration
+    assert metric(tight.url, "whisper_admission_backlog_seconds") == 0.0
+
+
+def _burst(jobs: list) -> list[httpx.Response]:
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return list(pool.map(lambda job: job(), jobs))
+
+
+def test_a_burst_beyond_the_deadline_is_served_or_refused_at_once(tight, long_speech):
+    from whisper_triton.pipeline.evaluation import word_error_rate
+
+    refused_before = metric(tight.url, 'whisper_admission_refused_total{reason="deadline"}')
+    body = long_speech.flac_bytes  # about 3.5 minutes: at any speed below 200 audio s/s, two are over 2 s
+
+    def sagemaker():
+        return httpx.post(tight.url + "/invocations", content=body, headers={"Content-Type": "audio/flac"}, timeout=300)
+
+    def openai():
+        return httpx.post(tight.url + "/v1/audio/transcriptions", files={"file": ("long.flac", body, "audio/flac")},
+                          data={"model": "whisper-1"}, timeout=300)
+
+    replies = _burst([sagemaker, openai] * 3)
+    served = [r for r in replies if r.status_code == 200]
+    refused = [r for r in replies if r.status_code != 200]
+    assert served and refused, [r.status_code for r in replies]
+    for reply in served:
+        assert word_error_rate(long_speech.text, reply.json()["text"]) < 0.35
+    for reply in refused:
+        openai_route = "/v1/" in str(reply.request.url)
+        assert reply.status_code == (429 if openai_route else 503), reply.text
+        assert int(reply.headers["retry-after"]) >= 1
+        error = reply.json()["error"]
+        assert "deadline" in error["message"]
+        if not openai_route:  # our shape names the bound and the figures
+            assert error["reason"] == "deadline" and error["deadline_s"] == DEADLINE_S
+            assert error["charged_audio_s"] == pytest.approx(long_speech.duration, rel=0.05)
+    refusals = metric(tight.url, 'whisper_admission_refused_total{reason="deadline"}') - refused_before
+    assert refusals == len(refused)
+    assert metric(tight.url, "whisper_admission_backlog_seconds") == 0.0  # all admitted work released
+
+
+def test_a_streaming_route_is_bounded_too(tight, long_speech):
+    import threading
+
+    statuses: list[int] = []
+    answered = threading.Barrier(4, timeout=120)  # the admitted streams stay open until all have a status
+
+    def stream() -> None:
+        with httpx.stream("POST", tight.url + "/invocations", content=long_speech.flac_bytes, timeout=300,
+                          headers={"Content-Type": "audio/flac", "Accept": "application/jsonlines"}) as reply:
+            statuses.append(reply.status_code)
+            if reply.status_code != 200:
+                reply.read()
+                assert reply.status_code == 503 and int(reply.headers["retry-after"]) >= 1
+                assert reply.json()["error"]["reason"] == "deadline"
+            try:
+                answered.wait()
+            except threading.BrokenBarrierError:
+                pass
+        # leaving the block drops an admitted stream: its decoding is cancelled
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for future in [pool.submit(stream) for _ in range(4)]:
+            future.result()
+    assert 200 in statuses and 503 in statuses, statuses
+
+
+def test_a_live_session_beyond_the_share_of_the_speed_is_refused_at_connect(tight):
+    import websockets
+
+    async def main():
+        url = tight.url.replace("http://", "ws://") + "/v1/realtime?intent=transcription"
+        async with websockets.connect(url) as socket:
+            event = json.loads(await asyncio.wait_for(socket.recv(), timeout=30))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(socket.recv(), timeout=30)
+        assert event["type"] == "error" and event["error"]["code"] == "server_busy"
+        assert closed.value.rcvd.code == 1013 and "speed" in closed.value.rcvd.reason
+
+    refused = metric(tight.url, 'whisper_admission_refused_total{reason="live"}')
+    asyncio.run(main())
+    assert metric(tight.url, 'whisper_admission_refused_total{reason="live"}') == refused + 1

@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     async_deadline_s: float = Field(default=3_600.0, gt=0)
     async_inference: bool = False
     live_max_share: float = Field(default=0.8, gt=0, le=1)
+    # a request alone that the measured speed says cannot end before its deadline: refused (too_long)
+    admission_refuse_too_long: bool = True
     # Access for self-hosting: when set, every route but /ping needs `Authorization: Bearer <key>`
     # (what OpenAI clients send) or `x-api-key: <key>`; empty (the default): open, as on SageMaker,
     # where the platform authenticates callers

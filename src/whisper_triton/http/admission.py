@@ -13,8 +13,9 @@ transcription calls (`TritonClient`) hold their audio, admitted by deadline:
 - a request is admitted only when the backlog plus its own work ends before its deadline
   (`deadline_s`: SageMaker real time's 60 s on /invocations, the OpenAI client's 600 s on /v1, the
   configured one for async inference and batch transform); a stream only needs its first chunk
-  (one 30 s window) within it. A request with nothing else in flight is always admitted: waiting
-  would not help it;
+  (one 30 s window) within it. A request with nothing else in flight is admitted, unless its model's
+  speed has been measured and says it cannot end in time alone (`too_long`: streaming, splitting or
+  an async endpoint can serve it; the prior alone never refuses it, so a guess cannot lock out a file);
 - its charge is the audio it decodes to: the container header's duration clamped to what the body
   could hold (`charge_seconds`: at most the bytes at the codec's lowest bitrate, at least the bytes at
   its highest), replaced by the real duration when the answer comes (the charge released, the real
@@ -86,7 +87,7 @@ class Refusal(OverloadedError):
         return body
 
 
-REASONS = ("requests", "deadline", "audio", "live")  # the bounds a refusal names (a fixed metric label set)
+REASONS = ("requests", "deadline", "too_long", "audio", "live")  # the bounds a refusal names (a fixed metric label set)
 
 
 # ---- the charge: what a body really decodes to -------------------------------------------------
@@ -177,13 +178,15 @@ class Admission:
     """The bounds (module docstring): request slots, audio in flight, deadlines, live sessions."""
 
     def __init__(self, max_requests: int, max_audio_seconds: float, retry_after_s: int, prior_speed: float = 10.0,
-                 deadline_s: float = 60.0, live_max_share: float = 0.8, clock: Callable[[], float] = time.monotonic):
+                 deadline_s: float = 60.0, live_max_share: float = 0.8, refuse_too_long: bool = True,
+                 clock: Callable[[], float] = time.monotonic):
         self.max_requests = max_requests
         self.max_audio_seconds = max_audio_seconds
         self.retry_after_s = retry_after_s
         self.prior_speed = prior_speed
         self.deadline_s = deadline_s  # when the request's route set none (tools, tests)
         self.live_max_share = live_max_share
+        self.refuse_too_long = refuse_too_long
         self.clock = clock
         self.requests = 0
         self.refused = 0
@@ -260,6 +263,12 @@ class Admission:
         own = (min(seconds, FIRST_CHUNK_AUDIO_S) if stream else seconds) / speed / self._file_share()
         details = {"charged_audio_s": round(seconds, 3), "backlog_s": round(backlog, 3),
                    "speed": round(speed, 3), "deadline_s": deadline}
+        measured = self._estimate(model).samples > 0
+        if not self.tickets and measured and own > deadline and self.refuse_too_long:  # alone, at a measured speed: it cannot be in time
+            raise self.overloaded(
+                f"{seconds:.0f} s of audio takes {own:.0f} s alone at the measured {speed:.1f} audio seconds per "
+                f"second, past the {deadline:.0f} s deadline: stream it (a stream needs only its first chunk in "
+                f"time), split it, or send it to an async or batch endpoint", own, "too_long", details)
         if self.tickets:
             if backlog + own > deadline:
                 what = "its first chunk" if stream else "it"

@@ -57,7 +57,8 @@ def create_app(settings: Settings, triton_url: str | None = None, registry=None)
 
     admission = Admission(settings.max_requests_in_flight, settings.max_queued_audio_seconds, settings.retry_after_s,
                           prior_speed=settings.admission_prior_speed, deadline_s=settings.realtime_deadline_s,
-                          live_max_share=settings.live_max_share)
+                          live_max_share=settings.live_max_share,
+                          refuse_too_long=settings.admission_refuse_too_long)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
