@@ -133,7 +133,7 @@ class SpeedEstimate:
 
     prior: float
     decay: float = 0.7
-    prior_weight_s: float = 5.0
+    prior_weight_s: float = 1.0
     audio_s: float = field(init=False)
     wall_s: float = field(init=False)
     samples: int = field(init=False, default=0)
@@ -148,10 +148,12 @@ class SpeedEstimate:
     def record(self, audio_s: float, wall_s: float) -> None:
         if audio_s <= 0 or wall_s <= 0:
             return
-        # one sample moves the estimate at most 4x either way (a request that waited on something else)
-        current = self.value
-        wall_s = min(wall_s, audio_s * MAX_SAMPLE_RATIO / current)
-        audio_s = min(audio_s, wall_s * MAX_SAMPLE_RATIO * current)
+        # once measured, one sample moves the estimate at most 4x either way (a request that waited on
+        # something else); the first is taken whole, the prior being a guess
+        if self.samples:
+            current = self.value
+            wall_s = min(wall_s, audio_s * MAX_SAMPLE_RATIO / current)
+            audio_s = min(audio_s, wall_s * MAX_SAMPLE_RATIO * current)
         self.audio_s = self.decay * self.audio_s + audio_s
         self.wall_s = self.decay * self.wall_s + wall_s
         self.samples += 1
