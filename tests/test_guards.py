@@ -11,7 +11,8 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from whisper_triton.http.guards import REQUEST_ID, Admission, Guards, RequestIdFilter, request_id_from
+from whisper_triton.http.admission import Admission
+from whisper_triton.http.guards import REQUEST_ID, Guards, RequestIdFilter, request_id_from
 from whisper_triton.settings import load_settings
 
 
@@ -146,14 +147,15 @@ def test_beyond_the_bound_requests_are_refused_at_once(path, status):
 
 
 def test_audio_seconds_bound():
-    admission = Admission(10, 100.0, 3)
+    admission = Admission(10, 100.0, 3, prior_speed=10.0, clock=lambda: 0.0)
 
     async def run():
         async with admission.audio(500.0):  # alone: admitted however long
             with pytest.raises(Exception) as info:
                 async with admission.audio(1.0):
                     pass
-            assert info.value.status == 503 and info.value.headers() == {"Retry-After": "3"}
+            # Retry-After: the 500 s in flight take 50 s at the prior speed of 10 audio seconds per second
+            assert info.value.status == 503 and info.value.headers() == {"Retry-After": "50"}
         async with admission.audio(60.0):
             async with admission.audio(40.0):
                 assert admission.audio_seconds == 100.0

@@ -39,6 +39,7 @@ def hardened(tmp_path_factory):
         "WHISPER_TRITON_MAX_REQUESTS_IN_FLIGHT": str(BOUND),
         "WHISPER_TRITON_RETRY_AFTER_S": "3",
         "WHISPER_TRITON_MAX_BODY_BYTES": str(32 * 1024 * 1024),  # the long file below
+        "WHISPER_TRITON_REALTIME_DEADLINE_S": "3600",  # the 21 minutes below are admitted alone at any speed
     })
     try:
         instance.wait_ready()

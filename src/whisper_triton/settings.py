@@ -102,7 +102,21 @@ class Settings(BaseSettings):
     # audio seconds admitted and not yet answered, from the container header (audio.estimate_seconds);
     # one file longer than the bound alone is still admitted when nothing else is in flight
     max_queued_audio_seconds: float = Field(default=28_800.0, gt=0)
-    retry_after_s: int = Field(default=2, ge=1, le=3_600)
+    retry_after_s: int = Field(default=2, ge=1, le=3_600)  # the least Retry-After a refusal gives
+    # Admission by deadline (http/admission.py): a request is admitted only when the work admitted plus
+    # its own ends before its deadline, at the server's measured speed (audio seconds decoded per second,
+    # per model; this prior until requests have been measured): /invocations on a real-time endpoint
+    # (SageMaker gives an invocation 60 s), /v1 (the openai SDK waits 600 s), an async-inference or
+    # batch-transform endpoint (async_inference, or SageMaker's SAGEMAKER_BATCH); a stream needs only
+    # its first chunk within it. Live sessions may take at most live_max_share of the speed.
+    admission_prior_speed: float = Field(default=10.0, gt=0)
+    realtime_deadline_s: float = Field(default=60.0, gt=0)
+    openai_deadline_s: float = Field(default=600.0, gt=0)
+    async_deadline_s: float = Field(default=3_600.0, gt=0)
+    async_inference: bool = False
+    live_max_share: float = Field(default=0.8, gt=0, le=1)
+    # a request alone that the measured speed says cannot end before its deadline: refused (too_long)
+    admission_refuse_too_long: bool = True
     # Slow clients (http/client_limits.py): a body must arrive whole within client_body_timeout_s, with
     # no gap longer than client_idle_timeout_s between its pieces (else 408 and the connection closed);
     # a streamed answer (SSE, JSON lines) the client stops reading for stream_send_timeout_s is ended
@@ -150,6 +164,12 @@ class Settings(BaseSettings):
         if self.sagemaker_batch and self.sagemaker_max_payload_in_mb:
             return self.sagemaker_max_payload_in_mb * 1024 * 1024
         return self.max_body_bytes
+
+    def deadline_s(self, path: str) -> float:
+        """The admission deadline of a request on `path` (the comment above `admission_prior_speed`)."""
+        if self.async_inference or self.sagemaker_batch:
+            return self.async_deadline_s
+        return self.openai_deadline_s if path.startswith("/v1/") else self.realtime_deadline_s
 
     def resolved_model_dir(self) -> Path:
         return Path(self.model_dir) if self.model_dir else default_model_dir()

@@ -23,8 +23,9 @@ from starlette.requests import ClientDisconnect
 from ..errors import WhisperTritonError
 from ..pipeline.formats import FORMATS, render
 from ..settings import Settings
+from .admission import Admission, AdmissionCollector
 from .client_limits import ClientLimits, ClosingStreamingResponse
-from .guards import CLIENT_GONE, Admission, Guards, clipped_error
+from .guards import CLIENT_GONE, Guards, clipped_error
 from . import multi_model
 from .metrics import MetricsMiddleware, ProxyMetrics
 from .openai_router import OPENAI_PREFIX, openai_error_response
@@ -57,7 +58,10 @@ def create_app(settings: Settings, triton_url: str | None = None, registry=None)
     """`registry`: the model registry `serve` built (several models); None: the default model only."""
     url = triton_url or f"127.0.0.1:{settings.triton_grpc_port}"
 
-    admission = Admission(settings.max_requests_in_flight, settings.max_queued_audio_seconds, settings.retry_after_s)
+    admission = Admission(settings.max_requests_in_flight, settings.max_queued_audio_seconds, settings.retry_after_s,
+                          prior_speed=settings.admission_prior_speed, deadline_s=settings.realtime_deadline_s,
+                          live_max_share=settings.live_max_share,
+                          refuse_too_long=settings.admission_refuse_too_long)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -79,6 +83,7 @@ def create_app(settings: Settings, triton_url: str | None = None, registry=None)
     app = FastAPI(title="whisper-triton", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.metrics = ProxyMetrics()
+    app.state.metrics.registry.register(AdmissionCollector(admission))  # whisper_admission_* on /metrics
     app.state.admission = admission
     app.state.triton_url = url
     app.state.live = None  # the live transcription service, set up by the first session (http/realtime.py)

@@ -6,8 +6,8 @@
    in constant time and never logged; /ping stays open (SageMaker's health check sends no key);
 3. admission (backpressure): at most `max_requests_in_flight` requests at work; beyond it an
    immediate 429 on OpenAI routes (/v1/...) or 503 on the SageMaker contract (which SageMaker
-   retries), with Retry-After. `Admission.audio` bounds the audio seconds in flight the same way,
-   once a body has been read (its length estimated from the container header);
+   retries), with Retry-After; the route's deadline is set here for `Admission.audio`, which admits
+   the audio by deadline once the body has been read (http/admission.py);
 4. cancellation: a client that disconnects stops its request; the route's task is cancelled, which
    cancels its gRPC call, and Triton marks the request cancelled for the model to stop decoding;
 5. an unexpected exception becomes a 500 JSON error without internal details (logged with its id).
@@ -25,17 +25,14 @@ import json
 import logging
 import re
 import uuid
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from ..errors import OverloadedError, WhisperTritonError
 from ..settings import Settings
+from .admission import Admission, reset_route, set_route
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-# the status a refusal for load gets on the current request's route (429 or 503)
-_OVERLOAD_STATUS: contextvars.ContextVar[int] = contextvars.ContextVar("overload_status", default=503)
 
 REQUEST_ID_HEADER = "x-request-id"
 CLIENT_GONE = "client_gone"  # scope["state"] key: the client left before its answer was complete
@@ -104,48 +101,6 @@ def install_request_id_logging() -> None:
             handler.addFilter(RequestIdFilter())
 
 
-def overload_status(path: str) -> int:
-    """OpenAI clients back off on 429; SageMaker retries 503."""
-    return 429 if path.startswith("/v1/") else 503
-
-
-class Admission:
-    """Bounds on work in flight, kept on the event loop (no await between check and change)."""
-
-    def __init__(self, max_requests: int, max_audio_seconds: float, retry_after_s: int):
-        self.max_requests = max_requests
-        self.max_audio_seconds = max_audio_seconds
-        self.retry_after_s = retry_after_s
-        self.requests = 0
-        self.audio_seconds = 0.0
-        self.refused = 0
-
-    def overloaded(self, what: str) -> OverloadedError:
-        self.refused += 1
-        return OverloadedError(f"The server is busy ({what}); retry after {self.retry_after_s} s.",
-                               _OVERLOAD_STATUS.get(), self.retry_after_s)
-
-    def enter(self) -> None:
-        if self.requests >= self.max_requests:
-            raise self.overloaded(f"{self.requests} requests in flight, the limit is {self.max_requests}")
-        self.requests += 1
-
-    def leave(self) -> None:
-        self.requests -= 1
-
-    @asynccontextmanager
-    async def audio(self, seconds: float) -> AsyncIterator[None]:
-        """Hold `seconds` of audio while it is transcribed; a file alone is always admitted."""
-        if self.audio_seconds > 0 and self.audio_seconds + seconds > self.max_audio_seconds:
-            raise self.overloaded(f"{self.audio_seconds:.0f} s of audio in flight, the limit is "
-                                  f"{self.max_audio_seconds:.0f} s")
-        self.audio_seconds += seconds
-        try:
-            yield
-        finally:
-            self.audio_seconds = max(0.0, self.audio_seconds - seconds)
-
-
 def _header(scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
@@ -176,6 +131,7 @@ class Guards:
 
     def __init__(self, app, settings: Settings, admission: Admission):
         self.app = app
+        self.settings = settings
         self.api_key = settings.api_key.get_secret_value()
         self.admission = admission
 
@@ -185,11 +141,11 @@ class Guards:
             return
         request_id = request_id_from(_header(scope, REQUEST_ID_HEADER.encode()))
         id_token = REQUEST_ID.set(request_id)
-        status_token = _OVERLOAD_STATUS.set(overload_status(scope.get("path", "")))
+        route_tokens = set_route(scope.get("path", ""), self.settings.deadline_s(scope.get("path", "")))
         try:
             await self._guarded(scope, receive, send, request_id)
         finally:
-            _OVERLOAD_STATUS.reset(status_token)
+            reset_route(route_tokens)
             REQUEST_ID.reset(id_token)
 
     async def _guarded(self, scope, receive, send, request_id: str) -> None:

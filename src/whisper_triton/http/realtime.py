@@ -9,9 +9,9 @@ Around a session:
 - the API key (`WHISPER_TRITON_API_KEY`): the WebSocket handshake carries it as any request does
   (`Authorization: Bearer`, as the openai SDK sends it, or `x-api-key`); without it the handshake
   is refused with 403 before any session exists;
-- admission: a session holds one of `max_requests_in_flight` and one of `live_max_sessions`; when
-  either is full the connection is accepted, answered with an `error` event (code `server_busy`)
-  and closed with 1013 (try again later) and the reason;
+- admission: a session holds one of `max_requests_in_flight`, one of `live_max_sessions` and one
+  second of audio per second of the server's measured speed (http/admission.py); when any is full
+  the connection is accepted, answered with an `error` event (code `server_busy`) and closed with 1013 (try again later) and the reason;
 - limits: an event larger than 16 MiB, a client silent for `live_idle_timeout_s`, a session longer
   than `live_max_session_s`: an `error` event, then a close with its code (1009, 1000, 1008); a bad
   event is answered with an `error` event and the session goes on;
@@ -41,7 +41,8 @@ from ..pipeline.longform import LongFormTranscriber
 from ..pipeline.tokenizer import WhisperTokenizer
 from ..settings import Settings
 from . import multi_model
-from .guards import Admission, key_matches, presented_key
+from .admission import Admission
+from .guards import key_matches, presented_key
 from .metrics import ProxyMetrics
 from .window_client import GrpcWindowDecoder
 
@@ -60,33 +61,33 @@ class SessionAdmission:
     """Whether one more live session can be served: `can_admit_session(realtime_factor)` is the whole
     interface the routes use (`realtime_factor`: audio seconds a session sends per second, 1.0 live).
 
-    Today's rule is `guards.Admission` (a session holds one request slot) plus a cap on sessions;
-    the deadline-based admission (issue 21) replaces the body of these two methods."""
+    A session holds one request slot of `guards.Admission`, one of `live_max_sessions`, and its
+    `realtime_factor` of the server's measured speed (`Admission.session_reason`: all sessions together
+    take at most `live_max_share` of it, the rest is left to files, admitted by their deadlines)."""
 
     def __init__(self, admission: Admission, max_sessions: int):
         self.admission = admission
         self.max_sessions = max_sessions
         self.sessions = 0
 
-    def can_admit_session(self, realtime_factor: float = 1.0) -> str | None:
+    def can_admit_session(self, realtime_factor: float = 1.0, model: str | None = None) -> str | None:
         """None when a session can start now, else why not (the close reason)."""
         if self.sessions >= self.max_sessions:
             return f"{self.sessions} live sessions are open, the limit is {self.max_sessions}"
         if self.admission.requests >= self.admission.max_requests:
             return f"{self.admission.requests} requests in flight, the limit is {self.admission.max_requests}"
-        return None
+        return self.admission.session_reason(realtime_factor, model)
 
     @contextmanager
-    def session(self, realtime_factor: float = 1.0) -> Iterator[None]:
-        reason = self.can_admit_session(realtime_factor)
+    def session(self, realtime_factor: float = 1.0, model: str | None = None) -> Iterator[None]:
+        reason = self.can_admit_session(realtime_factor, model)
         if reason is not None:
-            self.admission.refused += 1
-            raise OverloadedError(f"The server is busy ({reason}); retry after {self.admission.retry_after_s} s.",
-                                  503, self.admission.retry_after_s)
+            raise self.admission.overloaded(reason, reason="live")
         self.admission.enter()
         self.sessions += 1
         try:
-            yield
+            with self.admission.live_session(realtime_factor, model):
+                yield
         finally:
             self.sessions -= 1
             self.admission.leave()
@@ -203,7 +204,7 @@ async def serve_session(websocket: WebSocket, route: str) -> None:
     metrics: ProxyMetrics = app.state.metrics
     await websocket.accept()
     try:
-        with app.state.session_admission.session():
+        with app.state.session_admission.session(1.0):  # judged at the default model's speed
             metrics.live_sessions.labels(route).inc()
             try:
                 outcome = await _run(websocket, route)

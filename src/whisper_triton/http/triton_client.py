@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
 
 import numpy as np
 
-from ..pipeline.audio import estimate_seconds
 from ..contract.options import TranscribeOptions
 from ..contract.tensors import MODELS, TRANSCRIBE_SPEC, TRANSCRIBE_STREAM_SPEC, WHISPER_WINDOW, decode_error
 from ..errors import WhisperTritonError
-from .guards import REQUEST_ID, Admission
+from .admission import Admission, charge_seconds
+from .guards import REQUEST_ID
 
 PING_TIMEOUT_S = 1.5  # SageMaker wants /ping answered within 2 s
 
@@ -25,7 +26,7 @@ class TritonClient:
         self._grpc = grpcclient
         self.client = grpcclient.InferenceServerClient(url=url)
         self.timeout_s = timeout_s  # the deadline: past it the gRPC call is cancelled, Triton stops decoding
-        self.admission = admission or Admission(1 << 30, float("inf"), 1)
+        self.admission = admission or Admission(1 << 30, float("inf"), 1, deadline_s=float("inf"))  # unbounded
 
     async def ready(self) -> bool:
         async def check() -> bool:
@@ -71,16 +72,18 @@ class TritonClient:
         marks the request cancelled; the `transcribe` model stops between decoding rounds."""
         from tritonclient.utils import InferenceServerException
 
-        seconds = await asyncio.to_thread(estimate_seconds, audio)
+        seconds = await asyncio.to_thread(charge_seconds, audio)
         inputs = self._inputs(audio, options, references)
-        async with self.admission.audio(seconds):
+        async with self.admission.audio(seconds, options.model) as ticket:
             try:
                 result = await self.client.infer(TRANSCRIBE_SPEC.name, inputs,
                                                  outputs=[self._grpc.InferRequestedOutput("RESULT")],
                                                  request_id=REQUEST_ID.get(), client_timeout=self.timeout_s)
             except InferenceServerException as exc:
                 raise from_triton(exc) from None
-        return json.loads(result.as_numpy("RESULT").reshape(-1)[0])
+            answer = json.loads(result.as_numpy("RESULT").reshape(-1)[0])
+            ticket.actual_s = _duration(answer)  # the real length: the speed sample, in place of the charge
+        return answer
 
     async def transcribe_stream(self, audio: bytes, options: TranscribeOptions,
                                 references: list[bytes] | None = None) -> AsyncIterator[dict]:
@@ -88,6 +91,16 @@ class TritonClient:
 
         Closing the generator early (the HTTP client left) cancels the gRPC stream, which Triton
         passes to the model as the request's cancellation: its decoding stops before the next chunk."""
+        seconds = await asyncio.to_thread(charge_seconds, audio)
+        async with self.admission.audio(seconds, options.model, stream=True) as ticket:  # refused before any byte
+            async with contextlib.aclosing(self._stream(audio, options, references)) as chunks:  # closed at once
+                async for chunk in chunks:
+                    if chunk.get("done"):
+                        ticket.actual_s = _duration(chunk)
+                    yield chunk
+
+    async def _stream(self, audio: bytes, options: TranscribeOptions,
+                      references: list[bytes] | None) -> AsyncIterator[dict]:
         finished = asyncio.Event()
         request = {"model_name": TRANSCRIBE_STREAM_SPEC.name, "request_id": REQUEST_ID.get() if REQUEST_ID.get() != "-" else uuid.uuid4().hex,
                    "inputs": self._inputs(audio, options, references),
@@ -121,6 +134,11 @@ class TritonClient:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _duration(result: dict) -> float | None:
+    value = result.get("duration")
+    return float(value) if isinstance(value, (int, float)) and value >= 0 else None
 
 
 def from_triton(exc) -> WhisperTritonError:
