@@ -236,6 +236,7 @@ def metric(url: str, name: str) -> float:
     raise AssertionError(f"{name} is not on /metrics")
 
 
+@pytest.mark.triton
 def test_lying_opus_headers_are_charged_by_the_body_and_corrected_by_the_real_duration(tight, opus_20s):
     for granule, least, most in ((2**62, 0, len(opus_20s) * 8 / 6_000 + 1), (1, len(opus_20s) * 8 / 510_000, 400)):
         body = lying_opus(opus_20s, granule)
@@ -266,6 +267,7 @@ def long_part(long_speech, speech_clips) -> tuple[bytes, str, float]:
     return encode(long_speech.samples[:cut], 16_000, "flac", "flac"), text, cut / 16_000
 
 
+@pytest.mark.triton
 def test_a_burst_beyond_the_deadline_is_served_or_refused_at_once(tight, long_part):
     from whisper_triton.pipeline.evaluation import word_error_rate
 
@@ -299,6 +301,7 @@ def test_a_burst_beyond_the_deadline_is_served_or_refused_at_once(tight, long_pa
     assert metric(tight.url, "whisper_admission_backlog_seconds") == 0.0  # all admitted work released
 
 
+@pytest.mark.triton
 def test_a_streaming_route_is_bounded_too(tight, long_part):
     import threading
 
@@ -325,6 +328,7 @@ def test_a_streaming_route_is_bounded_too(tight, long_part):
     assert 200 in statuses and 503 in statuses, statuses
 
 
+@pytest.mark.triton
 def test_a_live_session_beyond_the_share_of_the_speed_is_refused_at_connect(tight):
     import websockets
 

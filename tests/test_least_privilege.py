@@ -18,6 +18,8 @@ import pytest
 
 from conftest import start_serve
 
+pytestmark = pytest.mark.triton
+
 API_KEY = "lp-test-key-0123456789"
 LEAKY_ENV = {
     "WHISPER_TRITON_API_KEY": API_KEY,
