@@ -1,5 +1,5 @@
 """Live transcription latency: N concurrent sessions fed at real-time pace from recorded speech
-(the Asterisk prompts, testkit/recorded_speech.py) against a fresh `serve`, and a streamed vs
+(the Asterisk prompts, testkit/real_speech.py) against a fresh `serve`, and a streamed vs
 unstreamed long file.
 
 Per level N: every session sends its own prompts separated by pauses, 100 ms appends on the audio's
@@ -49,7 +49,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def session_audio(count: int, offset: int, pause_s: float, seed: int):
     """(samples with dither, [(speech start, speech end) in samples], [texts])."""
-    from testkit.recorded_speech import sentences
+    from testkit.real_speech import sentences
 
     parts, spans, texts, position = [np.zeros(SR // 2, np.float32)], [], [], SR // 2
     for samples, text in sentences(count, offset):
@@ -140,7 +140,7 @@ def file_streaming(url: str, rounds: int, seconds: float) -> dict:
     """Unstreamed vs streamed POST /invocations of the same (cold) long file, interleaved."""
     import httpx
 
-    from testkit.recorded_speech import sentences
+    from testkit.real_speech import sentences
     from whisper_triton.pipeline.audio import SAMPLE_RATE
 
     sys.path.insert(0, str(ROOT / "tests"))

@@ -81,9 +81,5 @@ if [[ "${mode}" == "test" ]]; then
   # sources; pinned, sha256-checked, cached under .work/real_voices)
   .venv/bin/python -m testkit.real_voices >/dev/null
 fi
-if [[ "${mode}" == "test" ]] && command -v apt-get >/dev/null 2>&1; then
-  # recorded speech with its text (Debian's asterisk-core-sounds-en-g722, pinned and sha256-checked)
-  .venv/bin/python -m testkit.recorded_speech >/dev/null
-fi
 echo "${wanted}" > "${stamp}"
 fetch_real_speech

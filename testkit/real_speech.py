@@ -260,6 +260,26 @@ def prompts(language: str, codec: str = "g722", cache: Path = CACHE, kind: str =
     return found
 
 
+# prompts of 6 to 12 words that are plain sentences (no digits spoken as numbers, no "..." fragments)
+PLAIN_SENTENCES = (  # English (en/g722)
+    "agent-pass", "cannot-complete-as-dialed", "check-number-dial-again", "conf-leaderhasleft",
+    "conf-now-recording", "conf-onlyperson", "conf-placeintoconf", "conf-waitforleader", "confbridge-removed",
+    "demo-echodone", "dir-nomatch", "enter-num-blacklist", "feature-not-avail-line", "please-try-call-later",
+    "pls-hold-while-try", "privacy-unident", "speed-dial-empty", "transfer", "tt-weasels", "tt-monkeysintro",
+    "conf-roll-callcomplete", "confbridge-lock-no-join", "dir-nomore", "privacy-prompt",
+)
+
+
+def sentences(count: int | None = None, offset: int = 0, cache: Path = CACHE) -> list[tuple[np.ndarray, str]]:
+    """(16 kHz samples, text) of English plain-sentence prompts (live sessions, long files of turns),
+    `count` of them from `offset`, cycling."""
+    by_name = {r.name.rsplit("/", 1)[1]: r for r in prompts("en", "g722", cache)}
+    names = PLAIN_SENTENCES[offset:] + PLAIN_SENTENCES[:offset]
+    if count is not None:
+        names = tuple(names[i % len(names)] for i in range(count))
+    return [(by_name[name].samples(), by_name[name].text) for name in names]
+
+
 def librivox(cache: Path = CACHE) -> list[Recording]:
     folder = fetch_librivox(cache)
     ids = (folder / "fileids").read_text().split()

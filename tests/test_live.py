@@ -151,7 +151,7 @@ def test_local_agreement_sends_a_word_once_two_hypotheses_agree_and_never_takes_
 # ---- the session, on the real engine in-process ------------------------------------------------
 @pytest.fixture(scope="module")
 def recorded():
-    from testkit.recorded_speech import sentences
+    from testkit.real_speech import sentences
 
     return sentences(4)
 

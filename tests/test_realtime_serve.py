@@ -41,7 +41,7 @@ def live_serve(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def recorded():
-    from testkit.recorded_speech import sentences
+    from testkit.real_speech import sentences
 
     return sentences(6, offset=4)
 
