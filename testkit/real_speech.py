@@ -108,7 +108,7 @@ class FetchError(RuntimeError):
 
 
 # ---- fetching -------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -117,41 +117,58 @@ def _sha256(path: Path) -> str:
 
 
 def _checked(path: Path, expected: str) -> Path:
-    actual = _sha256(path)
+    actual = sha256_of(path)
     if actual != expected:
         path.unlink(missing_ok=True)
         raise FetchError(f"{path.name}: SHA-256 {actual} is not the pinned {expected}; the file was removed. "
                          "Retry; if it persists, the registry serves another build: update the pin in "
-                         "testkit/real_speech.py after checking the new archive.")
+                         "testkit/ after checking the new archive.")
     return path
+
+
+def download_deb(package: str, version: str, sha256: str, folder: Path) -> Path:
+    """`package=version`'s .deb downloaded into `folder` with `apt-get download` (the package lists read
+    once on a fresh machine) and checked against `sha256`: the one Debian downloader of testkit/."""
+    if shutil.which("apt-get") is None:
+        raise FetchError(f"apt-get is needed to fetch {package} (Debian/Ubuntu); place its .deb in {folder} by hand.")
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as staging:
+        os.chmod(staging, 0o755)  # apt's sandbox user may write there
+        result = _apt_download(f"{package}={version}", staging)
+        if result.returncode != 0 and os.geteuid() == 0:  # no package lists yet (a fresh machine): read them once
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600)
+            result = _apt_download(f"{package}={version}", staging)
+        found = list(Path(staging).glob(f"{package}_*.deb"))
+        if result.returncode != 0 or not found:
+            raise FetchError(f"apt-get download {package}={version} failed ({result.stderr.strip()[-300:]}). "
+                             "Run `apt-get update` once (as root) and retry.")
+        target = folder / found[0].name.replace("%3a", "_")
+        found[0].rename(target)
+    return _checked(target, sha256)
+
+
+def _apt_download(spec: str, folder: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["apt-get", "download", "-q", spec], cwd=folder, capture_output=True, text=True,
+                          timeout=600)
+
+
+def download_sdist(name: str, version: str, sha256: str, folder: Path) -> Path:
+    """`name==version`'s source distribution downloaded into `folder` with `pip download`, checked."""
+    archive = folder / f"{name}-{version}.tar.gz"
+    if not archive.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        "--disable-pip-version-check", f"{name}=={version}", "-d", str(folder)],
+                       check=True, timeout=900)
+    return _checked(archive, sha256)
 
 
 def fetch_deb(package: str, cache: Path = CACHE) -> Path:
     """The package's .deb at DEBIAN_VERSION, checked, under `cache/debs/`."""
-    debs = cache / "debs"
-    target = debs / f"{package}_{DEBIAN_VERSION}_all.deb"
+    target = cache / "debs" / f"{package}_{DEBIAN_VERSION}_all.deb"
     if target.is_file():
         return _checked(target, DEBS[package])
-    if shutil.which("apt-get") is None:
-        raise FetchError(f"apt-get is needed to fetch {package} (Debian/Ubuntu); place {target.name} in {debs} by hand.")
-    debs.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=debs) as staging:
-        os.chmod(staging, 0o755)  # apt's sandbox user may write there
-        result = _apt_download(package, staging)
-        if result.returncode != 0 and os.geteuid() == 0:  # no package lists yet (a fresh machine): read them once
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600)
-            result = _apt_download(package, staging)
-        found = list(Path(staging).glob(f"{package}_*.deb"))
-        if result.returncode != 0 or not found:
-            raise FetchError(f"apt-get download {package}={DEBIAN_VERSION} failed ({result.stderr.strip()[-300:]}). "
-                             "Run `apt-get update` once (as root) and retry.")
-        found[0].rename(target)
-    return _checked(target, DEBS[package])
-
-
-def _apt_download(package: str, folder: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["apt-get", "download", "-q", f"{package}={DEBIAN_VERSION}"], cwd=folder,
-                          capture_output=True, text=True, timeout=600)
+    return download_deb(package, DEBIAN_VERSION, DEBS[package], cache / "debs")
 
 
 def unpack_deb(package: str, cache: Path = CACHE) -> Path:
@@ -173,14 +190,7 @@ def fetch_librivox(cache: Path = CACHE) -> Path:
     folder = cache / LIBRIVOX_DIR
     if (folder / "transcription").is_file():
         return folder
-    sdists = cache / "sdists"
-    archive = sdists / f"{name}-{version}.tar.gz"
-    if not archive.is_file():
-        sdists.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        "--disable-pip-version-check", f"{name}=={version}", "-d", str(sdists)],
-                       check=True, timeout=900)
-    _checked(archive, sha)
+    archive = download_sdist(name, version, sha, cache / "sdists")
     with tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(LIBRIVOX_DIR + "/") and m.isfile()]
         tar.extractall(cache, members=members, filter="data")

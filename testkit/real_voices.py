@@ -22,19 +22,19 @@ the reference turns are exact by construction (a turn may hold short pauses betw
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from testkit.real_speech import download_deb, download_sdist, sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".work" / "real_voices"
@@ -88,29 +88,11 @@ MIN_CLIP_S, MAX_CLIP_S = 0.8, 8.0
 
 
 # ---- fetching ------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download(source: Source, folder: Path) -> Path:
-    """The source file in `folder`, downloaded with the ordinary client of its registry."""
+    """The source file in `folder`, downloaded and checked with testkit/real_speech.py's fetchers."""
     if source.kind == "deb":
-        command = ["apt-get", "download", f"{source.package}={source.version}"]
-        if subprocess.run(command, cwd=folder, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
-            subprocess.run(command, cwd=folder, check=True, capture_output=True)
-        found = sorted(folder.glob(f"{source.package}_*.deb"))
-    else:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        f"{source.package}=={source.version}", "-d", str(folder)], check=True, capture_output=True)
-        found = sorted(folder.glob(f"{source.package}-{source.version}.tar.gz"))
-    if not found:
-        raise RuntimeError(f"{source.package} {source.version} was not downloaded into {folder}")
-    return found[0]
+        return download_deb(source.package, source.version, source.sha256, folder)
+    return download_sdist(source.package, source.version, source.sha256, folder)
 
 
 def fetch(voice: str, cache: Path = CACHE) -> Path:
@@ -121,12 +103,9 @@ def fetch(voice: str, cache: Path = CACHE) -> Path:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     archive = cache / source.name.replace("%3a", "_")
-    if not archive.is_file() or _sha256(archive) != source.sha256:
+    if not archive.is_file() or sha256_of(archive) != source.sha256:
         with tempfile.TemporaryDirectory(dir=cache) as staging:
-            downloaded = _download(source, Path(staging))
-            if _sha256(downloaded) != source.sha256:
-                raise RuntimeError(f"{downloaded.name}: sha256 {_sha256(downloaded)} is not the pinned {source.sha256}")
-            shutil.move(str(downloaded), archive)
+            shutil.move(str(_download(source, Path(staging))), archive)
     staging = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
