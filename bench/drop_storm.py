@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from _path import ROOT  # the repository root, made importable
+from testkit.serve_process import inference_count, start_serve, stop_serve, tree_cpu_seconds, tree_rss_mb
 
 from served import ProcessSet
-from soak import encode, start_serve, stop_serve, tree_rss_mb
+from soak import encode
 from testkit.synthetic_speech import SENTENCES, long_recording, spoken_sentences
 
 logger = logging.getLogger("whisper_triton.bench.drop_storm")
@@ -46,30 +47,6 @@ def dropped_stream(port: int, body: bytes, index: int) -> None:
             f"Accept: application/jsonlines\r\nX-Request-Id: dropped-{index}\r\nContent-Length: {len(body)}\r\n\r\n")
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(head.encode() + body)
-
-
-def window_inferences(triton_http_port: int) -> int:
-    url = f"http://127.0.0.1:{triton_http_port}/v2/models/whisper_window/stats"
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        return int(json.load(reply)["model_stats"][0]["inference_count"])
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 def wait_idle(pid: int, quiet_s: float = 5.0, timeout_s: float = 600.0) -> float:
@@ -99,7 +76,7 @@ class PeakSampler(threading.Thread):
             self.stop.wait(self.every_s)
 
 
-def storm(process, url: str, triton_http_port: int, body: bytes, requests: int, short: bytes) -> dict:
+def storm(process, url: str, body: bytes, requests: int, short: bytes) -> dict:
     port = int(url.rsplit(":", 1)[1])
     urllib.request.urlopen(urllib.request.Request(url + "/invocations", data=short,
                                                   headers={"Content-Type": "audio/ogg"}), timeout=300).read()
@@ -107,7 +84,7 @@ def storm(process, url: str, triton_http_port: int, body: bytes, requests: int, 
     baseline = tree_rss_mb(process.pid)
     roles = ProcessSet(process.pid)
     baseline_by_role = roles.rss_bytes()
-    windows_before = window_inferences(triton_http_port)
+    windows_before = inference_count(process, "whisper_window")
     sampler = PeakSampler(process.pid)
     sampler.start()
     started = time.monotonic()
@@ -124,7 +101,7 @@ def storm(process, url: str, triton_http_port: int, body: bytes, requests: int, 
     after_by_role = roles.rss_bytes()
     by_role = {role: [round(baseline_by_role.get(role, 0) / 2**20), round(after_by_role.get(role, 0) / 2**20)]
                for role in sorted(set(baseline_by_role) | set(after_by_role))}
-    windows = window_inferences(triton_http_port) - windows_before
+    windows = inference_count(process, "whisper_window") - windows_before
     with urllib.request.urlopen(urllib.request.Request(url + "/invocations", data=short,
                                                        headers={"Content-Type": "audio/ogg"}), timeout=300) as reply:
         served_after = reply.status
@@ -147,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     short = long_opus(args.out / f"drop-storm-{stamp}", 0.1)
     process, url = start_serve(args.out / f"drop-storm-{stamp}-serve.log")
     try:
-        triton_http_port = int(_triton_http_port(process.pid))
-        report = storm(process, url, triton_http_port, body, args.requests, short)
+        report = storm(process, url, body, args.requests, short)
     finally:
         stop_serve(process)
     print(json.dumps(report, indent=1))
@@ -157,13 +133,6 @@ def main(argv: list[str] | None = None) -> int:
           f"for {args.requests} dropped streams; a request after: {report['served_after']}")
     (args.out / f"drop-storm-{stamp}.json").write_text(json.dumps(report, indent=1))
     return 0 if report["served_after"] == 200 else 1
-
-
-def _triton_http_port(pid: int) -> str:
-    """The Triton HTTP port `start_serve` chose, from serve's environment."""
-    import psutil
-
-    return psutil.Process(pid).environ()["WHISPER_TRITON_TRITON_HTTP_PORT"]
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ import json
 import logging
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -31,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from _path import ROOT  # the repository root, made importable
+from testkit.serve_process import start_serve, stop_serve
 
 logger = logging.getLogger("bench.overload")
 RESULTS = ROOT / "bench" / "results"
@@ -45,50 +44,6 @@ class Outcome:
     retry_after: str | None = None
     reason: str | None = None
     words: int = 0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_serve(root: Path, log_path: Path, timeout_s: float = 300) -> tuple[subprocess.Popen, str]:
-    """`serve` of the checkout at `root` (its own package first on PYTHONPATH), default settings."""
-    import httpx
-
-    ports = [free_port() for _ in range(4)]
-    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(ports[0]), WHISPER_TRITON_BIND_HOST="127.0.0.1",
-               WHISPER_TRITON_TRITON_HTTP_PORT=str(ports[1]), WHISPER_TRITON_TRITON_GRPC_PORT=str(ports[2]),
-               WHISPER_TRITON_TRITON_METRICS_PORT=str(ports[3]),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")])))
-    process = subprocess.Popen([str(root / "serve")], env=env, cwd=root, stdout=log_path.open("wb"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{ports[0]}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"serve exited early with {process.returncode}; see {log_path}")
-        try:
-            if httpx.get(url + "/ping", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop(process)
-    raise RuntimeError(f"serve was not ready within {timeout_s:.0f} s; see {log_path}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=45)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
 
 
 def long_file(folder: Path, sentences: int, warmup_s: float) -> tuple[bytes, float, bytes]:
@@ -193,13 +148,13 @@ def main() -> None:
         folder = Path(tmp)
         body, audio_s, warmup_body = long_file(folder, args.sentences, args.warmup_seconds)
         logger.info("long file: %.0f s, %d bytes; starting serve from %s", audio_s, len(body), args.root)
-        process, url = start_serve(args.root.resolve(), RESULTS / f"overload-{args.label}-serve.log")
+        process, url = start_serve(RESULTS / f"overload-{args.label}-serve.log", root=args.root.resolve())
         try:
             warmup = warm_up(url, warmup_body) if args.warmup_seconds > 0 else None
             logger.info("warm-up: %s", warmup)
             outcomes = burst(url, body, args.requests, args.client_timeout)
         finally:
-            stop(process)
+            stop_serve(process)
     totals = summary(outcomes)
     text = table(args.label, outcomes, totals, audio_s, args.client_timeout)
     text += f"\nwarm-up before the burst ({args.warmup_seconds:.0f} s alone): {warmup}; load average at the end: " \

@@ -12,16 +12,12 @@ import argparse
 import base64
 import json
 import logging
-import os
 import random
 import signal
-import socket
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from _path import ROOT  # the repository root, made importable
+from testkit.serve_process import start_serve, stop_serve, tree_rss_mb
 
 from testkit.synthetic_speech import SENTENCES, long_recording, spoken_sentences
 from whisper_triton.pipeline.evaluation import word_error_rate
@@ -125,62 +122,6 @@ def schedule(jobs: dict[str, list[Job]], n: int, long_fraction: float, bad_fract
 
 
 # ---- serve and its memory ----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_serve(log_path: Path, extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    ports = [free_port() for _ in range(4)]
-    env = {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(ports[0]), "WHISPER_TRITON_BIND_HOST": "127.0.0.1",
-           "WHISPER_TRITON_TRITON_HTTP_PORT": str(ports[1]), "WHISPER_TRITON_TRITON_GRPC_PORT": str(ports[2]),
-           "WHISPER_TRITON_TRITON_METRICS_PORT": str(ports[3]), **(extra_env or {})}
-    process = subprocess.Popen([str(ROOT / "serve")], env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-                               cwd=ROOT, start_new_session=True)
-    url = f"http://127.0.0.1:{ports[0]}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"serve exited with {process.returncode}; see {log_path}")
-        try:
-            with urllib.request.urlopen(url + "/ping", timeout=3) as reply:
-                if reply.status == 200:
-                    return process, url
-        except OSError:
-            pass
-        time.sleep(0.5)
-    stop_serve(process)
-    raise RuntimeError(f"serve was not ready within 300 s; see {log_path}")
-
-
-def stop_serve(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-
-
-def tree_rss_mb(pid: int) -> float:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
-    for process in processes:
-        try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 2**20
-
-
 class MemorySampler(threading.Thread):
     def __init__(self, pid: int, every_s: float = 1.0):
         super().__init__(daemon=True)

@@ -12,10 +12,7 @@ import json
 import logging
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from _path import ROOT  # the repository root, made importable
+from testkit.serve_process import start_serve, stop_serve
 
 from whisper_triton.pipeline.audio import SAMPLE_RATE, decode_audio
 from whisper_triton.engines import load_engine
@@ -56,34 +54,6 @@ def summary(samples: list[float]) -> dict:
     ordered = sorted(samples)
     return {"median": statistics.median(ordered), "min": ordered[0],
             "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_serve(log_path: Path) -> tuple[subprocess.Popen, str]:
-    ports = [free_port() for _ in range(4)]
-    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(ports[0]), WHISPER_TRITON_BIND_HOST="127.0.0.1",
-               WHISPER_TRITON_TRITON_HTTP_PORT=str(ports[1]), WHISPER_TRITON_TRITON_GRPC_PORT=str(ports[2]),
-               WHISPER_TRITON_TRITON_METRICS_PORT=str(ports[3]))
-    process = subprocess.Popen([str(ROOT / "serve")], env=env, stdout=log_path.open("wb"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{ports[0]}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"serve exited early; see {log_path}")
-        try:
-            if httpx.get(url + "/ping", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.terminate()
-    raise RuntimeError(f"serve not ready in 240 s; see {log_path}")
 
 
 def post(client: httpx.Client, url: str, body: bytes) -> float:
@@ -146,8 +116,7 @@ def run(args: argparse.Namespace) -> Report:
             report.throughput.append(throughput(url, body, concurrency, args.requests, audio_seconds))
     finally:
         if process is not None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
+            stop_serve(process)
     report.machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                       "engine": "ctranslate2", "compute_type": settings.compute_type, "model_dir": str(model_dir)}
     return report
