@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator
 
 from ..errors import OverloadedError
+from ..pipeline.audio import release_free_heap_soon
 
 # the status a refusal for load gets on the current request's route (429 or 503), and its deadline
 _OVERLOAD_STATUS: contextvars.ContextVar[int] = contextvars.ContextVar("overload_status", default=503)
@@ -254,6 +255,8 @@ class Admission:
 
     def leave(self) -> None:
         self.requests -= 1
+        if self.requests == 0:  # idle: the bodies of the requests just ended go back to the OS
+            release_free_heap_soon()
 
     # -- files -----------------------------------------------------------------------------------
     def admit(self, seconds: float, model: str | None = None, stream: bool = False,

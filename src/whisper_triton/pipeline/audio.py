@@ -23,8 +23,10 @@ Hostile or broken input, decided here once for every route:
 
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
+import threading
 
 import av
 import numpy as np
@@ -282,3 +284,32 @@ def encode_pcm16(samples: np.ndarray, rate: int = 24_000) -> bytes:
     frame.sample_rate = SAMPLE_RATE
     frames = resampler.resample(frame) + resampler.resample(None)
     return b"".join(f.to_ndarray().astype("<i2").tobytes() for f in frames)
+
+
+def release_free_heap() -> None:
+    """Hands the C heap's free pages back to the OS (glibc's malloc_trim). The audio of a dropped long
+    file (its body in the proxy, its samples in a stub) is freed when its request ends, but glibc keeps
+    the pages in its arenas, so without this a process stays at the peak of a storm of dropped
+    requests. Called when a process goes idle; a no-op where libc has no malloc_trim."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        logger.debug("malloc_trim is not available")
+
+
+_trimming = threading.Lock()
+
+
+def release_free_heap_soon() -> None:
+    """`release_free_heap` in a thread of its own (trimming a large heap takes milliseconds, which an
+    event loop must not wait for); at most one at a time."""
+    if not _trimming.acquire(blocking=False):
+        return
+
+    def trim() -> None:
+        try:
+            release_free_heap()
+        finally:
+            _trimming.release()
+
+    threading.Thread(target=trim, name="malloc-trim", daemon=True).start()

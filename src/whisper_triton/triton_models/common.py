@@ -3,7 +3,6 @@ and out by their spec (`contract.tensors`), and errors in the one wire format.""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 from pathlib import Path
@@ -118,14 +117,3 @@ def rows_of(wav: np.ndarray | None, lens: np.ndarray | None) -> list[np.ndarray]
 def text_prefixes(array: np.ndarray | None, rows: int) -> list[str]:
     values = [""] * rows if array is None else [text(v) for v in array.reshape(-1)]
     return values * rows if len(values) == 1 and rows > 1 else values
-
-
-def release_free_heap() -> None:
-    """Hands the C heap's free pages back to the OS (glibc's malloc_trim). The audio of a dropped long
-    file is freed when its stream stops, but glibc keeps the pages in its per-thread arenas, so
-    without this a stub stays at the peak of a storm of dropped requests. Called when the model goes
-    idle; a no-op where libc has no malloc_trim."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        logging.getLogger(__name__).debug("malloc_trim is not available")

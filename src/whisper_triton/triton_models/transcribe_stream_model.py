@@ -30,7 +30,8 @@ from ..contract.results import stream_chunk
 from ..contract.tensors import TRANSCRIBE_STREAM_SPEC as SPEC
 from ..errors import WhisperTritonError
 from ..pipeline.windows import RequestCancelled, stop_if_cancelled
-from .common import error_response, first_value, internal_error, release_free_heap
+from ..pipeline.audio import release_free_heap
+from .common import error_response, first_value, internal_error
 from .transcribe_model import TranscribeModel, busy_error
 
 logger = logging.getLogger(__name__)
