@@ -41,12 +41,20 @@ def long_opus(folder: Path, minutes: float) -> bytes:
     return encode(np.tile(samples, repeats)[: int(minutes * 60 * 16000)], "ogg", "libopus", 48000)
 
 
-def dropped_stream(port: int, body: bytes, index: int) -> None:
-    """POST a streamed request (JSON lines) and close the connection as soon as the body is sent."""
+def dropped_stream(port: int, body: bytes, index: int, when: str = "sent") -> None:
+    """POST a streamed request (JSON lines) and close the connection: as soon as the body is sent
+    (`sent`: the proxy may not have read it all yet, and stops reading), or once the answer has begun
+    (`answered`: the body was read whole, admitted and its decoding started; the answer's first
+    bytes, a 503 refusal's included, within 120 s)."""
     head = (f"POST /invocations?stream=true HTTP/1.1\r\nHost: x\r\nContent-Type: audio/ogg\r\n"
             f"Accept: application/jsonlines\r\nX-Request-Id: dropped-{index}\r\nContent-Length: {len(body)}\r\n\r\n")
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
         sock.sendall(head.encode() + body)
+        if when == "answered":
+            try:
+                sock.recv(1)
+            except OSError:
+                pass
 
 
 def wait_idle(pid: int, quiet_s: float = 5.0, timeout_s: float = 600.0) -> float:
@@ -76,7 +84,7 @@ class PeakSampler(threading.Thread):
             self.stop.wait(self.every_s)
 
 
-def storm(process, url: str, body: bytes, requests: int, short: bytes) -> dict:
+def storm(process, url: str, body: bytes, requests: int, short: bytes, when: str = "sent") -> dict:
     port = int(url.rsplit(":", 1)[1])
     urllib.request.urlopen(urllib.request.Request(url + "/invocations", data=short,
                                                   headers={"Content-Type": "audio/ogg"}), timeout=300).read()
@@ -88,11 +96,11 @@ def storm(process, url: str, body: bytes, requests: int, short: bytes) -> dict:
     sampler = PeakSampler(process.pid)
     sampler.start()
     started = time.monotonic()
-    threads = [threading.Thread(target=dropped_stream, args=(port, body, i)) for i in range(requests)]
+    threads = [threading.Thread(target=dropped_stream, args=(port, body, i, when)) for i in range(requests)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(60)
+        thread.join(180)
     sent_s = time.monotonic() - started
     idle_after_s = wait_idle(process.pid)
     sampler.stop.set()
@@ -105,7 +113,7 @@ def storm(process, url: str, body: bytes, requests: int, short: bytes) -> dict:
     with urllib.request.urlopen(urllib.request.Request(url + "/invocations", data=short,
                                                        headers={"Content-Type": "audio/ogg"}), timeout=300) as reply:
         served_after = reply.status
-    return {"requests": requests, "body_bytes": len(body), "baseline_mb": round(baseline), "peak_mb": round(sampler.peak),
+    return {"requests": requests, "drop": when, "body_bytes": len(body), "baseline_mb": round(baseline), "peak_mb": round(sampler.peak),
             "after_mb": round(after), "growth_mb": round(after - baseline), "windows_decoded": windows,
             "sent_s": round(sent_s, 1), "idle_after_s": idle_after_s, "served_after": served_after,
             "mb_by_role_before_after": by_role}
@@ -115,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--minutes", type=float, default=10.0, help="audio minutes of each dropped request")
+    parser.add_argument("--drop", choices=("sent", "answered"), default="sent",
+                        help="close each connection once its body is sent, or once its answer has begun")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     short = long_opus(args.out / f"drop-storm-{stamp}", 0.1)
     process, url = start_serve(args.out / f"drop-storm-{stamp}-serve.log")
     try:
-        report = storm(process, url, body, args.requests, short)
+        report = storm(process, url, body, args.requests, short, args.drop)
     finally:
         stop_serve(process)
     print(json.dumps(report, indent=1))
