@@ -71,6 +71,26 @@ def test_a_request_alone_is_refused_only_when_the_measured_speed_says_it_cannot_
     a.release(a.admit(1_000.0))
 
 
+def test_short_clips_teach_no_speed_that_would_refuse_a_long_file():
+    a, clock = admission(prior=10.0, deadline=60.0)
+    for _ in range(20):  # clips of a second, each 0.2 s: their fixed costs, not the server's speed
+        ticket = a.admit(1.0)
+        clock.now += 0.2
+        ticket.actual_s = 1.0
+        a.release(ticket)
+    assert a.speed() == 10.0
+    a.release(a.admit(400.0))  # 40 s at the prior: alone, admitted (5 audio s/s would have said too_long)
+
+
+def test_two_equal_charges_release_each_their_own():
+    a, _ = admission(prior=10.0)
+    first, second = a.admit(30.0), a.admit(30.0)
+    a.release(second)
+    assert a.tickets == [first] and a.tickets[0] is first
+    a.release(first)
+    assert a.tickets == []
+
+
 def test_the_backlog_drains_at_the_speed_shared_by_the_requests_in_flight():
     a, clock = admission(prior=10.0)
     tickets = [a.admit(100.0) for _ in range(2)]  # 20 s of work

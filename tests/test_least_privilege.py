@@ -143,8 +143,8 @@ def test_the_child_environment_is_an_allowlist():
              "AWS_WEB_IDENTITY_TOKEN_FILE": "/t", "HF_TOKEN": "t", "CUDA_SECRET": "s", "DATABASE_URL": "db",
              "SAGEMAKER_BIND_TO_PORT": "8080", "OPENAI_API_KEY": "o", "WHISPER_TRITON_MODEL_DIR": "/m",
              "WHISPER_TRITON_CPU_THREADS": "2", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "0",
-             "PATH": "/bin", "HOME": "/home/whisper", "HF_HUB_OFFLINE": "1"}
+             "PATH": "/bin", "HOME": "/home/whisper", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     assert child_environment(given) == {"WHISPER_TRITON_MODEL_DIR": "/m", "WHISPER_TRITON_CPU_THREADS": "2",
-                                        "HF_HUB_OFFLINE": "1",
+                                        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                         "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "0", "PATH": "/bin",
                                         "HOME": "/home/whisper"}

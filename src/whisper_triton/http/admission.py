@@ -44,6 +44,9 @@ _DEADLINE_S: contextvars.ContextVar[float | None] = contextvars.ContextVar("dead
 
 DEFAULT_MODEL = "-"  # the key of the default model's speed
 FIRST_CHUNK_AUDIO_S = 30.0  # a stream's first chunk: one window of audio
+# a request shorter than this is no speed sample: its fixed costs (decode, VAD, a window's encoder
+# pass) dominate, and clips of a second would teach a speed that refuses every long file as too_long
+MIN_SAMPLE_AUDIO_S = 10.0
 MIN_SPEED = 0.05  # audio s per wall s: a floor, so one bad sample cannot shut the server for hours
 MAX_RETRY_AFTER_S = 3_600
 MAX_SAMPLE_RATIO = 4.0
@@ -160,7 +163,7 @@ class SpeedEstimate:
         self.samples += 1
 
 
-@dataclass
+@dataclass(eq=False)  # each ticket is itself: two equal charges must not release each other
 class Ticket:
     """One request's admitted audio: `remaining_s` of it still to decode, `served_s` its wall share."""
 
@@ -171,7 +174,7 @@ class Ticket:
     actual_s: float | None = None  # the real duration, when the answer says it
 
 
-@dataclass
+@dataclass(eq=False)
 class LiveTicket:
     model: str
     realtime_factor: float
@@ -296,7 +299,8 @@ class Admission:
             self.tickets.remove(ticket)
         if ticket.actual_s is not None:
             self.decoded_total += ticket.actual_s
-            self._estimate(ticket.model).record(ticket.actual_s, ticket.served_s)
+            if ticket.actual_s >= MIN_SAMPLE_AUDIO_S:
+                self._estimate(ticket.model).record(ticket.actual_s, ticket.served_s)
 
     @asynccontextmanager
     async def audio(self, seconds: float, model: str | None = None, stream: bool = False) -> AsyncIterator[Ticket]:

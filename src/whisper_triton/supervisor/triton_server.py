@@ -133,8 +133,9 @@ def child_environment(environ: dict[str, str]) -> dict[str, str]:
     kept = {}
     for name, value in environ.items():
         upper = name.upper()
-        allowed = name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES) or upper in settings
-        if allowed and not CHILD_ENV_DENIED.search(name):
+        # a name listed by name is known to hold no secret (TOKENIZERS_PARALLELISM matches TOKEN)
+        families = name.startswith(CHILD_ENV_PREFIXES) or upper in settings
+        if name in CHILD_ENV_NAMES or (families and not CHILD_ENV_DENIED.search(name)):
             kept[name] = value
     return kept
 
