@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from testkit.real_speech import download_deb, download_sdist, sha256_of
+from testkit.real_speech import decode_file, download_deb, download_sdist, sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".work" / "real_voices"
@@ -122,18 +122,6 @@ def fetch(voice: str, cache: Path = CACHE) -> Path:
 
 
 # ---- clips ---------------------------------------------------------------------------------------
-def _decode(path: Path, fmt: str | None) -> np.ndarray:
-    import av
-
-    with av.open(str(path), format=fmt) as container:
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=RATE)
-        pieces = []
-        for frame in container.decode(audio=0):
-            pieces += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-        pieces += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
-
-
 def trim(samples: np.ndarray, floor_db: float = -40.0) -> np.ndarray:
     """`samples` from the first to the last 10 ms frame within `floor_db` of the loudest frame."""
     hop = RATE // 100
@@ -155,7 +143,7 @@ def clips(voice: str, cache: Path = CACHE) -> list[np.ndarray]:
     files = sorted((fetch(voice, cache) / folder).glob(f"*{suffix}"))
     kept: list[np.ndarray] = []
     for path in files:
-        samples = trim(_decode(path, fmt))
+        samples = trim(decode_file(path, fmt or "wav", RATE))
         if MIN_CLIP_S * RATE <= samples.size <= MAX_CLIP_S * RATE:
             peak = float(np.max(np.abs(samples)))
             kept.append((samples * (0.5 / peak)).astype(np.float32) if peak > 0 else samples)
