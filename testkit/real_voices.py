@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from whisper_triton.contract.results import Turn  # the answer's own shape: who spoke when
+
 from testkit.real_speech import decode_file, download_deb, download_sdist, sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,13 +158,6 @@ def clips(voice: str, cache: Path = CACHE) -> list[np.ndarray]:
 
 
 # ---- conversations -------------------------------------------------------------------------------
-@dataclass
-class Turn:
-    start: float
-    end: float
-    speaker: str
-
-
 @dataclass
 class Conversation:
     name: str
